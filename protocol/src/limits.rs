@@ -1,0 +1,25 @@
+//! Wire and format limits. Every decoder checks these before it allocates.
+
+/// Largest key, in bytes.
+pub const MAX_KEY_BYTES: usize = 4 * 1024;
+/// Largest value, in bytes.
+pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
+/// Most ops in one entry (one batch).
+pub const MAX_OPS_PER_ENTRY: usize = 1024;
+/// Most versions one op may supersede.
+pub const MAX_SUPERSEDES: usize = 1024;
+/// Largest canonical encoding of one entry.
+pub const MAX_ENTRY_BYTES: usize = 4 * 1024 * 1024;
+/// Largest log record payload: an entry plus its optional signature and the array header.
+pub const MAX_RECORD_BYTES: usize = MAX_ENTRY_BYTES + 128;
+/// Largest frame body on a QUIC stream.
+pub const MAX_FRAME_BYTES: usize = MAX_ENTRY_BYTES + 64 * 1024;
+/// Most keys a scan returns in one request.
+pub const MAX_SCAN_LIMIT: u32 = 10_000;
+/// Most versions a history request returns.
+pub const MAX_HISTORY_LIMIT: u32 = 10_000;
+
+const _: () = assert!(MAX_KEY_BYTES + MAX_VALUE_BYTES < MAX_ENTRY_BYTES);
+const _: () = assert!(MAX_ENTRY_BYTES < MAX_RECORD_BYTES);
+const _: () = assert!(MAX_RECORD_BYTES < MAX_FRAME_BYTES);
+const _: () = assert!(MAX_FRAME_BYTES <= u32::MAX as usize);

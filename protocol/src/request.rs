@@ -1,0 +1,142 @@
+//! Client requests. One request per bidirectional stream; the first stream of a connection
+//! carries [`Request::Hello`] with the client's token.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{EntryId, NodeId};
+
+/// A log sequence number: the 1-based position of a record in a node's log. `0` means "none".
+pub type Lsn = u64;
+
+/// One change in a write request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteOp {
+    /// The key.
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    /// The new value, or `None` to delete.
+    #[serde(with = "serde_bytes")]
+    pub value: Option<Vec<u8>>,
+    /// The versions to supersede: a context from a read. `None` supersedes every version current
+    /// on the node when the write is ordered into its log.
+    pub supersedes: Option<Vec<EntryId>>,
+}
+
+/// Which keys a scan covers. Bounds combine: a key must match all that are given.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRange {
+    /// Keys starting with these bytes.
+    #[serde(with = "serde_bytes")]
+    pub prefix: Option<Vec<u8>>,
+    /// Keys at or after this one.
+    #[serde(with = "serde_bytes")]
+    pub start: Option<Vec<u8>>,
+    /// Keys before this one.
+    #[serde(with = "serde_bytes")]
+    pub end: Option<Vec<u8>>,
+    /// Keys strictly after this one: the resume key of a previous page.
+    #[serde(with = "serde_bytes")]
+    pub start_after: Option<Vec<u8>>,
+}
+
+impl KeyRange {
+    /// Whether `key` lies in the range.
+    pub fn contains(&self, key: &[u8]) -> bool {
+        self.prefix.as_deref().is_none_or(|p| key.starts_with(p))
+            && self.start.as_deref().is_none_or(|s| key >= s)
+            && self.end.as_deref().is_none_or(|e| key < e)
+            && self.start_after.as_deref().is_none_or(|a| key > a)
+    }
+}
+
+/// A request, the first frame on a client stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Request {
+    /// Authenticates the connection. Answered with [`crate::response::Response::Hello`].
+    Hello {
+        /// The token from the ticket.
+        token: String,
+    },
+    /// Writes one or more ops atomically, as one entry. Answered with `Written`.
+    Write {
+        /// The ops, at most one per key.
+        ops: Vec<WriteOp>,
+    },
+    /// Reads the current versions of a key. Answered with `Versions`.
+    Get {
+        /// The key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        /// Wait until the node has indexed at least this LSN.
+        min_lsn: Lsn,
+    },
+    /// Lists keys with their current versions, in key order. Answered with a stream of
+    /// `Versions` frames, then `ScanEnd`.
+    Scan {
+        /// Which keys.
+        range: KeyRange,
+        /// At most this many keys.
+        limit: u32,
+        /// Wait until the node has indexed at least this LSN.
+        min_lsn: Lsn,
+    },
+    /// Every version of a key ever written, newest first. Answered with `History`.
+    History {
+        /// The key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        /// At most this many versions.
+        limit: u32,
+        /// Wait until the node has indexed at least this LSN.
+        min_lsn: Lsn,
+    },
+    /// Streams changes to keys with a prefix: those after `from_lsn` from the log, then live ones.
+    /// Answered with `Change` and `Heartbeat` frames until the client closes the stream.
+    Watch {
+        /// Only keys with this prefix.
+        #[serde(with = "serde_bytes")]
+        prefix: Vec<u8>,
+        /// Replay changes after this LSN; `None` starts with live changes.
+        from_lsn: Option<Lsn>,
+    },
+    /// The node's state. Answered with `Status`.
+    Status,
+    /// Adds a peer at run time. Answered with `Ok`.
+    PeerAdd {
+        /// The peer's id.
+        node_id: NodeId,
+        /// Where it listens, `HOST:PORT`.
+        addr: String,
+    },
+    /// Removes a peer. Answered with `Ok`.
+    PeerRemove {
+        /// The peer's id.
+        node_id: NodeId,
+    },
+    /// Lists peers. Answered with `Status` (its peer list).
+    PeerList,
+}
+
+impl Request {
+    /// Whether this request changes the node.
+    pub fn is_write(&self) -> bool {
+        matches!(self, Request::Write { .. } | Request::PeerAdd { .. } | Request::PeerRemove { .. })
+    }
+
+    /// A short name, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "hello",
+            Request::Write { .. } => "write",
+            Request::Get { .. } => "get",
+            Request::Scan { .. } => "scan",
+            Request::History { .. } => "history",
+            Request::Watch { .. } => "watch",
+            Request::Status => "status",
+            Request::PeerAdd { .. } => "peer_add",
+            Request::PeerRemove { .. } => "peer_remove",
+            Request::PeerList => "peer_list",
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Responses, and the wire error codes kept apart from the Rust error types.
+
+use serde::{Deserialize, Serialize};
+
+use crate::entry::Timestamp;
+use crate::ids::{EntryId, NodeId};
+use crate::request::Lsn;
+
+/// One version of a key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Version {
+    /// The entry that wrote it.
+    pub id: EntryId,
+    /// Who wrote it.
+    pub author: NodeId,
+    /// When, by the author's clock.
+    pub timestamp: Timestamp,
+    /// The value, or `None` for a delete (a tombstone).
+    #[serde(with = "serde_bytes")]
+    pub value: Option<Vec<u8>>,
+}
+
+/// A key with its current versions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyVersions {
+    /// The key.
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    /// Current values, tombstones left out, ordered by (timestamp, id).
+    pub values: Vec<Version>,
+    /// Ids of every current version, tombstones included, ascending: pass it to a write to
+    /// supersede exactly what was read.
+    pub context: Vec<EntryId>,
+}
+
+/// One change seen by a watch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// The LSN of the entry in the node's log.
+    pub lsn: Lsn,
+    /// The key.
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    /// The version written.
+    pub version: Version,
+    /// The versions it supersedes.
+    pub supersedes: Vec<EntryId>,
+}
+
+/// A peer as the node sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// The peer's id.
+    pub node_id: NodeId,
+    /// Where it is dialled, if known.
+    pub addr: Option<String>,
+    /// Whether a session is up.
+    pub connected: bool,
+    /// Since when (Unix milliseconds) it is connected or disconnected.
+    pub since_ms: u64,
+    /// Entries sent to it.
+    pub sent: u64,
+    /// Entries received from it.
+    pub received: u64,
+    /// Entries it lacks that this node has, as far as this node knows.
+    pub they_lack: u64,
+    /// Entries this node lacks that it has, as far as this node knows.
+    pub we_lack: u64,
+}
+
+/// The node's state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// This node.
+    pub node_id: Option<NodeId>,
+    /// The server's version.
+    pub version: String,
+    /// The LSN of the last record in the log.
+    pub log_lsn: Lsn,
+    /// The LSN the key/value view has applied.
+    pub indexed_lsn: Lsn,
+    /// Author → highest seq held.
+    pub version_vector: Vec<(NodeId, u64)>,
+    /// Peers.
+    pub peers: Vec<PeerStatus>,
+    /// Whether the node takes writes (false after a storage failure).
+    pub writable: bool,
+    /// Equivocations detected.
+    pub equivocations: u64,
+}
+
+/// What went wrong, as a client sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The request is not valid (bad key, bad context, bad range).
+    BadRequest,
+    /// The bytes are not a request this node understands.
+    Malformed,
+    /// A request type this node does not know.
+    UnknownRequest,
+    /// Over a size limit.
+    TooLarge,
+    /// No valid token was presented.
+    Unauthorized,
+    /// The token does not allow this request.
+    Forbidden,
+    /// The node is at capacity; retry later.
+    Busy,
+    /// The request did not finish in time; retry may help.
+    Timeout,
+    /// The node cannot take writes now (storage failure or full disk).
+    Unavailable,
+    /// A watcher fell too far behind and was ended.
+    SlowConsumer,
+    /// The node is shutting down.
+    ShuttingDown,
+    /// A bug or an unexpected failure on the node.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Whether sending the same request again later can succeed.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::Busy
+                | ErrorCode::Timeout
+                | ErrorCode::Unavailable
+                | ErrorCode::SlowConsumer
+                | ErrorCode::ShuttingDown
+        )
+    }
+}
+
+/// A response frame.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Response {
+    /// The connection is authenticated.
+    Hello {
+        /// The node.
+        node_id: NodeId,
+        /// Whether the token only allows reads.
+        read_only: bool,
+    },
+    /// A write is durable in the log.
+    Written {
+        /// Its LSN; send it as `min_lsn` to read it back.
+        lsn: Lsn,
+        /// The id of the new entry (the version of each key it wrote).
+        id: EntryId,
+    },
+    /// A key's current versions (get, and each key of a scan).
+    Versions(KeyVersions),
+    /// The end of a scan.
+    ScanEnd {
+        /// The last key sent, if the limit cut the scan short: pass it as `start_after`.
+        resume_after: Option<serde_bytes::ByteBuf>,
+    },
+    /// A key's history, newest first.
+    History {
+        /// The versions.
+        versions: Vec<Version>,
+    },
+    /// A change seen by a watch.
+    Change(Change),
+    /// A watch is alive; the log is at `log_lsn`.
+    Heartbeat {
+        /// The node's log LSN.
+        log_lsn: Lsn,
+    },
+    /// The node's state.
+    Status(Box<Status>),
+    /// Done, nothing to return.
+    Ok,
+    /// The request failed.
+    Error {
+        /// What kind of failure.
+        code: ErrorCode,
+        /// One line saying what went wrong and what to do.
+        message: String,
+    },
+}
