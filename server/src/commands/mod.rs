@@ -1,0 +1,3 @@
+//! Offline commands: plain synchronous code, no async runtime.
+
+pub mod verify;

@@ -1,0 +1,1 @@
+//! `kappakv verify`.

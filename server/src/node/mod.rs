@@ -1,0 +1,3 @@
+//! The node: the threads that own the log and the views.
+
+pub mod writer;
