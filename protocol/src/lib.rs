@@ -11,6 +11,7 @@
 //! - [`request`], [`response`], [`peer`]: the messages on client and peer streams.
 //! - [`ticket`]: the copy-pasteable string a client connects with.
 //! - [`limits`]: every size limit, checked before allocation.
+//! - `tls` (feature `tls`): TLS verifiers that pin node ids instead of trusting a CA.
 //!
 //! This crate does no I/O: no files, no sockets, no clock, no threads, no logging.
 
@@ -27,6 +28,8 @@ pub mod request;
 pub mod response;
 pub mod sign;
 pub mod ticket;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod verify;
 
 pub use entry::{Entry, HlcClock, Op, SignedEntry, Timestamp};
