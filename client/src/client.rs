@@ -1,0 +1,594 @@
+//! [`Client`]: the requests, read-your-writes, and transparent reconnects.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kappakv_protocol::limits::{
+    MAX_HISTORY_LIMIT, MAX_KEY_BYTES, MAX_OPS_PER_ENTRY, MAX_SUPERSEDES, MAX_VALUE_BYTES,
+};
+use kappakv_protocol::{
+    Context, EntryId, Lsn, NodeId, PeerStatus, Request, Response, Status, Ticket, Version, WriteOp,
+};
+use quinn::{RecvStream, SendStream};
+
+use crate::config::{ClientBuilder, ClientOptions};
+use crate::connection::{self, SendFailure, response_kind};
+use crate::error::{ConnectError, InvalidRequest, ProtocolError, RequestError, Result};
+use crate::scan::{Scan, ScanOptions};
+use crate::value::GetResult;
+use crate::watch::Watch;
+
+/// A connection to one kappakv node. Cheap to clone: clones share the connection and the
+/// read-your-writes LSN.
+///
+/// Requests run concurrently, each on its own QUIC stream. When the connection is lost the next
+/// request dials again (QUIC handshake and hello); reads whose connection broke under them are
+/// retried once on the new connection, writes only when the node certainly never received them.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    ticket: Ticket,
+    options: ClientOptions,
+    endpoint: quinn::Endpoint,
+    /// The connection in use. A std mutex: it is held only to clone or swap the handle, never
+    /// across an `.await`.
+    current: Mutex<Live>,
+    /// Serializes re-dialling, so that many requests failing at once dial once. Holds the
+    /// generation of the last connection made.
+    redial: tokio::sync::Mutex<u64>,
+    /// The highest LSN this client has written; sent as `min_lsn` on reads.
+    written_lsn: AtomicU64,
+    /// Whether the node's last hello said the token is read-only.
+    read_only: AtomicBool,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Live {
+    pub(crate) conn: quinn::Connection,
+    /// Counts connections made by this client; tells a stale handle from a fresh one.
+    pub(crate) generation: u64,
+}
+
+/// A write made durable by the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Written {
+    /// The LSN of the write in the node's log.
+    pub lsn: Lsn,
+    /// The id of the new entry: the id of the version it wrote for each key.
+    pub id: EntryId,
+}
+
+impl Written {
+    /// A context naming exactly this write, to supersede it with the next one.
+    pub fn context(&self) -> Context {
+        Context(vec![self.id])
+    }
+}
+
+/// A group of ops written atomically, as one entry.
+///
+/// ```
+/// use kappakv_client::Batch;
+///
+/// let batch = Batch::new().put("a", "1").put("b", "2").delete("c");
+/// assert_eq!(batch.len(), 3);
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Batch {
+    ops: Vec<WriteOp>,
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a put that supersedes every current version of the key.
+    pub fn put(self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Self {
+        self.op(key, Some(value.as_ref().to_vec()), None)
+    }
+
+    /// Adds a put that supersedes exactly `context`.
+    pub fn put_with(
+        self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+        context: &Context,
+    ) -> Self {
+        self.op(key, Some(value.as_ref().to_vec()), Some(context))
+    }
+
+    /// Adds a delete of every current version of the key.
+    pub fn delete(self, key: impl AsRef<[u8]>) -> Self {
+        self.op(key, None, None)
+    }
+
+    /// Adds a delete of exactly `context`.
+    pub fn delete_with(self, key: impl AsRef<[u8]>, context: &Context) -> Self {
+        self.op(key, None, Some(context))
+    }
+
+    /// Adds an op as it goes on the wire.
+    pub fn push(mut self, op: WriteOp) -> Self {
+        self.ops.push(op);
+        self
+    }
+
+    /// Ops in the batch.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Whether the batch has no ops.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    fn op(self, key: impl AsRef<[u8]>, value: Option<Vec<u8>>, context: Option<&Context>) -> Self {
+        self.push(write_op(key.as_ref(), value, context))
+    }
+}
+
+impl From<Batch> for Vec<WriteOp> {
+    fn from(batch: Batch) -> Self {
+        batch.ops
+    }
+}
+
+/// Builds a wire op; a context is sorted and deduplicated as `supersedes` must be.
+pub(crate) fn write_op(key: &[u8], value: Option<Vec<u8>>, context: Option<&Context>) -> WriteOp {
+    WriteOp {
+        key: key.to_vec(),
+        value,
+        supersedes: context.map(|c| c.clone().normalized().0),
+    }
+}
+
+fn validate(ops: &[WriteOp]) -> Result<(), InvalidRequest> {
+    if ops.is_empty() {
+        return Err(InvalidRequest::NoOps);
+    }
+    if ops.len() > MAX_OPS_PER_ENTRY {
+        return Err(InvalidRequest::TooManyOps {
+            count: ops.len(),
+            max: MAX_OPS_PER_ENTRY,
+        });
+    }
+    let mut keys = HashSet::with_capacity(ops.len());
+    for (index, op) in ops.iter().enumerate() {
+        validate_key(&op.key)?;
+        if let Some(v) = &op.value
+            && v.len() > MAX_VALUE_BYTES
+        {
+            return Err(InvalidRequest::ValueTooLarge {
+                len: v.len(),
+                max: MAX_VALUE_BYTES,
+            });
+        }
+        if let Some(s) = &op.supersedes
+            && s.len() > MAX_SUPERSEDES
+        {
+            return Err(InvalidRequest::ContextTooLarge {
+                len: s.len(),
+                max: MAX_SUPERSEDES,
+            });
+        }
+        if !keys.insert(op.key.as_slice()) {
+            return Err(InvalidRequest::DuplicateKey { index });
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn validate_key(key: &[u8]) -> Result<(), InvalidRequest> {
+    if key.len() > MAX_KEY_BYTES {
+        return Err(InvalidRequest::KeyTooLarge {
+            len: key.len(),
+            max: MAX_KEY_BYTES,
+        });
+    }
+    Ok(())
+}
+
+fn unexpected(request: &'static str, response: &Response) -> RequestError {
+    match response {
+        Response::Error { code, message } => RequestError::Server {
+            code: *code,
+            message: message.clone(),
+        },
+        other => ProtocolError::Unexpected {
+            request,
+            got: response_kind(other),
+        }
+        .into(),
+    }
+}
+
+impl Client {
+    /// Connects to the node of `ticket` with default settings and authenticates.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let ticket = "kappakv://…".parse()?;
+    /// let client = kappakv_client::Client::connect(&ticket).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(ticket: &Ticket) -> Result<Client, ConnectError> {
+        Self::connect_with(ticket.clone(), ClientOptions::default()).await
+    }
+
+    /// A builder, for settings other than the defaults.
+    pub fn builder(ticket: Ticket) -> ClientBuilder {
+        ClientBuilder::new(ticket)
+    }
+
+    pub(crate) async fn connect_with(
+        ticket: Ticket,
+        options: ClientOptions,
+    ) -> Result<Client, ConnectError> {
+        let endpoint = connection::open_endpoint(&ticket)?;
+        let (conn, hello) = connection::dial(&endpoint, &ticket, &options).await?;
+        tracing::debug!(node = %hello.node_id.short(), read_only = hello.read_only, "connected");
+        Ok(Client {
+            inner: Arc::new(Inner {
+                ticket,
+                options,
+                endpoint,
+                current: Mutex::new(Live {
+                    conn,
+                    generation: 1,
+                }),
+                redial: tokio::sync::Mutex::new(1),
+                written_lsn: AtomicU64::new(0),
+                read_only: AtomicBool::new(hello.read_only),
+            }),
+        })
+    }
+
+    /// The node this client talks to.
+    pub fn node_id(&self) -> NodeId {
+        self.inner.ticket.node_id
+    }
+
+    /// Whether the node said the ticket's token only allows reads.
+    pub fn is_read_only(&self) -> bool {
+        self.inner.read_only.load(Ordering::Relaxed)
+    }
+
+    /// The highest LSN this client has written, `0` if none: reads wait until the node has
+    /// indexed it.
+    pub fn written_lsn(&self) -> Lsn {
+        self.inner.written_lsn.load(Ordering::Relaxed)
+    }
+
+    /// Makes later reads wait for `lsn` too, e.g. an LSN written through another client of the
+    /// same node.
+    pub fn observe_lsn(&self, lsn: Lsn) {
+        self.inner.written_lsn.fetch_max(lsn, Ordering::Relaxed);
+    }
+
+    /// Closes the connection and waits until the node has been told.
+    pub async fn close(&self) {
+        let conn = self.live().conn;
+        conn.close(0u32.into(), b"bye");
+        self.inner.endpoint.wait_idle().await;
+    }
+
+    // ---- writes -------------------------------------------------------------------------
+
+    /// Writes `value` under `key`, superseding every version current on the node.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: kappakv_client::Client) -> kappakv_client::Result<()> {
+    /// let written = client.put("greeting", "hello").await?;
+    /// println!("version {} at lsn {}", written.id, written.lsn);
+    /// # Ok(()) }
+    /// ```
+    pub async fn put(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<Written> {
+        self.batch(Batch::new().put(key, value)).await
+    }
+
+    /// Writes `value` under `key`, superseding exactly the versions in `context` (from a get).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: kappakv_client::Client) -> kappakv_client::Result<()> {
+    /// let current = client.get("counter").await?;
+    /// // Merge every sibling into one value, superseding all of them.
+    /// let merged: u64 = current.values.iter()
+    ///     .filter_map(|v| std::str::from_utf8(v.value.as_deref()?).ok()?.parse().ok())
+    ///     .max()
+    ///     .unwrap_or(0);
+    /// client.put_with("counter", (merged + 1).to_string(), &current.context).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn put_with(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+        context: &Context,
+    ) -> Result<Written> {
+        self.batch(Batch::new().put_with(key, value, context)).await
+    }
+
+    /// Deletes every version of `key` current on the node.
+    pub async fn delete(&self, key: impl AsRef<[u8]>) -> Result<Written> {
+        self.batch(Batch::new().delete(key)).await
+    }
+
+    /// Deletes exactly the versions in `context`; a concurrent put survives.
+    pub async fn delete_with(&self, key: impl AsRef<[u8]>, context: &Context) -> Result<Written> {
+        self.batch(Batch::new().delete_with(key, context)).await
+    }
+
+    /// Writes several ops atomically, as one entry (at most one op per key).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: kappakv_client::Client) -> kappakv_client::Result<()> {
+    /// use kappakv_client::Batch;
+    /// client.batch(Batch::new().put("a", "1").put("b", "2").delete("old")).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn batch(&self, ops: impl Into<Vec<WriteOp>>) -> Result<Written> {
+        let ops = ops.into();
+        validate(&ops)?;
+        let request = Request::Write { ops };
+        match self.unary(&request, false).await? {
+            Response::Written { lsn, id } => {
+                self.observe_lsn(lsn);
+                Ok(Written { lsn, id })
+            }
+            other => Err(unexpected("write", &other)),
+        }
+    }
+
+    // ---- reads --------------------------------------------------------------------------
+
+    /// The current versions of `key`: zero (missing or deleted), one, or several concurrent
+    /// siblings, and the context that supersedes them all.
+    pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<GetResult> {
+        let key = key.as_ref();
+        validate_key(key)?;
+        let request = Request::Get {
+            key: key.to_vec(),
+            min_lsn: self.written_lsn(),
+        };
+        match self.unary(&request, true).await? {
+            Response::Versions(kv) => Ok(GetResult::from(kv)),
+            other => Err(unexpected("get", &other)),
+        }
+    }
+
+    /// Keys with their current versions, in key order, fetched page by page as the stream is
+    /// polled.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: kappakv_client::Client) -> kappakv_client::Result<()> {
+    /// use futures_util::TryStreamExt;
+    /// use kappakv_client::ScanOptions;
+    ///
+    /// let mut users = client.scan(ScanOptions::prefix("user/").limit(100));
+    /// while let Some(kv) = users.try_next().await? {
+    ///     println!("{} has {} value(s)", String::from_utf8_lossy(&kv.key), kv.values.len());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn scan(&self, options: ScanOptions) -> Scan {
+        Scan::new(self.clone(), options, self.inner.options.scan_page)
+    }
+
+    /// Every version of `key` ever written, newest first, tombstones included (value `None`);
+    /// at most `limit` (capped at the protocol's maximum).
+    pub async fn history(&self, key: impl AsRef<[u8]>, limit: u32) -> Result<Vec<Version>> {
+        let key = key.as_ref();
+        validate_key(key)?;
+        let request = Request::History {
+            key: key.to_vec(),
+            limit: limit.min(MAX_HISTORY_LIMIT),
+            min_lsn: self.written_lsn(),
+        };
+        match self.unary(&request, true).await? {
+            Response::History { versions } => Ok(versions),
+            other => Err(unexpected("history", &other)),
+        }
+    }
+
+    /// Changes to keys starting with `prefix`: those after `from_lsn` from the log
+    /// (`Some(0)` replays everything), then live ones. `None` starts with live changes.
+    ///
+    /// If the connection is lost the watch re-subscribes once, from the last change it
+    /// delivered, without delivering a change twice.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: kappakv_client::Client) -> kappakv_client::Result<()> {
+    /// use futures_util::TryStreamExt;
+    ///
+    /// let mut changes = client.watch("jobs/", None);
+    /// while let Some(change) = changes.try_next().await? {
+    ///     println!("lsn {}: {} changed", change.lsn, String::from_utf8_lossy(&change.key));
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn watch(&self, prefix: impl AsRef<[u8]>, from_lsn: Option<Lsn>) -> Watch {
+        Watch::new(self.clone(), prefix.as_ref().to_vec(), from_lsn)
+    }
+
+    /// The node's state: LSNs, version vector, peers.
+    pub async fn status(&self) -> Result<Status> {
+        match self.unary(&Request::Status, true).await? {
+            Response::Status(status) => Ok(*status),
+            other => Err(unexpected("status", &other)),
+        }
+    }
+
+    // ---- peers --------------------------------------------------------------------------
+
+    /// Adds a peer at run time; `addr` is `HOST:PORT`.
+    pub async fn peer_add(&self, node_id: NodeId, addr: impl Into<String>) -> Result<()> {
+        let request = Request::PeerAdd {
+            node_id,
+            addr: addr.into(),
+        };
+        match self.unary(&request, true).await? {
+            Response::Ok => Ok(()),
+            other => Err(unexpected("peer_add", &other)),
+        }
+    }
+
+    /// Removes a peer.
+    pub async fn peer_remove(&self, node_id: NodeId) -> Result<()> {
+        match self.unary(&Request::PeerRemove { node_id }, true).await? {
+            Response::Ok => Ok(()),
+            other => Err(unexpected("peer_remove", &other)),
+        }
+    }
+
+    /// The node's peers and their replication state.
+    pub async fn peer_list(&self) -> Result<Vec<PeerStatus>> {
+        match self.unary(&Request::PeerList, true).await? {
+            Response::Status(status) => Ok(status.peers),
+            other => Err(unexpected("peer_list", &other)),
+        }
+    }
+
+    // ---- plumbing -----------------------------------------------------------------------
+
+    pub(crate) fn request_timeout(&self) -> std::time::Duration {
+        self.inner.options.request_timeout
+    }
+
+    fn live(&self) -> Live {
+        self.inner
+            .current
+            .lock()
+            .expect("no panics while the handle is held")
+            .clone()
+    }
+
+    /// A usable connection: the current one, or a new one if it is closed.
+    async fn connection(&self) -> Result<Live, ConnectError> {
+        let live = self.live();
+        if live.conn.close_reason().is_none() {
+            return Ok(live);
+        }
+        self.redial(live.generation).await
+    }
+
+    /// Replaces the connection of generation `stale`, unless another task already did.
+    pub(crate) async fn redial(&self, stale: u64) -> Result<Live, ConnectError> {
+        let mut generation = self.inner.redial.lock().await;
+        let live = self.live();
+        if live.generation != stale && live.conn.close_reason().is_none() {
+            return Ok(live);
+        }
+        live.conn.close(0u32.into(), b"reconnecting");
+        let (conn, hello) = connection::dial(
+            &self.inner.endpoint,
+            &self.inner.ticket,
+            &self.inner.options,
+        )
+        .await?;
+        *generation += 1;
+        tracing::debug!(generation = *generation, "reconnected");
+        self.inner
+            .read_only
+            .store(hello.read_only, Ordering::Relaxed);
+        let live = Live {
+            conn,
+            generation: *generation,
+        };
+        *self
+            .inner
+            .current
+            .lock()
+            .expect("no panics while the handle is held") = live.clone();
+        Ok(live)
+    }
+
+    /// Opens a stream carrying `request`, dialling again and retrying once if the connection
+    /// turns out to be lost before the request could be sent.
+    pub(crate) async fn open_stream(
+        &self,
+        request: &Request,
+        finish: bool,
+    ) -> Result<(SendStream, RecvStream, u64)> {
+        let mut live = self.connection().await?;
+        let mut retried = false;
+        loop {
+            match connection::open(&live.conn, request, finish).await {
+                Ok((send, recv)) => return Ok((send, recv, live.generation)),
+                Err(SendFailure {
+                    maybe_sent: false,
+                    error,
+                }) if !retried && error.is_connection_lost() => {
+                    tracing::debug!(kind = request.kind(), %error, "connection lost, dialling again");
+                    retried = true;
+                    live = self.redial(live.generation).await?;
+                }
+                Err(failure) => return Err(failure.error),
+            }
+        }
+    }
+
+    /// Sends a request and reads its one-frame answer. An idempotent request whose connection
+    /// breaks before the answer is sent once more on a new connection.
+    async fn unary(&self, request: &Request, idempotent: bool) -> Result<Response> {
+        let after = self.request_timeout();
+        let mut retried = false;
+        loop {
+            let Ok(result) = tokio::time::timeout(after, self.attempt(request)).await else {
+                return Err(RequestError::Timeout { after });
+            };
+            match result {
+                Ok(Response::Error { code, message }) => {
+                    return Err(RequestError::Server { code, message });
+                }
+                Ok(response) => return Ok(response),
+                Err(Attempt {
+                    error,
+                    sent_on: Some(generation),
+                }) if idempotent && !retried && error.is_connection_lost() => {
+                    tracing::debug!(kind = request.kind(), %error, "connection lost, retrying once");
+                    retried = true;
+                    self.redial(generation).await?;
+                }
+                Err(Attempt { error, .. }) => return Err(error),
+            }
+        }
+    }
+
+    async fn attempt(&self, request: &Request) -> Result<Response, Attempt> {
+        let (_send, mut recv, generation) =
+            self.open_stream(request, true)
+                .await
+                .map_err(|error| Attempt {
+                    error,
+                    sent_on: None,
+                })?;
+        match connection::read_frame(&mut recv, request.kind()).await {
+            Ok(Some(response)) => Ok(response),
+            Ok(None) => Err(Attempt {
+                error: ProtocolError::Truncated {
+                    request: request.kind(),
+                }
+                .into(),
+                sent_on: None,
+            }),
+            Err(error) => Err(Attempt {
+                error,
+                sent_on: Some(generation),
+            }),
+        }
+    }
+}
+
+/// A failed attempt, and the connection generation it was sent on if the answer was lost.
+struct Attempt {
+    error: RequestError,
+    sent_on: Option<u64>,
+}

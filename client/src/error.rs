@@ -1,0 +1,270 @@
+//! Errors of the client, one enum per operation: [`ConnectError`] for dialling and
+//! authenticating, [`RequestError`] for a request, [`ProtocolError`] for bytes that do not make
+//! sense, and [`ValueError`] for the typed-value helpers.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use kappakv_protocol::{DecodeError, ErrorCode, FramingError, NodeId};
+
+/// Connecting to a node, or re-connecting after a lost connection, failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The ticket lists no address.
+    #[error("the ticket lists no address to dial")]
+    NoAddress,
+    /// No local UDP socket could be opened.
+    #[error("cannot open a local UDP socket: {source}")]
+    Bind {
+        /// The socket error.
+        source: std::io::Error,
+    },
+    /// The TLS configuration could not be built (a bug, or an unsupported crypto provider).
+    #[error("cannot set up TLS: {0}")]
+    Tls(String),
+    /// The node answered with a certificate for another key: the ticket is stale or the address
+    /// now belongs to another node.
+    #[error("the node at {addr} is not {expected}{}: get a fresh ticket with `kappakv id`",
+        found.map(|f| format!(" (it is {f})")).unwrap_or_default())]
+    WrongNode {
+        /// The address dialled.
+        addr: SocketAddr,
+        /// The node id the ticket names.
+        expected: NodeId,
+        /// The node id the certificate carried, if it was readable.
+        found: Option<NodeId>,
+    },
+    /// The address could not be dialled at all.
+    #[error("cannot dial {addr}: {source}")]
+    Dial {
+        /// The address.
+        addr: SocketAddr,
+        /// What quinn said.
+        source: quinn::ConnectError,
+    },
+    /// The QUIC handshake, or the connection right after it, failed.
+    #[error("cannot connect to {addr}: {source}")]
+    Handshake {
+        /// The address.
+        addr: SocketAddr,
+        /// What ended the connection.
+        source: quinn::ConnectionError,
+    },
+    /// No answer within the connect timeout: is the node running and reachable?
+    #[error("no answer from {addr} within {}ms: is `kappakv serve` running there?", after.as_millis())]
+    Timeout {
+        /// The address.
+        addr: SocketAddr,
+        /// The connect timeout.
+        after: Duration,
+    },
+    /// The node refused the ticket's token.
+    #[error("the node refused the token: {message}")]
+    Unauthorized {
+        /// The node's explanation.
+        message: String,
+    },
+    /// The node answered the hello with another error.
+    #[error("the node refused the connection ({code:?}): {message}")]
+    Refused {
+        /// The wire error code.
+        code: ErrorCode,
+        /// The node's explanation.
+        message: String,
+    },
+    /// The hello exchange broke the protocol.
+    #[error("hello with {addr} failed: {source}")]
+    Hello {
+        /// The address.
+        addr: SocketAddr,
+        /// What went wrong.
+        source: Box<RequestError>,
+    },
+}
+
+impl ConnectError {
+    /// Whether trying again later can succeed (the node may come up, the network may heal).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ConnectError::Dial { .. }
+            | ConnectError::Handshake { .. }
+            | ConnectError::Timeout { .. } => true,
+            ConnectError::Refused { code, .. } => code.retryable(),
+            ConnectError::Hello { source, .. } => source.is_retryable(),
+            ConnectError::NoAddress
+            | ConnectError::Bind { .. }
+            | ConnectError::Tls(_)
+            | ConnectError::WrongNode { .. }
+            | ConnectError::Unauthorized { .. } => false,
+        }
+    }
+}
+
+/// Bytes from the node that do not make sense for the request sent: a bug or a version mismatch.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// A frame's length prefix is over the limit.
+    #[error("response frame: {0}")]
+    Framing(#[from] FramingError),
+    /// A frame body that does not decode as a response.
+    #[error("response frame: {0}")]
+    Decode(#[from] DecodeError),
+    /// A response of the wrong kind.
+    #[error("unexpected `{got}` response to a `{request}` request")]
+    Unexpected {
+        /// The request kind.
+        request: &'static str,
+        /// The response kind.
+        got: &'static str,
+    },
+    /// The stream ended inside a frame or before the response was complete.
+    #[error("the `{request}` response stream ended early")]
+    Truncated {
+        /// The request kind.
+        request: &'static str,
+    },
+}
+
+/// A request failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// No connection could be made (or re-made after a lost one).
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The node answered with an error.
+    #[error("{message} ({code:?})")]
+    Server {
+        /// The wire error code.
+        code: ErrorCode,
+        /// The node's explanation.
+        message: String,
+    },
+    /// The node's answer broke the protocol.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The connection was lost while the request was under way.
+    #[error("connection to the node lost: {source}")]
+    ConnectionLost {
+        /// What ended the connection.
+        source: quinn::ConnectionError,
+    },
+    /// The node reset the request's stream.
+    #[error("the node reset the `{request}` stream (code {code})")]
+    StreamReset {
+        /// The request kind.
+        request: &'static str,
+        /// The application error code of the reset.
+        code: u64,
+    },
+    /// No complete answer within the request timeout.
+    #[error("no answer within {}ms", after.as_millis())]
+    Timeout {
+        /// The request timeout.
+        after: Duration,
+    },
+    /// The request breaks a limit or rule and was not sent.
+    #[error("invalid request: {0}")]
+    Invalid(#[from] InvalidRequest),
+    /// A typed value could not be encoded or decoded.
+    #[error(transparent)]
+    Value(#[from] ValueError),
+}
+
+impl RequestError {
+    /// Whether sending the same request again later can succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            RequestError::Connect(e) => e.is_retryable(),
+            RequestError::Server { code, .. } => code.retryable(),
+            RequestError::ConnectionLost { .. }
+            | RequestError::StreamReset { .. }
+            | RequestError::Timeout { .. } => true,
+            RequestError::Protocol(_) | RequestError::Invalid(_) | RequestError::Value(_) => false,
+        }
+    }
+
+    /// The wire error code, when the node answered with an error.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            RequestError::Server { code, .. }
+            | RequestError::Connect(ConnectError::Refused { code, .. }) => Some(*code),
+            RequestError::Connect(ConnectError::Unauthorized { .. }) => {
+                Some(ErrorCode::Unauthorized)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the connection broke (as opposed to the node refusing or the bytes being wrong).
+    pub(crate) fn is_connection_lost(&self) -> bool {
+        matches!(self, RequestError::ConnectionLost { source } if !matches!(source, quinn::ConnectionError::LocallyClosed))
+    }
+}
+
+/// A request the client refuses to send because the node would refuse it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidRequest {
+    /// A write without ops.
+    #[error("a write needs at least one op")]
+    NoOps,
+    /// Too many ops in one batch.
+    #[error("{count} ops in one batch, the most is {max}")]
+    TooManyOps {
+        /// Ops given.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A key over the limit.
+    #[error("key of {len} bytes is over the limit of {max}")]
+    KeyTooLarge {
+        /// Key length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A value over the limit.
+    #[error("value of {len} bytes is over the limit of {max}")]
+    ValueTooLarge {
+        /// Value length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A context with too many ids.
+    #[error("context of {len} ids is over the limit of {max}")]
+    ContextTooLarge {
+        /// Ids given.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Two ops on one key in one batch.
+    #[error("more than one op on one key in a batch (op {index})")]
+    DuplicateKey {
+        /// Index of the second op on that key.
+        index: usize,
+    },
+}
+
+/// A typed value that could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ValueError {
+    /// JSON encoding or decoding failed.
+    #[error("value is not the JSON expected: {0}")]
+    Json(#[from] serde_json::Error),
+    /// MessagePack encoding failed.
+    #[error("value cannot be encoded as MessagePack: {0}")]
+    MsgpackEncode(#[from] rmp_serde::encode::Error),
+    /// MessagePack decoding failed.
+    #[error("value is not the MessagePack expected: {0}")]
+    MsgpackDecode(#[from] rmp_serde::decode::Error),
+}
+
+/// The result type of requests.
+pub type Result<T, E = RequestError> = std::result::Result<T, E>;
