@@ -1,0 +1,189 @@
+//! The multi-value register rules, with no storage.
+//!
+//! A *version* of a key is the pair (EntryId, key). The rules:
+//!
+//! - A version is **current** when it has been applied and no applied op on the same key names
+//!   its id in `supersedes`.
+//! - An op's `supersedes` may name ids that have not arrived (yet, or ever); the mark is kept so
+//!   that the version never becomes current when it does arrive.
+//! - A delete is a tombstone version: current like any other, in the context, hidden from the
+//!   values a read returns.
+//!
+//! "Current" is thus (versions applied) minus (ids superseded), per key: a set difference over
+//! everything applied, so the state does not depend on the order entries are applied in. The
+//! kv view ([`crate::views::kv`]) stores both sets; [`BatchPlan`] is how it applies a batch, and
+//! [`resolve_current`] is how the server's writer sees past the indexer (see
+//! [`crate::overlay`]).
+
+use std::collections::BTreeSet;
+
+use kappakv_protocol::{EntryId, Lsn, NodeId, Timestamp};
+
+use crate::view::Batch;
+
+/// A version written by an op of the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewVersion<'a> {
+    /// The key.
+    pub key: &'a [u8],
+    /// The entry that wrote it.
+    pub id: EntryId,
+    /// The entry's LSN.
+    pub lsn: Lsn,
+    /// The entry's author.
+    pub author: NodeId,
+    /// The entry's timestamp.
+    pub timestamp: Timestamp,
+    /// The value, `None` for a tombstone.
+    pub value: Option<&'a [u8]>,
+}
+
+/// A batch of entries as the kv view applies it: all supersede marks, then all new versions.
+///
+/// Because the rules are a set difference, marks and versions can be applied in any order; this
+/// one (marks first, both sorted by key) lets a version superseded within the same batch be
+/// skipped with the same lookup that finds older marks, and turns random B-tree inserts into
+/// ascending runs, which roughly doubles redb's insert rate.
+#[derive(Debug, Default)]
+pub struct BatchPlan<'a> {
+    /// `(key, superseded id)`, ascending, without duplicates.
+    pub marks: Vec<(&'a [u8], EntryId)>,
+    /// New versions, ascending by `(key, id)`.
+    pub versions: Vec<NewVersion<'a>>,
+}
+
+impl<'a> BatchPlan<'a> {
+    /// Collects and sorts the marks and versions of every op in `batch`.
+    pub fn new(batch: &Batch<'a>) -> Self {
+        let ops = batch.iter().map(|(_, se)| se.entry.ops.len()).sum();
+        let mut plan = Self {
+            marks: Vec::with_capacity(ops),
+            versions: Vec::with_capacity(ops),
+        };
+        for &(lsn, se) in batch {
+            for op in &se.entry.ops {
+                let key = op.key();
+                plan.marks
+                    .extend(op.supersedes().iter().map(|id| (key, *id)));
+                plan.versions.push(NewVersion {
+                    key,
+                    id: se.id,
+                    lsn,
+                    author: se.entry.author,
+                    timestamp: se.entry.timestamp,
+                    value: op.value(),
+                });
+            }
+        }
+        plan.marks.sort_unstable();
+        plan.marks.dedup();
+        plan.versions
+            .sort_unstable_by(|a, b| (a.key, a.id).cmp(&(b.key, b.id)));
+        plan
+    }
+}
+
+/// The current ids of one key after applying `ops` on top of a base state.
+///
+/// `base_current` are the key's current ids in the base (a snapshot of the kv view);
+/// `base_superseded(id)` says whether the base has a mark for `(key, id)`; `ops` are `(id,
+/// supersedes)` of the ops on this key that the base has not applied. The result is ascending.
+///
+/// It is the MVR rule restricted to one key: (base current ∪ op ids) minus (op supersedes ∪
+/// base marks). Base current ids carry no base mark, by the kv view's invariant, so only op ids
+/// are looked up in the base.
+pub fn resolve_current<'o, E>(
+    base_current: Vec<EntryId>,
+    mut base_superseded: impl FnMut(&EntryId) -> Result<bool, E>,
+    ops: impl IntoIterator<Item = (&'o EntryId, &'o [EntryId])> + Clone,
+) -> Result<Vec<EntryId>, E> {
+    let marks: BTreeSet<&EntryId> = ops
+        .clone()
+        .into_iter()
+        .flat_map(|(_, supersedes)| supersedes)
+        .collect();
+    let mut current: BTreeSet<EntryId> = base_current
+        .into_iter()
+        .filter(|id| !marks.contains(id))
+        .collect();
+    for (id, _) in ops {
+        if !marks.contains(id) && !current.contains(id) && !base_superseded(id)? {
+            current.insert(*id);
+        }
+    }
+    Ok(current.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use kappakv_protocol::{Entry, Op, SignedEntry};
+
+    use super::*;
+
+    fn id(n: u8) -> EntryId {
+        EntryId([n; 32])
+    }
+
+    fn put(seq: u64, key: &[u8], supersedes: Vec<EntryId>) -> SignedEntry {
+        let entry = Entry {
+            author: NodeId([1; 32]),
+            seq,
+            prev: None,
+            timestamp: Timestamp(seq),
+            ops: vec![Op::Put {
+                key: key.to_vec(),
+                value: vec![seq as u8],
+                supersedes,
+            }],
+        };
+        SignedEntry {
+            id: entry.id(),
+            entry,
+            signature: None,
+        }
+    }
+
+    #[test]
+    fn plan_sorts_and_dedups() {
+        let a = put(1, b"b", vec![id(2), id(1)]);
+        let b = put(2, b"a", vec![id(1)]);
+        let c = put(3, b"b", vec![id(1)]);
+        let batch = [(1, &a), (2, &b), (3, &c)];
+        let plan = BatchPlan::new(&batch);
+        assert_eq!(
+            plan.marks,
+            vec![(&b"a"[..], id(1)), (&b"b"[..], id(1)), (&b"b"[..], id(2))]
+        );
+        let keys: Vec<_> = plan.versions.iter().map(|v| (v.key, v.lsn)).collect();
+        assert_eq!(keys[0], (&b"a"[..], 2));
+        assert_eq!(plan.versions.len(), 3);
+        assert!(
+            plan.versions
+                .windows(2)
+                .all(|w| (w[0].key, w[0].id) <= (w[1].key, w[1].id))
+        );
+    }
+
+    #[test]
+    fn resolve_applies_ops_over_base() {
+        let no_marks = |_: &EntryId| Ok::<_, Infallible>(false);
+        // Base {1, 2}; op 3 supersedes 1; op 4 supersedes nothing (a sibling).
+        let s3 = [id(1)];
+        let ops = [(&id(3), &s3[..]), (&id(4), &[][..])];
+        assert_eq!(
+            resolve_current(vec![id(1), id(2)], no_marks, ops),
+            Ok(vec![id(2), id(3), id(4)])
+        );
+        // An op superseded by a later op of the overlay, and an op marked in the base.
+        let s5 = [id(3)];
+        let ops = [(&id(3), &[][..]), (&id(5), &s5[..]), (&id(6), &[][..])];
+        let marked = |i: &EntryId| Ok::<_, Infallible>(*i == id(6));
+        assert_eq!(resolve_current(vec![], marked, ops), Ok(vec![id(5)]));
+        // An op arriving after the op that superseded it.
+        let s7 = [id(8)];
+        let ops = [(&id(7), &s7[..]), (&id(8), &[][..])];
+        assert_eq!(resolve_current(vec![], no_marks, ops), Ok(vec![id(7)]));
+    }
+}

@@ -1,0 +1,290 @@
+//! [`Snapshot`]: every query, answered from one redb read transaction, so all answers of one
+//! snapshot agree with each other and with the checkpoints it reports. Reads never block the
+//! writer.
+//!
+//! A table that does not exist (a view that was just reset and has applied nothing) reads as
+//! empty.
+
+use std::ops::Bound;
+
+use kappakv_protocol::{EntryId, KeyRange, KeyVersions, Lsn, NodeId, Version};
+use redb::{
+    Key, ReadOnlyTable, ReadTransaction, ReadableTable, TableDefinition, TableError, Value,
+};
+
+use crate::checkpoint;
+use crate::error::ReadError;
+use crate::record::{CurrentRecord, HistoryRecord};
+use crate::tables::{
+    HISTORY_VERSIONS, KV_CURRENT, KV_SUPERSEDED, KV_VIEW, LOG_AUTHOR_HEAD, LOG_ENTRY_LSN,
+    VIEW_CHECKPOINTS,
+};
+
+const ID_MIN: [u8; 32] = [0; 32];
+const ID_MAX: [u8; 32] = [0xff; 32];
+
+/// A consistent, read-only view of every index as of one commit.
+pub struct Snapshot {
+    txn: ReadTransaction,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot").finish_non_exhaustive()
+    }
+}
+
+impl Snapshot {
+    pub(crate) fn new(txn: ReadTransaction) -> Self {
+        Self { txn }
+    }
+
+    pub(crate) fn table<K: Key + 'static, V: Value + 'static>(
+        &self,
+        definition: TableDefinition<K, V>,
+    ) -> Result<Option<ReadOnlyTable<K, V>>, ReadError> {
+        match self.txn.open_table(definition) {
+            Ok(table) => Ok(Some(table)),
+            Err(TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The LSN the view named `view` has applied in this snapshot; `0` if it has none.
+    pub fn applied_lsn(&self, view: &str) -> Result<Lsn, ReadError> {
+        let Some(table) = self.table(VIEW_CHECKPOINTS)? else {
+            return Ok(0);
+        };
+        Ok(checkpoint::read(&table, view)?.map_or(0, |cp| cp.applied_lsn))
+    }
+
+    /// The LSN the key/value view has applied: every kv answer of this snapshot reflects
+    /// exactly the log up to it.
+    pub fn kv_applied_lsn(&self) -> Result<Lsn, ReadError> {
+        self.applied_lsn(KV_VIEW)
+    }
+
+    /// The current versions of `key`: values without tombstones ordered by (timestamp, id),
+    /// and the context (every current id, tombstones included, ascending).
+    pub fn get(&self, key: &[u8]) -> Result<KeyVersions, ReadError> {
+        let mut acc = KeyAccumulator::new(key);
+        if let Some(table) = self.table(KV_CURRENT)? {
+            for row in table.range((key, ID_MIN)..=(key, ID_MAX))? {
+                let (k, v) = row?;
+                acc.add(EntryId(k.value().1), &CurrentRecord::decode(v.value())?);
+            }
+        }
+        Ok(acc.finish())
+    }
+
+    /// Up to `limit` keys in `range` in key order, each with its current versions, leaving out
+    /// keys whose current versions are all tombstones. The second value is the last key
+    /// returned when more keys follow (pass it as `start_after`), else `None`. A `limit` of 0
+    /// returns nothing and no resume key.
+    pub fn scan(
+        &self,
+        range: &KeyRange,
+        limit: usize,
+    ) -> Result<(Vec<KeyVersions>, Option<Vec<u8>>), ReadError> {
+        let mut out = Vec::new();
+        let Some(table) = self.table(KV_CURRENT)? else {
+            return Ok((out, None));
+        };
+        if limit == 0 {
+            return Ok((out, None));
+        }
+        let lower = lower_bound(range);
+        if let (Some(end), Some((start, _))) = (range.end.as_deref(), lower)
+            && start >= end
+        {
+            return Ok((out, None));
+        }
+        let lower = match lower {
+            None => Bound::Unbounded,
+            Some((key, true)) => Bound::Excluded((key, ID_MAX)),
+            Some((key, false)) => Bound::Included((key, ID_MIN)),
+        };
+        let upper = range
+            .end
+            .as_deref()
+            .map_or(Bound::Unbounded, |e| Bound::Excluded((e, ID_MIN)));
+
+        let mut group: Option<KeyAccumulator> = None;
+        // Set once `limit` keys are out and another visible key is found.
+        let mut more = false;
+        for row in table.range::<(&[u8], [u8; 32])>((lower, upper))? {
+            let (k, v) = row?;
+            let (key, id) = k.value();
+            if range.prefix.as_deref().is_some_and(|p| !key.starts_with(p)) {
+                // Every later key sorts after the prefix's range too.
+                break;
+            }
+            if !range.contains(key) {
+                continue;
+            }
+            if group.as_ref().is_none_or(|g| g.key != key) {
+                if let Some(done) = group.take()
+                    && done.visible()
+                {
+                    if out.len() == limit {
+                        more = true;
+                        break;
+                    }
+                    out.push(done.finish());
+                }
+                group = Some(KeyAccumulator::new(key));
+            }
+            if let Some(g) = group.as_mut() {
+                g.add(EntryId(id), &CurrentRecord::decode(v.value())?);
+            }
+        }
+        if let Some(done) = group
+            && done.visible()
+            && !more
+        {
+            if out.len() == limit {
+                more = true;
+            } else {
+                out.push(done.finish());
+            }
+        }
+        let resume = if more {
+            out.last().map(|kv| kv.key.clone())
+        } else {
+            None
+        };
+        Ok((out, resume))
+    }
+
+    /// Up to `limit` versions of `key` ever written, tombstones included, newest (highest LSN)
+    /// first.
+    pub fn history(&self, key: &[u8], limit: usize) -> Result<Vec<Version>, ReadError> {
+        let Some(table) = self.table(HISTORY_VERSIONS)? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for row in table
+            .range((key, 0u64)..=(key, u64::MAX))?
+            .rev()
+            .take(limit)
+        {
+            let (_, v) = row?;
+            let rec = HistoryRecord::decode(v.value())?;
+            out.push(Version {
+                id: rec.id,
+                author: rec.author,
+                timestamp: rec.timestamp,
+                value: rec.value.map(<[u8]>::to_vec),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Author → highest seq in the log, ascending by author.
+    pub fn version_vector(&self) -> Result<Vec<(NodeId, u64)>, ReadError> {
+        let Some(table) = self.table(LOG_AUTHOR_HEAD)? else {
+            return Ok(Vec::new());
+        };
+        table
+            .iter()?
+            .map(|row| {
+                let (k, v) = row?;
+                Ok((NodeId(k.value()), v.value().0))
+            })
+            .collect()
+    }
+
+    /// The author's head: its highest seq in the log and that entry's id.
+    pub fn author_head(&self, author: &NodeId) -> Result<Option<(u64, EntryId)>, ReadError> {
+        let Some(table) = self.table(LOG_AUTHOR_HEAD)? else {
+            return Ok(None);
+        };
+        Ok(table.get(author.0)?.map(|g| {
+            let (seq, id) = g.value();
+            (seq, EntryId(id))
+        }))
+    }
+
+    /// The LSN of the record holding entry `id`, if the log holds it.
+    pub fn entry_lsn(&self, id: &EntryId) -> Result<Option<Lsn>, ReadError> {
+        let Some(table) = self.table(LOG_ENTRY_LSN)? else {
+            return Ok(None);
+        };
+        Ok(table.get(id.0)?.map(|g| g.value()))
+    }
+
+    /// The ids of every current version of `key`, tombstones included, ascending: what a write
+    /// with `supersedes: None` replaces, as of [`Snapshot::kv_applied_lsn`].
+    pub fn current_ids(&self, key: &[u8]) -> Result<Vec<EntryId>, ReadError> {
+        let Some(table) = self.table(KV_CURRENT)? else {
+            return Ok(Vec::new());
+        };
+        table
+            .range((key, ID_MIN)..=(key, ID_MAX))?
+            .map(|row| Ok(EntryId(row?.0.value().1)))
+            .collect()
+    }
+
+    /// Whether an applied op on `key` superseded version `id` (arrived or not).
+    pub fn is_superseded(&self, key: &[u8], id: &EntryId) -> Result<bool, ReadError> {
+        let Some(table) = self.table(KV_SUPERSEDED)? else {
+            return Ok(false);
+        };
+        Ok(table.get((key, id.0))?.is_some())
+    }
+}
+
+/// The tightest lower bound of `range` as `(key, exclusive)`.
+fn lower_bound(range: &KeyRange) -> Option<(&[u8], bool)> {
+    let candidates = [
+        range.prefix.as_deref().map(|k| (k, false)),
+        range.start.as_deref().map(|k| (k, false)),
+        range.start_after.as_deref().map(|k| (k, true)),
+    ];
+    // Tuples order by key, then `false < true`: on equal keys the exclusive bound is tighter.
+    candidates.into_iter().flatten().max()
+}
+
+/// The current versions of one key, gathered in id order.
+struct KeyAccumulator {
+    key: Vec<u8>,
+    values: Vec<Version>,
+    context: Vec<EntryId>,
+}
+
+impl KeyAccumulator {
+    fn new(key: &[u8]) -> Self {
+        Self {
+            key: key.to_vec(),
+            values: Vec::new(),
+            context: Vec::new(),
+        }
+    }
+
+    /// Adds a version; ids arrive ascending (the table's order), so the context stays sorted.
+    fn add(&mut self, id: EntryId, rec: &CurrentRecord<'_>) {
+        debug_assert!(self.context.last().is_none_or(|last| *last < id));
+        self.context.push(id);
+        if let Some(value) = rec.value {
+            self.values.push(Version {
+                id,
+                author: rec.author,
+                timestamp: rec.timestamp,
+                value: Some(value.to_vec()),
+            });
+        }
+    }
+
+    fn visible(&self) -> bool {
+        !self.values.is_empty()
+    }
+
+    fn finish(mut self) -> KeyVersions {
+        self.values.sort_unstable_by_key(|v| (v.timestamp, v.id));
+        KeyVersions {
+            key: self.key,
+            values: self.values,
+            context: self.context,
+        }
+    }
+}
