@@ -288,3 +288,180 @@ impl KeyAccumulator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use kappakv_protocol::{Entry, Op, SignedEntry, Timestamp};
+
+    use super::*;
+    use crate::runner::Indexes;
+    use crate::views::default_views;
+
+    fn entry(seq: u64, op: Op) -> SignedEntry {
+        let entry = Entry {
+            author: NodeId([1; 32]),
+            seq,
+            prev: (seq > 1).then_some(EntryId([0; 32])),
+            timestamp: Timestamp(100 - seq),
+            ops: vec![op],
+        };
+        SignedEntry {
+            id: entry.id(),
+            entry,
+            signature: None,
+        }
+    }
+
+    fn put(seq: u64, key: &str, supersedes: Vec<EntryId>) -> SignedEntry {
+        entry(
+            seq,
+            Op::Put {
+                key: key.into(),
+                value: key.into(),
+                supersedes,
+            },
+        )
+    }
+
+    fn keys(page: &[KeyVersions]) -> Vec<&str> {
+        page.iter()
+            .map(|kv| std::str::from_utf8(&kv.key).unwrap())
+            .collect()
+    }
+
+    /// Keys `a`, `b` (deleted), `ba`, `bb` (two siblings), `c`, `d` (deleted).
+    fn fixture() -> Indexes {
+        let (indexes, _) = Indexes::open_in_memory(default_views()).unwrap();
+        let b = put(2, "b", vec![]);
+        let d = put(7, "d", vec![]);
+        let entries = vec![
+            put(1, "a", vec![]),
+            b.clone(),
+            entry(
+                3,
+                Op::Delete {
+                    key: b"b".to_vec(),
+                    supersedes: vec![b.id],
+                },
+            ),
+            put(4, "ba", vec![]),
+            put(5, "bb", vec![]),
+            put(6, "bb", vec![]),
+            d.clone(),
+            entry(
+                8,
+                Op::Delete {
+                    key: b"d".to_vec(),
+                    supersedes: vec![d.id],
+                },
+            ),
+            put(9, "c", vec![]),
+        ];
+        let batch: Vec<_> = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (i as Lsn + 1, e))
+            .collect();
+        indexes.apply(&batch, false).unwrap();
+        indexes
+    }
+
+    #[test]
+    fn get_hides_tombstones_but_keeps_them_in_the_context() {
+        let indexes = fixture();
+        let snap = indexes.snapshot().unwrap();
+        let b = snap.get(b"b").unwrap();
+        assert!(b.values.is_empty());
+        assert_eq!(b.context.len(), 1);
+        assert_eq!(snap.current_ids(b"b").unwrap(), b.context);
+        let bb = snap.get(b"bb").unwrap();
+        assert_eq!(bb.values.len(), 2);
+        // Ordered by timestamp (seq 6 has the earlier one here), context by id.
+        assert!(bb.values[0].timestamp < bb.values[1].timestamp);
+        assert!(bb.context[0] < bb.context[1]);
+        assert_eq!(snap.get(b"zz").unwrap().context, []);
+        let history = snap.history(b"b", 10).unwrap();
+        assert_eq!(history.len(), 2);
+        assert_eq!(history[0].value, None, "newest first: the delete");
+        assert_eq!(snap.history(b"b", 1).unwrap().len(), 1);
+        assert_eq!(snap.kv_applied_lsn().unwrap(), 9);
+    }
+
+    #[test]
+    fn scan_honours_every_bound_and_skips_tombstoned_keys() {
+        let indexes = fixture();
+        let snap = indexes.snapshot().unwrap();
+        let scan = |range: KeyRange, limit| {
+            let (page, resume) = snap.scan(&range, limit).unwrap();
+            (
+                keys(&page).join(","),
+                resume.map(|k| String::from_utf8(k).unwrap()),
+            )
+        };
+        let r =
+            |prefix: Option<&str>, start: Option<&str>, end: Option<&str>, after: Option<&str>| {
+                KeyRange {
+                    prefix: prefix.map(Into::into),
+                    start: start.map(Into::into),
+                    end: end.map(Into::into),
+                    start_after: after.map(Into::into),
+                }
+            };
+        assert_eq!(
+            scan(r(None, None, None, None), 100),
+            ("a,ba,bb,c".into(), None)
+        );
+        assert_eq!(
+            scan(r(None, None, None, None), 2),
+            ("a,ba".into(), Some("ba".into()))
+        );
+        assert_eq!(
+            scan(r(None, None, None, Some("ba")), 2),
+            ("bb,c".into(), None)
+        );
+        // The last visible key is followed only by a tombstoned key: no resume key.
+        assert_eq!(scan(r(None, Some("c"), None, None), 1), ("c".into(), None));
+        assert_eq!(
+            scan(r(Some("b"), None, None, None), 100),
+            ("ba,bb".into(), None)
+        );
+        assert_eq!(
+            scan(r(Some("b"), Some("bb"), None, None), 100),
+            ("bb".into(), None)
+        );
+        assert_eq!(
+            scan(r(None, Some("b"), Some("c"), None), 100),
+            ("ba,bb".into(), None)
+        );
+        assert_eq!(
+            scan(r(None, None, Some("bb"), None), 100),
+            ("a,ba".into(), None)
+        );
+        assert_eq!(
+            scan(r(None, Some("b"), None, Some("b")), 100),
+            ("ba,bb,c".into(), None)
+        );
+        assert_eq!(
+            scan(r(None, Some("c"), Some("b"), None), 100),
+            (String::new(), None)
+        );
+        assert_eq!(
+            scan(r(None, None, None, Some("zz")), 100),
+            (String::new(), None)
+        );
+        assert_eq!(scan(r(None, None, None, None), 0), (String::new(), None));
+    }
+
+    #[test]
+    fn a_reset_view_reads_as_empty() {
+        let indexes = fixture();
+        indexes.rebuild(None).unwrap();
+        let snap = indexes.snapshot().unwrap();
+        assert_eq!(snap.get(b"a").unwrap().context, []);
+        assert_eq!(snap.scan(&KeyRange::default(), 10).unwrap(), (vec![], None));
+        assert_eq!(snap.history(b"a", 10).unwrap(), []);
+        assert_eq!(snap.version_vector().unwrap(), []);
+        assert!(!snap.is_superseded(b"b", &EntryId([0; 32])).unwrap());
+        assert_eq!(snap.kv_applied_lsn().unwrap(), 0);
+    }
+}
