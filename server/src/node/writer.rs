@@ -1,1 +1,593 @@
-//! The writer thread.
+//! The writer thread: the only code that appends to the log.
+//!
+//! It blocks on its bounded queue for the first command, drains every command already waiting
+//! (up to the batch limits), turns them into entries, signs the batch's last local entry, and
+//! appends the whole batch with one write and one `fdatasync` (group commit). Only then does it
+//! publish the durable LSN and answer each caller on its oneshot channel: a caller learns its
+//! LSN only once its record is durable.
+//!
+//! **Invariant:** after every batch, every author's chain in the log ends at a signed entry: the
+//! last local entry of a batch is signed, and a remote run is accepted only if each of its
+//! authors' entries end at a signed one. Recovery relies on this (see
+//! [`log::recovery`](crate::log::recovery)).
+//!
+//! **Invariant:** fail-stop. If a write, sync or segment rollover fails, no command of that
+//! batch is acknowledged, and the writer refuses everything after it: once `fsync` has failed,
+//! what is on disk is unknown until the log is reopened and recovered (PostgreSQL's
+//! "fsyncgate").
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use kappakv_protocol::limits::{MAX_ENTRY_BYTES, MAX_OPS_PER_ENTRY};
+use kappakv_protocol::verify::{ChainHead, check_link};
+use kappakv_protocol::{
+    Entry, EntryId, HlcClock, InvalidEntry, Keypair, Lsn, NodeId, Op, SignedEntry, VerifyError,
+    WriteOp,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::log::{AppendError, LogStore};
+
+/// Default for [`WriterConfig::queue_capacity`].
+pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
+/// Default for [`WriterConfig::batch_entries_max`].
+pub const DEFAULT_BATCH_ENTRIES_MAX: usize = 1024;
+/// Default for [`WriterConfig::batch_bytes_max`]: 8 MiB.
+pub const DEFAULT_BATCH_BYTES_MAX: usize = 8 * 1024 * 1024;
+
+/// A batch can always hold at least one entry of the largest size.
+const _: () = assert!(DEFAULT_BATCH_BYTES_MAX >= MAX_ENTRY_BYTES);
+/// Draining a full queue fits in one batch.
+const _: () = assert!(DEFAULT_QUEUE_CAPACITY <= DEFAULT_BATCH_ENTRIES_MAX);
+
+/// Settings of the writer thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriterConfig {
+    /// Commands that may wait in the queue; callers past this wait for room (backpressure).
+    pub queue_capacity: usize,
+    /// A batch stops taking commands once it holds this many entries. One command is never
+    /// split, so a batch can exceed this by one command's entries.
+    pub batch_entries_max: usize,
+    /// A batch stops taking commands once their keys and values add up to this many bytes; as
+    /// above, it can be exceeded by one command.
+    pub batch_bytes_max: usize,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            batch_entries_max: DEFAULT_BATCH_ENTRIES_MAX,
+            batch_bytes_max: DEFAULT_BATCH_BYTES_MAX,
+        }
+    }
+}
+
+/// What a local write became.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// The LSN of its record, durable.
+    pub lsn: Lsn,
+    /// The id of the new entry.
+    pub id: EntryId,
+}
+
+/// A write or remote append was not done.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum WriteError {
+    /// The local write breaks a rule of the entry format; the rest of its batch is unaffected.
+    #[error("invalid write: {0}")]
+    Invalid(#[from] InvalidEntry),
+    /// A remote entry does not extend its author's chain as this node's log has it; nothing of
+    /// that append was written.
+    #[error("remote entry {index} does not extend its author's chain: {source}")]
+    Link {
+        /// Index of the entry in the append.
+        index: usize,
+        /// Why.
+        #[source]
+        source: VerifyError,
+    },
+    /// A remote run whose last entry by `author` carries no signature; nothing of that append
+    /// was written.
+    #[error("remote entries of author {author} end at seq {seq}, which is not signed")]
+    Unsigned {
+        /// The author.
+        author: NodeId,
+        /// The last seq of the author in the append.
+        seq: u64,
+    },
+    /// Writing or syncing this batch failed. Nothing of it is acknowledged, and the writer has
+    /// stopped.
+    #[error("the log write failed and the writer stopped: {0}")]
+    Failed(Arc<AppendError>),
+    /// The writer stopped after an earlier failure; restart the node to recover the log.
+    #[error("the writer stopped after a log write failure; restart the node to recover the log")]
+    Stopped,
+    /// The writer is shutting down or has shut down.
+    #[error("the writer is shutting down")]
+    ShuttingDown,
+}
+
+/// How the writer fills in `supersedes` for a write that does not give it.
+pub trait SupersedeResolver: Send + 'static {
+    /// Ids of every version of `key` current after all entries appended so far (tombstones
+    /// included).
+    fn current(&mut self, key: &[u8]) -> Vec<EntryId>;
+
+    /// Called for every entry once it has an LSN (local or remote), before the next entry is
+    /// built: the writer calls it as each entry is placed in its batch, so a later write in the
+    /// same batch sees an earlier one. Local entries are passed before the batch is signed, with
+    /// `signature: None`; supersession never depends on signatures. If the batch then fails
+    /// to reach the disk, the writer stops, so no later write is resolved against it.
+    fn appended(&mut self, lsn: Lsn, entry: &SignedEntry);
+}
+
+/// A resolver that knows no versions: a write without a context supersedes nothing. For tests
+/// and benchmarks of the write path.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoResolver;
+
+impl SupersedeResolver for NoResolver {
+    fn current(&mut self, _key: &[u8]) -> Vec<EntryId> {
+        Vec::new()
+    }
+
+    fn appended(&mut self, _lsn: Lsn, _entry: &SignedEntry) {}
+}
+
+enum Command {
+    Local {
+        ops: Vec<WriteOp>,
+        reply: oneshot::Sender<Result<Written, WriteError>>,
+    },
+    Remote {
+        entries: Vec<SignedEntry>,
+        reply: oneshot::Sender<Result<Lsn, WriteError>>,
+    },
+    Shutdown,
+}
+
+impl Command {
+    /// Entries and bytes (keys and values) the command adds to a batch.
+    fn cost(&self) -> (usize, usize) {
+        let op_bytes = |key: &[u8], value: Option<&[u8]>| key.len() + value.map_or(0, <[u8]>::len);
+        match self {
+            Command::Local { ops, .. } => (
+                1,
+                ops.iter()
+                    .map(|w| op_bytes(&w.key, w.value.as_deref()))
+                    .sum(),
+            ),
+            Command::Remote { entries, .. } => (
+                entries.len(),
+                entries
+                    .iter()
+                    .flat_map(|e| &e.entry.ops)
+                    .map(|op| op_bytes(op.key(), op.value()))
+                    .sum(),
+            ),
+            Command::Shutdown => (0, 0),
+        }
+    }
+}
+
+/// The handle to the writer thread. Share it behind an `Arc`; [`shutdown`](Self::shutdown)
+/// takes it back.
+pub struct WriterHandle {
+    node_id: NodeId,
+    /// Bounded queue to the thread. Dropping the last sender lets the thread finish what is
+    /// queued and exit.
+    tx: mpsc::Sender<Command>,
+    durable: watch::Receiver<Lsn>,
+    /// Set by the thread when it stops after a failure (or a panic).
+    failed: Arc<AtomicBool>,
+    /// Fires when the thread is about to return, so `shutdown` can join without blocking long.
+    exited: oneshot::Receiver<()>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for WriterHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriterHandle")
+            .field("node_id", &self.node_id)
+            .field("durable", &*self.durable.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl WriterHandle {
+    /// Starts the writer thread, which owns `store`. `heads` is the version vector found when the
+    /// store was opened ([`Recovery::heads`](crate::log::Recovery::heads)).
+    pub fn spawn(
+        store: LogStore,
+        heads: HashMap<NodeId, ChainHead>,
+        keypair: Keypair,
+        resolver: Box<dyn SupersedeResolver>,
+        cfg: WriterConfig,
+    ) -> Self {
+        assert!(cfg.queue_capacity > 0 && cfg.batch_entries_max > 0 && cfg.batch_bytes_max > 0);
+        let node_id = keypair.node_id();
+        let (tx, rx) = mpsc::channel(cfg.queue_capacity);
+        let (durable_tx, durable) = watch::channel(store.last_lsn());
+        let failed = Arc::new(AtomicBool::new(false));
+        let (exit_tx, exited) = oneshot::channel();
+        let mut clock = HlcClock::default();
+        clock.observe(store.max_timestamp_at_open());
+        let writer = Writer {
+            store,
+            heads,
+            keypair,
+            node_id,
+            resolver,
+            clock,
+            durable: durable_tx,
+            cfg,
+            entries: Vec::new(),
+            payloads: Vec::new(),
+        };
+        let guard = ExitGuard {
+            failed: failed.clone(),
+            exit: Some(exit_tx),
+        };
+        let thread = std::thread::Builder::new()
+            .name("kappakv-writer".into())
+            .spawn(move || {
+                let guard = guard;
+                let _span = tracing::error_span!("writer", node = %node_id.short()).entered();
+                writer.run(rx, &guard.failed);
+            })
+            .expect("spawning the writer thread");
+        Self {
+            node_id,
+            tx,
+            durable,
+            failed,
+            exited,
+            thread: Some(thread),
+        }
+    }
+
+    /// This node's id, the author of local entries.
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// Writes one local entry holding `ops`, and returns its LSN and id once it is durable.
+    pub async fn write(&self, ops: Vec<WriteOp>) -> Result<Written, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Local { ops, reply })
+            .await
+            .map_err(|_| self.gone())?;
+        rx.await.map_err(|_| self.gone())?
+    }
+
+    /// Appends entries of other authors, which the caller has checked signatures of, in order.
+    /// Each must extend its author's chain as this node's log has it, and each author's last
+    /// entry here must carry a signature; otherwise nothing of them is written. Returns the LSN
+    /// of the last one once durable (for an empty list, the LSN of the batch it joined).
+    pub async fn append_remote(&self, entries: Vec<SignedEntry>) -> Result<Lsn, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Remote { entries, reply })
+            .await
+            .map_err(|_| self.gone())?;
+        rx.await.map_err(|_| self.gone())?
+    }
+
+    /// The LSN of the last durable record, updated after every batch.
+    pub fn durable_lsn(&self) -> watch::Receiver<Lsn> {
+        self.durable.clone()
+    }
+
+    /// Lets the thread finish every command queued before this call (appending and syncing
+    /// them), then waits for it to exit.
+    pub async fn shutdown(mut self) {
+        // A failed send means the thread is already gone.
+        let _ = self.tx.send(Command::Shutdown).await;
+        let _ = (&mut self.exited).await;
+        if let Some(thread) = self.thread.take() {
+            // The thread has signalled its exit: this join waits only for it to return.
+            if thread.join().is_err() {
+                tracing::error!("the writer thread panicked");
+            }
+        }
+    }
+
+    /// Whether the writer stopped after a failed write (it refuses every write from then on).
+    pub fn is_stopped(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    fn gone(&self) -> WriteError {
+        if self.failed.load(Ordering::Acquire) {
+            WriteError::Stopped
+        } else {
+            WriteError::ShuttingDown
+        }
+    }
+}
+
+/// Marks the writer as failed if its thread unwinds, and signals its exit either way.
+struct ExitGuard {
+    failed: Arc<AtomicBool>,
+    exit: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.failed.store(true, Ordering::Release);
+        }
+        if let Some(exit) = self.exit.take() {
+            let _ = exit.send(());
+        }
+    }
+}
+
+/// A reply owed once the batch is durable.
+enum Pending {
+    Local {
+        reply: oneshot::Sender<Result<Written, WriteError>>,
+        lsn: Lsn,
+        id: EntryId,
+    },
+    Remote {
+        reply: oneshot::Sender<Result<Lsn, WriteError>>,
+        lsn: Lsn,
+    },
+}
+
+/// The thread's state.
+struct Writer {
+    store: LogStore,
+    /// Each author's chain head, including entries of the batch being built.
+    heads: HashMap<NodeId, ChainHead>,
+    keypair: Keypair,
+    node_id: NodeId,
+    resolver: Box<dyn SupersedeResolver>,
+    clock: HlcClock,
+    durable: watch::Sender<Lsn>,
+    cfg: WriterConfig,
+    /// The batch being built, reused.
+    entries: Vec<SignedEntry>,
+    payloads: Vec<Vec<u8>>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Command>, failed: &AtomicBool) {
+        let mut commands = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            let mut shutdown = matches!(first, Command::Shutdown);
+            let (mut entries, mut bytes) = first.cost();
+            commands.push(first);
+            while !shutdown
+                && entries < self.cfg.batch_entries_max
+                && bytes < self.cfg.batch_bytes_max
+            {
+                match rx.try_recv() {
+                    Ok(Command::Shutdown) => shutdown = true,
+                    Ok(cmd) => {
+                        let (e, b) = cmd.cost();
+                        entries += e;
+                        bytes += b;
+                        commands.push(cmd);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = self.batch(&mut commands) {
+                tracing::error!(error = %e, "log append failed; the writer stops and refuses every later write");
+                failed.store(true, Ordering::Release);
+                return;
+            }
+            if shutdown {
+                tracing::debug!(lsn = self.store.last_lsn(), "writer shut down");
+                return;
+            }
+        }
+        tracing::debug!(lsn = self.store.last_lsn(), "writer queue closed");
+    }
+
+    /// Builds, appends and acknowledges one batch. On error every caller of the batch has been
+    /// told, and the writer must stop.
+    fn batch(&mut self, commands: &mut Vec<Command>) -> Result<(), Arc<AppendError>> {
+        let base = self.store.last_lsn();
+        self.entries.clear();
+        let mut pending = Vec::with_capacity(commands.len());
+        let mut last_local = None;
+        for cmd in commands.drain(..) {
+            match cmd {
+                Command::Local { ops, reply } => match self.build_local(ops) {
+                    Ok(entry) => {
+                        let lsn = self.push(base, entry);
+                        last_local = Some(self.entries.len() - 1);
+                        pending.push(Pending::Local {
+                            reply,
+                            lsn,
+                            id: self.entries[self.entries.len() - 1].id,
+                        });
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                },
+                Command::Remote { entries, reply } => match self.check_remote(&entries) {
+                    Ok(()) => {
+                        for entry in entries {
+                            self.clock.observe(entry.entry.timestamp);
+                            self.push(base, entry);
+                        }
+                        pending.push(Pending::Remote {
+                            reply,
+                            lsn: base + self.entries.len() as u64,
+                        });
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                },
+                Command::Shutdown => {}
+            }
+        }
+        if let Some(i) = last_local {
+            let e = &mut self.entries[i];
+            debug_assert!(e.signature.is_none());
+            e.signature = Some(self.keypair.sign(&e.id));
+        }
+        self.payloads.clear();
+        self.payloads
+            .extend(self.entries.iter().map(SignedEntry::encode_payload));
+        match self.store.append(&self.payloads) {
+            Ok(last) => {
+                assert_eq!(
+                    last,
+                    base + self.entries.len() as u64,
+                    "the store assigned the LSNs the writer did"
+                );
+                self.durable.send_replace(last);
+                for p in pending {
+                    // A caller that went away still has its entry written.
+                    let _ = match p {
+                        Pending::Local { reply, lsn, id } => {
+                            reply.send(Ok(Written { lsn, id })).map_err(drop)
+                        }
+                        Pending::Remote { reply, lsn } => reply.send(Ok(lsn)).map_err(drop),
+                    };
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let e = Arc::new(e);
+                for p in pending {
+                    let _ = match p {
+                        Pending::Local { reply, .. } => {
+                            reply.send(Err(WriteError::Failed(e.clone()))).map_err(drop)
+                        }
+                        Pending::Remote { reply, .. } => {
+                            reply.send(Err(WriteError::Failed(e.clone()))).map_err(drop)
+                        }
+                    };
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Places `entry` in the batch: assigns its LSN, advances its author's head and tells the
+    /// resolver.
+    fn push(&mut self, base: Lsn, entry: SignedEntry) -> Lsn {
+        let lsn = base + self.entries.len() as u64 + 1;
+        self.heads.insert(
+            entry.entry.author,
+            ChainHead {
+                seq: entry.entry.seq,
+                id: entry.id,
+            },
+        );
+        self.resolver.appended(lsn, &entry);
+        self.entries.push(entry);
+        lsn
+    }
+
+    /// The next local entry, carrying `ops`.
+    fn build_local(&mut self, writes: Vec<WriteOp>) -> Result<SignedEntry, WriteError> {
+        if writes.is_empty() {
+            return Err(InvalidEntry::NoOps.into());
+        }
+        if writes.len() > MAX_OPS_PER_ENTRY {
+            return Err(InvalidEntry::TooManyOps {
+                count: writes.len(),
+                max: MAX_OPS_PER_ENTRY,
+            }
+            .into());
+        }
+        let mut ops = Vec::with_capacity(writes.len());
+        for w in writes {
+            let mut supersedes = match w.supersedes {
+                Some(ids) => ids,
+                None => self.resolver.current(&w.key),
+            };
+            supersedes.sort_unstable();
+            supersedes.dedup();
+            ops.push(match w.value {
+                Some(value) => Op::Put {
+                    key: w.key,
+                    value,
+                    supersedes,
+                },
+                None => Op::Delete {
+                    key: w.key,
+                    supersedes,
+                },
+            });
+        }
+        let head = self.heads.get(&self.node_id);
+        let entry = Entry {
+            author: self.node_id,
+            seq: head.map_or(1, |h| h.seq + 1),
+            prev: head.map(|h| h.id),
+            timestamp: self.clock.now(wall_millis()),
+            ops,
+        };
+        entry.validate()?;
+        let bytes = entry.to_canonical_bytes();
+        if bytes.len() > MAX_ENTRY_BYTES {
+            return Err(InvalidEntry::TooLarge {
+                len: bytes.len(),
+                max: MAX_ENTRY_BYTES,
+            }
+            .into());
+        }
+        Ok(SignedEntry {
+            id: EntryId::of_canonical_bytes(&bytes),
+            entry,
+            signature: None,
+        })
+    }
+
+    /// Checks that `entries` extend the chains as they stand (batch included), and that each
+    /// author's last entry among them is signed.
+    fn check_remote(&self, entries: &[SignedEntry]) -> Result<(), WriteError> {
+        let mut heads: HashMap<NodeId, ChainHead> = HashMap::new();
+        for (index, e) in entries.iter().enumerate() {
+            debug_assert_eq!(
+                e.id,
+                e.entry.id(),
+                "a remote entry's id is the hash of its entry"
+            );
+            let author = e.entry.author;
+            let head = heads.get(&author).or_else(|| self.heads.get(&author));
+            check_link(head, &e.entry).map_err(|source| WriteError::Link { index, source })?;
+            heads.insert(
+                author,
+                ChainHead {
+                    seq: e.entry.seq,
+                    id: e.id,
+                },
+            );
+        }
+        let mut seen = HashSet::new();
+        for e in entries.iter().rev() {
+            if seen.insert(e.entry.author) && e.signature.is_none() {
+                return Err(WriteError::Unsigned {
+                    author: e.entry.author,
+                    seq: e.entry.seq,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn wall_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

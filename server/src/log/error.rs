@@ -1,0 +1,204 @@
+//! Errors of the log store, one enum per operation. Each names the segment file, the byte offset
+//! in it and the LSN where it applies.
+
+use std::io;
+use std::path::PathBuf;
+
+use kappakv_protocol::{DecodeError, Lsn, VerifyError};
+
+use super::segment::RecordDamage;
+
+/// [`LogStore::open`](super::LogStore::open) failed: the log cannot be used as it is.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenLogError {
+    /// The log directory cannot be created or listed.
+    #[error("log directory {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading, truncating or creating a segment failed.
+    #[error("segment {segment} at offset {offset}: {source}")]
+    Io {
+        /// The segment file.
+        segment: PathBuf,
+        /// Where in it.
+        offset: u64,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A segment's name does not match the number of records before it: a segment is missing
+    /// or misnamed.
+    #[error(
+        "segment {segment} should be named for {expected} records before it; is a segment missing?"
+    )]
+    SegmentBase {
+        /// The segment file.
+        segment: PathBuf,
+        /// Records found in the segments before it.
+        expected: u64,
+    },
+    /// A damaged record before the tail: good records follow it, or it is in a segment that is
+    /// not the last. Nothing is truncated; the log needs an operator (restore, or copy the
+    /// entries from a peer).
+    #[error(
+        "segment {segment} at offset {offset} (lsn {lsn}): {damage}, and it is not the torn tail of the log{}",
+        match next_good { Some(at) => format!(" (a good record follows at offset {at})"), None => String::new() }
+    )]
+    Corrupt {
+        /// The segment file.
+        segment: PathBuf,
+        /// Offset of the damaged record.
+        offset: u64,
+        /// The LSN the record would have.
+        lsn: Lsn,
+        /// What is wrong.
+        damage: RecordDamage,
+        /// Offset of a good record after it in the same segment, if any.
+        next_good: Option<u64>,
+    },
+    /// A record with a good checksum whose payload is not a valid entry. A torn write cannot
+    /// produce this, so it is never truncated.
+    #[error("segment {segment} at offset {offset} (lsn {lsn}): {source}")]
+    Decode {
+        /// The segment file.
+        segment: PathBuf,
+        /// Offset of the record.
+        offset: u64,
+        /// Its LSN.
+        lsn: Lsn,
+        /// The cause.
+        #[source]
+        source: DecodeError,
+    },
+    /// An entry that does not extend its author's chain as found earlier in the log.
+    #[error("segment {segment} at offset {offset} (lsn {lsn}): {source}")]
+    Chain {
+        /// The segment file.
+        segment: PathBuf,
+        /// Offset of the record.
+        offset: u64,
+        /// Its LSN.
+        lsn: Lsn,
+        /// The cause.
+        #[source]
+        source: Box<VerifyError>,
+    },
+}
+
+/// [`LogStore::append`](super::LogStore::append) failed. After any of these but `TooLarge`, the
+/// store refuses every later append ([`AppendError::Stopped`]): what reached the disk is unknown
+/// until the log is reopened and recovered.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AppendError {
+    /// A payload over [`MAX_RECORD_BYTES`](kappakv_protocol::limits::MAX_RECORD_BYTES). Nothing
+    /// was written.
+    #[error("record payload of {len} bytes is over the limit of {max}")]
+    TooLarge {
+        /// Payload length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Writing the batch failed.
+    #[error("writing {len} bytes to segment {segment} at offset {offset}: {source}")]
+    Write {
+        /// The segment file.
+        segment: PathBuf,
+        /// Where the batch starts.
+        offset: u64,
+        /// Bytes in the batch.
+        len: usize,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// `fdatasync` after the write failed; the batch may or may not be on disk.
+    #[error("syncing segment {segment} (batch at offset {offset}): {source}")]
+    Sync {
+        /// The segment file.
+        segment: PathBuf,
+        /// Where the batch starts.
+        offset: u64,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Creating the next segment, or syncing it or the directory, failed.
+    #[error("creating segment {segment}: {source}")]
+    Rollover {
+        /// The new segment file.
+        segment: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// An earlier append failed; the store accepts nothing more until it is reopened.
+    #[error("the log store stopped after an earlier write failure; reopen it to recover")]
+    Stopped,
+}
+
+/// Reading the log failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadLogError {
+    /// Listing the log directory failed.
+    #[error("log directory {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Opening or reading a segment failed.
+    #[error("segment {segment} at offset {offset}: {source}")]
+    Io {
+        /// The segment file.
+        segment: PathBuf,
+        /// Where in it.
+        offset: u64,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A record that should be durable is damaged or missing.
+    #[error("segment {segment} at offset {offset} (lsn {lsn}): {damage}")]
+    Corrupt {
+        /// The segment file.
+        segment: PathBuf,
+        /// Offset of the record.
+        offset: u64,
+        /// The LSN it should have.
+        lsn: Lsn,
+        /// What is wrong.
+        damage: RecordDamage,
+    },
+    /// A record whose payload is not a valid entry.
+    #[error("segment {segment} at offset {offset} (lsn {lsn}): {source}")]
+    Decode {
+        /// The segment file.
+        segment: PathBuf,
+        /// Offset of the record.
+        offset: u64,
+        /// Its LSN.
+        lsn: Lsn,
+        /// The cause.
+        #[source]
+        source: DecodeError,
+    },
+    /// No segment holds `lsn`, though the range asked for includes it.
+    #[error("no segment holds lsn {lsn} in {dir}")]
+    Missing {
+        /// The log directory.
+        dir: PathBuf,
+        /// The LSN.
+        lsn: Lsn,
+    },
+}

@@ -1,0 +1,187 @@
+//! The log store: appends batches of records to the last segment, one write and one
+//! `fdatasync` per batch.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kappakv_protocol::limits::MAX_RECORD_BYTES;
+use kappakv_protocol::record::{RECORD_HEADER_LEN, encode_record};
+use kappakv_protocol::{Lsn, Timestamp};
+
+use super::LogConfig;
+use super::error::{AppendError, OpenLogError};
+use super::file::{FsLogDir, LogDir, LogFile, OpenMode};
+use super::recovery::{Recovery, recover};
+use super::segment::segment_name;
+
+/// The append side of the log. Owned by exactly one thread, the writer; readers use
+/// [`LogReader`](super::LogReader) on the same directory.
+///
+/// **Invariant:** every record at an LSN up to [`last_lsn`](Self::last_lsn) is whole in a segment
+/// and was covered by a completed `fdatasync` (or was found whole at open).
+pub struct LogStore {
+    dir: Arc<dyn LogDir>,
+    cfg: LogConfig,
+    /// The last segment, the only one ever written.
+    active: Box<dyn LogFile>,
+    /// Records before the active segment: its name.
+    active_base: u64,
+    /// Bytes of whole records in the active segment; the next batch is written here.
+    active_len: u64,
+    last_lsn: Lsn,
+    max_timestamp: Timestamp,
+    /// Reused for each batch's bytes.
+    buf: Vec<u8>,
+    /// Set by the first failed write, sync or rollover (fail-stop).
+    stopped: bool,
+}
+
+impl std::fmt::Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore")
+            .field("dir", &self.dir.path())
+            .field("active_base", &self.active_base)
+            .field("active_len", &self.active_len)
+            .field("last_lsn", &self.last_lsn)
+            .field("stopped", &self.stopped)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LogStore {
+    /// Opens the log in the directory `log_dir` (`DATA_DIR/log`), creating it and the first
+    /// segment if needed, and recovers the tail of the last segment (see
+    /// [`recovery`](super::recovery)).
+    pub fn open(log_dir: &Path, cfg: &LogConfig) -> Result<(Self, Recovery), OpenLogError> {
+        if !log_dir.is_dir() {
+            let dir_err = |source| OpenLogError::Dir {
+                path: log_dir.to_path_buf(),
+                source,
+            };
+            std::fs::create_dir_all(log_dir).map_err(dir_err)?;
+            // The new directory entry must survive a crash along with the segment created in it.
+            if let Some(parent) = log_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::File::open(parent)
+                    .and_then(|d| d.sync_all())
+                    .map_err(dir_err)?;
+            }
+        }
+        Self::open_in(Arc::new(FsLogDir::new(log_dir)), cfg)
+    }
+
+    /// Opens the log in `dir`, which must exist: the entry point for other [`LogDir`]
+    /// implementations, such as fault-injecting ones in tests.
+    pub fn open_in(
+        dir: Arc<dyn LogDir>,
+        cfg: &LogConfig,
+    ) -> Result<(Self, Recovery), OpenLogError> {
+        cfg.validate();
+        let (recovered, recovery) = recover(dir.as_ref())?;
+        let store = Self {
+            dir,
+            cfg: cfg.clone(),
+            active: recovered.active,
+            active_base: recovered.active_base,
+            active_len: recovered.active_len,
+            last_lsn: recovery.last_lsn,
+            max_timestamp: recovery.max_timestamp,
+            buf: Vec::new(),
+            stopped: false,
+        };
+        Ok((store, recovery))
+    }
+
+    /// LSN of the last durable record (0 when the log is empty).
+    pub fn last_lsn(&self) -> Lsn {
+        self.last_lsn
+    }
+
+    /// The greatest entry timestamp found when the log was opened.
+    pub fn max_timestamp_at_open(&self) -> Timestamp {
+        self.max_timestamp
+    }
+
+    /// The directory holding the segments.
+    pub fn dir(&self) -> &Arc<dyn LogDir> {
+        &self.dir
+    }
+
+    /// Appends one record per payload, in order, with one write and one `fdatasync`, and returns
+    /// the LSN of the last one. The batch goes into one segment: if the active segment already
+    /// holds `segment_bytes_max` bytes or more, a new one is started first.
+    ///
+    /// An empty batch writes nothing and returns the last LSN. After an error (other than
+    /// [`AppendError::TooLarge`]) every later call fails with [`AppendError::Stopped`].
+    pub fn append<P: AsRef<[u8]>>(&mut self, payloads: &[P]) -> Result<Lsn, AppendError> {
+        if self.stopped {
+            return Err(AppendError::Stopped);
+        }
+        if payloads.is_empty() {
+            return Ok(self.last_lsn);
+        }
+        let mut total = 0;
+        for p in payloads {
+            let len = p.as_ref().len();
+            if len > MAX_RECORD_BYTES || len == 0 {
+                return Err(AppendError::TooLarge {
+                    len,
+                    max: MAX_RECORD_BYTES,
+                });
+            }
+            total += RECORD_HEADER_LEN + len;
+        }
+        if self.active_len >= self.cfg.segment_bytes_max {
+            self.roll_over().inspect_err(|_| self.stopped = true)?;
+        }
+        self.buf.clear();
+        self.buf.reserve(total);
+        for p in payloads {
+            encode_record(p.as_ref(), &mut self.buf);
+        }
+        assert_eq!(self.buf.len(), total);
+        let offset = self.active_len;
+        if let Err(source) = self.active.write_all_at(&self.buf, offset) {
+            self.stopped = true;
+            return Err(AppendError::Write {
+                segment: self.active_path(),
+                offset,
+                len: total,
+                source,
+            });
+        }
+        if let Err(source) = self.active.sync_data() {
+            self.stopped = true;
+            return Err(AppendError::Sync {
+                segment: self.active_path(),
+                offset,
+                source,
+            });
+        }
+        self.active_len += total as u64;
+        self.last_lsn += payloads.len() as u64;
+        Ok(self.last_lsn)
+    }
+
+    /// Starts a new segment after the last record: creates it, syncs it and the directory.
+    fn roll_over(&mut self) -> Result<(), AppendError> {
+        let base = self.last_lsn;
+        let name = segment_name(base);
+        let segment = self.dir.path().join(&name);
+        let err = |source| AppendError::Rollover {
+            segment: segment.clone(),
+            source,
+        };
+        let mut file = self.dir.open(&name, OpenMode::CreateNew).map_err(err)?;
+        file.sync_all().map_err(err)?;
+        self.dir.sync().map_err(err)?;
+        tracing::debug!(segment = %segment.display(), "started a new log segment");
+        self.active = file;
+        self.active_base = base;
+        self.active_len = 0;
+        Ok(())
+    }
+
+    fn active_path(&self) -> PathBuf {
+        self.dir.path().join(segment_name(self.active_base))
+    }
+}

@@ -1,0 +1,402 @@
+//! The writer thread over a real log: group commit under concurrency, supersede resolution,
+//! remote appends, and fail-stop.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::{ChainBuilder, read_all_checked};
+use kappakv_protocol::limits::MAX_VALUE_BYTES;
+use kappakv_protocol::{EntryId, InvalidEntry, Keypair, Lsn, SignedEntry, VerifyError, WriteOp};
+use kappakv_server::commands::verify;
+use kappakv_server::log::{FsLogDir, LogConfig, LogDir, LogFile, LogReader, LogStore, OpenMode};
+use kappakv_server::node::writer::{
+    NoResolver, SupersedeResolver, WriteError, WriterConfig, WriterHandle,
+};
+
+fn log_dir(data: &Path) -> PathBuf {
+    data.join("log")
+}
+
+fn put(key: &str, value: &[u8]) -> WriteOp {
+    WriteOp {
+        key: key.as_bytes().to_vec(),
+        value: Some(value.to_vec()),
+        supersedes: None,
+    }
+}
+
+fn spawn(data: &Path, resolver: Box<dyn SupersedeResolver>) -> WriterHandle {
+    let (store, recovery) = LogStore::open(&log_dir(data), &LogConfig::default()).unwrap();
+    WriterHandle::spawn(
+        store,
+        recovery.heads,
+        Keypair::from_secret([7; 32]),
+        resolver,
+        WriterConfig::default(),
+    )
+}
+
+/// The multi-value register, minimally: current ids per key.
+#[derive(Default)]
+struct MapResolver {
+    current: HashMap<Vec<u8>, Vec<EntryId>>,
+}
+
+impl SupersedeResolver for MapResolver {
+    fn current(&mut self, key: &[u8]) -> Vec<EntryId> {
+        self.current.get(key).cloned().unwrap_or_default()
+    }
+
+    fn appended(&mut self, _lsn: Lsn, e: &SignedEntry) {
+        for op in &e.entry.ops {
+            let cur = self.current.entry(op.key().to_vec()).or_default();
+            cur.retain(|id| !op.supersedes().contains(id));
+            cur.push(e.id);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_are_durable_chained_and_signed() {
+    const TASKS: u64 = 64;
+    const TOTAL: u64 = 10_000;
+    let dir = tempfile::tempdir().unwrap();
+    let writer = Arc::new(spawn(dir.path(), Box::new(NoResolver)));
+    let me = writer.node_id();
+
+    // A reader tails the durable LSN while the writes go on.
+    let mut durable = writer.durable_lsn();
+    let tail_dir = log_dir(dir.path());
+    let tailer = tokio::spawn(async move {
+        let reader = Arc::new(LogReader::open(&tail_dir).unwrap());
+        let mut read = 0;
+        while read < TOTAL {
+            durable.changed().await.unwrap();
+            let upto = *durable.borrow_and_update();
+            let r = reader.clone();
+            let got = tokio::task::spawn_blocking(move || {
+                r.iter(read, upto)
+                    .unwrap()
+                    .map(|item| item.unwrap().0)
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap();
+            assert_eq!(got, (read + 1..=upto).collect::<Vec<_>>());
+            read = upto;
+        }
+    });
+
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let writer = writer.clone();
+        tasks.push(tokio::spawn(async move {
+            let n = TOTAL / TASKS + u64::from(t < TOTAL % TASKS);
+            let mut out = Vec::new();
+            for i in 0..n {
+                let w = writer
+                    .write(vec![put(&format!("t{t}-{i}"), &[t as u8; 100])])
+                    .await
+                    .unwrap();
+                out.push((w, t, i));
+            }
+            out
+        }));
+    }
+    let mut written = Vec::new();
+    for task in tasks {
+        written.extend(task.await.unwrap());
+    }
+    tailer.await.unwrap();
+    assert_eq!(*writer.durable_lsn().borrow(), TOTAL);
+    Arc::try_unwrap(writer).unwrap().shutdown().await;
+
+    let (_, recovery) = LogStore::open(&log_dir(dir.path()), &LogConfig::default()).unwrap();
+    assert_eq!(recovery.last_lsn, TOTAL);
+    assert!(recovery.truncated.is_none());
+    assert_eq!(recovery.heads[&me].seq, TOTAL);
+
+    let all = read_all_checked(&log_dir(dir.path()), TOTAL);
+    written.sort_by_key(|(w, _, _)| w.lsn);
+    assert_eq!(written.len() as u64, TOTAL);
+    let mut signed = 0;
+    for ((w, t, i), (lsn, e)) in written.iter().zip(&all) {
+        assert_eq!(w.lsn, *lsn);
+        assert_eq!(w.id, e.id);
+        assert_eq!(e.entry.author, me);
+        assert_eq!(e.entry.seq, *lsn);
+        assert_eq!(e.entry.ops[0].key(), format!("t{t}-{i}").as_bytes());
+        signed += u64::from(e.signature.is_some());
+    }
+    // Group commit: one signature per batch, so fewer signatures than entries.
+    assert!(signed < TOTAL, "{signed} signatures for {TOTAL} entries");
+    let summary = verify::run(dir.path()).unwrap();
+    assert_eq!((summary.entries, summary.authors), (TOTAL, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_writes_supersede_what_came_before_even_in_one_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let writer = Arc::new(spawn(dir.path(), Box::new(MapResolver::default())));
+    let mut tasks = Vec::new();
+    for i in 0..40u8 {
+        let writer = writer.clone();
+        tasks.push(tokio::spawn(async move {
+            writer.write(vec![put("k", &[i])]).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // A context is sorted and deduplicated.
+    let ctx = vec![EntryId([9; 32]), EntryId([1; 32]), EntryId([9; 32])];
+    let w = writer
+        .write(vec![WriteOp {
+            key: b"other".to_vec(),
+            value: None,
+            supersedes: Some(ctx),
+        }])
+        .await
+        .unwrap();
+    Arc::try_unwrap(writer).unwrap().shutdown().await;
+
+    let all = read_all_checked(&log_dir(dir.path()), w.lsn);
+    let mut prev: Option<EntryId> = None;
+    for (_, e) in &all[..40] {
+        assert_eq!(e.entry.ops[0].supersedes(), prev.as_slice());
+        prev = Some(e.id);
+    }
+    assert_eq!(
+        all[40].1.entry.ops[0].supersedes(),
+        &[EntryId([1; 32]), EntryId([9; 32])]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_write_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let writer = Arc::new(spawn(dir.path(), Box::new(NoResolver)));
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let writer = writer.clone();
+        tasks.push(tokio::spawn(async move {
+            let ops = match i {
+                5 => vec![put("big", &vec![0; MAX_VALUE_BYTES + 1])],
+                6 => vec![],
+                7 => vec![put("dup", b"a"), put("dup", b"b")],
+                _ => vec![put("k", b"v")],
+            };
+            (i, writer.write(ops).await)
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            (5, r) => assert!(
+                matches!(
+                    r,
+                    Err(WriteError::Invalid(InvalidEntry::ValueTooLarge { .. }))
+                ),
+                "{r:?}"
+            ),
+            (6, r) => assert!(
+                matches!(r, Err(WriteError::Invalid(InvalidEntry::NoOps))),
+                "{r:?}"
+            ),
+            (7, r) => assert!(
+                matches!(
+                    r,
+                    Err(WriteError::Invalid(InvalidEntry::DuplicateKey { .. }))
+                ),
+                "{r:?}"
+            ),
+            (_, r) => {
+                r.unwrap();
+                ok += 1;
+            }
+        }
+    }
+    assert_eq!(ok, 17);
+    assert_eq!(*writer.durable_lsn().borrow(), 17);
+    Arc::try_unwrap(writer).unwrap().shutdown().await;
+    read_all_checked(&log_dir(dir.path()), 17);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_entries_must_extend_chains_and_end_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let writer = spawn(dir.path(), Box::new(NoResolver));
+    let mut peer = ChainBuilder::new(3);
+
+    assert_eq!(writer.append_remote(peer.batch(3, 10)).await.unwrap(), 3);
+    let local = writer.write(vec![put("mine", b"1")]).await.unwrap();
+    assert_eq!(local.lsn, 4);
+
+    let unsigned = vec![peer.next(10, false)];
+    let err = writer.append_remote(unsigned.clone()).await.unwrap_err();
+    assert!(matches!(err, WriteError::Unsigned { seq: 4, .. }), "{err}");
+
+    // The refused entry was not appended, so its successor has a gap.
+    let mut gap = peer.batch(1, 10);
+    let err = writer.append_remote(gap.clone()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            WriteError::Link {
+                index: 0,
+                source: VerifyError::SeqGap {
+                    expected: 4,
+                    got: 5,
+                    ..
+                }
+            }
+        ),
+        "{err}"
+    );
+    // Sent again together with the entry before it, the run is whole and ends signed.
+    let mut run = unsigned;
+    run.append(&mut gap);
+    assert_eq!(writer.append_remote(run).await.unwrap(), 6);
+
+    // A second, different entry for a seq already in the log does not link.
+    let mut fork = ChainBuilder::new(3);
+    let err = writer.append_remote(fork.batch(1, 11)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            WriteError::Link {
+                source: VerifyError::SeqGap {
+                    expected: 6,
+                    got: 1,
+                    ..
+                },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(writer.append_remote(Vec::new()).await.unwrap(), 6);
+
+    writer.shutdown().await;
+    let (_, recovery) = LogStore::open(&log_dir(dir.path()), &LogConfig::default()).unwrap();
+    assert_eq!(recovery.last_lsn, 6);
+    assert_eq!(recovery.heads[&peer.keypair.node_id()], peer.head.unwrap());
+    read_all_checked(&log_dir(dir.path()), 6);
+
+    // The local chain continues after a restart.
+    let writer = spawn(dir.path(), Box::new(NoResolver));
+    let again = writer.write(vec![put("mine", b"2")]).await.unwrap();
+    assert_eq!(again.lsn, 7);
+    writer.shutdown().await;
+    let all = read_all_checked(&log_dir(dir.path()), 7);
+    assert_eq!(all[6].1.entry.prev, Some(local.id));
+}
+
+/// A log directory whose files fail `fdatasync` once `fail` is set.
+struct FailingDir {
+    inner: FsLogDir,
+    fail: Arc<AtomicBool>,
+}
+
+struct FailingFile {
+    inner: Box<dyn LogFile>,
+    fail: Arc<AtomicBool>,
+}
+
+impl LogDir for FailingDir {
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+    fn list(&self) -> io::Result<Vec<String>> {
+        self.inner.list()
+    }
+    fn open(&self, name: &str, mode: OpenMode) -> io::Result<Box<dyn LogFile>> {
+        Ok(Box::new(FailingFile {
+            inner: self.inner.open(name, mode)?,
+            fail: self.fail.clone(),
+        }))
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.inner.sync()
+    }
+}
+
+impl LogFile for FailingFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_all_at(buf, offset)
+    }
+    fn sync_data(&mut self) -> io::Result<()> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(5));
+        }
+        self.inner.sync_data()
+    }
+    fn sync_all(&mut self) -> io::Result<()> {
+        self.inner.sync_all()
+    }
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_stops_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(log_dir(dir.path())).unwrap();
+    let fail = Arc::new(AtomicBool::new(false));
+    let failing = FailingDir {
+        inner: FsLogDir::new(log_dir(dir.path())),
+        fail: fail.clone(),
+    };
+    let (store, recovery) = LogStore::open_in(Arc::new(failing), &LogConfig::default()).unwrap();
+    let writer = WriterHandle::spawn(
+        store,
+        recovery.heads,
+        Keypair::from_secret([7; 32]),
+        Box::new(NoResolver),
+        WriterConfig::default(),
+    );
+    let first = writer.write(vec![put("a", b"1")]).await.unwrap();
+    assert_eq!(first.lsn, 1);
+    fail.store(true, Ordering::SeqCst);
+    let err = writer.write(vec![put("b", b"2")]).await.unwrap_err();
+    assert!(
+        matches!(&err, WriteError::Failed(e) if e.to_string().contains("syncing segment")),
+        "{err}"
+    );
+    fail.store(false, Ordering::SeqCst);
+    let err = writer.write(vec![put("c", b"3")]).await.unwrap_err();
+    assert!(matches!(err, WriteError::Stopped), "{err}");
+    assert!(writer.is_stopped());
+    assert_eq!(*writer.durable_lsn().borrow(), 1);
+    writer.shutdown().await;
+
+    // Reopening recovers; the unacknowledged entry may or may not be there, whole and signed.
+    let (_, recovery) = LogStore::open(&log_dir(dir.path()), &LogConfig::default()).unwrap();
+    assert!((1..=2).contains(&recovery.last_lsn));
+    read_all_checked(&log_dir(dir.path()), recovery.last_lsn);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_handle_does_not_block_and_the_thread_still_flushes() {
+    let dir = tempfile::tempdir().unwrap();
+    let writer = spawn(dir.path(), Box::new(NoResolver));
+    let mut durable = writer.durable_lsn();
+    writer.write(vec![put("a", b"1")]).await.unwrap();
+    drop(writer);
+    // The thread exits once the queue closes; the watch sender goes with it.
+    while durable.changed().await.is_ok() {}
+    let (_, recovery) = LogStore::open(&log_dir(dir.path()), &LogConfig::default()).unwrap();
+    assert_eq!(recovery.last_lsn, 1);
+}
