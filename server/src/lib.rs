@@ -3,13 +3,26 @@
 //!
 //! # Layout
 //! - [`log`]: segment files, the record store owned by the writer thread, readers, recovery.
-//! - [`node`]: the writer thread (group commit) and the indexer thread (log → views).
-//! - [`identity`]: the node key in the data dir.
+//! - [`node`]: the writer thread (group commit), the indexer thread (log → views), and the
+//!   writer's supersede resolution.
+//! - [`net`]: the QUIC endpoint, TLS identity, client connections and watches.
+//! - [`service`] and [`handlers`]: the request path as a tower service.
+//! - [`server`]: start and graceful shutdown of a node with its endpoint.
+//! - [`config`], [`identity`], [`auth`]: settings, the node key, client tokens and tickets.
 //! - [`commands`]: offline commands run by the `kappakv` binary without a runtime.
 //!
 //! This crate never installs a tracing subscriber: only `main.rs` does.
 
+pub mod auth;
 pub mod commands;
+pub mod config;
+pub mod handlers;
 pub mod identity;
 pub mod log;
+pub mod net;
 pub mod node;
+pub mod server;
+pub mod service;
+
+pub use config::Config;
+pub use server::Server;

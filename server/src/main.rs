@@ -1,1 +1,246 @@
-fn main() {}
+//! `kappakv`: the server binary and its offline commands.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+use kappakv_server::config::{Layered, LogFormat};
+use kappakv_server::{Config, Server};
+
+/// kappakv: a peer-to-peer key/value database whose source of truth is a signed, append-only log.
+///
+/// `kappakv serve` in a folder creates `kappakv.data/` there and listens on 127.0.0.1:7700;
+/// `kappactl put k v` in the same folder then just works.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct DataDirArg {
+    /// The data directory [default: ./kappakv.data; env KAPPAKV_DATA_DIR]
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct ServeArgs {
+    #[command(flatten)]
+    data_dir: DataDirArg,
+    /// QUIC address to listen on [default: 127.0.0.1:7700; env KAPPAKV_LISTEN]
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// A peer to replicate with, NODEID@HOST:PORT (repeatable) [env KAPPAKV_PEERS, comma-separated]
+    #[arg(long = "peer", value_name = "NODEID@ADDR")]
+    peers: Vec<String>,
+    /// A TOML file of settings; see `kappakv config show` for every setting
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Log format [default: text; env KAPPAKV_LOG_FORMAT]
+    #[arg(long, value_name = "text|json")]
+    log_format: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Runs the node: opens or creates the data dir and serves QUIC. Stop with Ctrl-C or SIGTERM.
+    Serve(ServeArgs),
+    /// Checks the log offline: every CRC, signature and per-author chain. Exits 1 at the first
+    /// problem, naming the segment and offset.
+    Verify(DataDirArg),
+    /// Regenerates the indexes from the log, offline. Safe to interrupt: a later start resumes.
+    RebuildIndexes {
+        #[command(flatten)]
+        data_dir: DataDirArg,
+        /// Rebuild only this view (default: all)
+        #[arg(long, value_name = "NAME")]
+        index: Option<String>,
+    },
+    /// Prints the node id, the address, and the client tickets.
+    Id {
+        #[command(flatten)]
+        data_dir: DataDirArg,
+        /// The address peers and clients should use [default: the listen setting]
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+    },
+    /// Configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Prints every effective setting and where it came from (default, file, env, flag).
+    Show(ServeArgs),
+}
+
+fn layered(args: &ServeArgs) -> Result<Layered> {
+    let mut flags: Vec<(&'static str, toml::Value)> = Vec::new();
+    if let Some(d) = &args.data_dir.data_dir {
+        flags.push(("data_dir", toml::Value::String(d.display().to_string())));
+    }
+    if let Some(l) = args.listen {
+        flags.push(("listen", toml::Value::String(l.to_string())));
+    }
+    if !args.peers.is_empty() {
+        flags.push((
+            "peers",
+            toml::Value::Array(
+                args.peers
+                    .iter()
+                    .cloned()
+                    .map(toml::Value::String)
+                    .collect(),
+            ),
+        ));
+    }
+    if let Some(f) = &args.log_format {
+        flags.push(("log_format", toml::Value::String(f.clone())));
+    }
+    Ok(Layered::load(
+        args.config.as_deref(),
+        std::env::vars(),
+        flags,
+    )?)
+}
+
+fn data_dir_config(arg: &DataDirArg) -> Result<Config> {
+    let args = ServeArgs {
+        data_dir: arg.clone(),
+        listen: None,
+        peers: vec![],
+        config: None,
+        log_format: None,
+    };
+    Ok(layered(&args)?.config)
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kappakv: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => {
+            let layered = layered(&args)?;
+            init_tracing(layered.config.log_format);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(serve(layered.config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify(arg) => {
+            init_tracing(LogFormat::Text);
+            let config = data_dir_config(&arg)?;
+            match kappakv_server::commands::verify::run(&config.data_dir) {
+                Ok(summary) => {
+                    println!("{summary}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("kappakv verify: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Command::RebuildIndexes { data_dir, index } => {
+            init_tracing(LogFormat::Text);
+            let config = data_dir_config(&data_dir)?;
+            let summary =
+                kappakv_server::commands::rebuild_indexes::run(&config, index.as_deref())?;
+            println!("{summary}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Id { data_dir, listen } => {
+            let mut config = data_dir_config(&data_dir)?;
+            if let Some(l) = listen {
+                config.listen = l;
+            }
+            print_id(&config)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCommand::Show(args)) => {
+            print!("{}", layered(&args)?.show());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_id(config: &Config) -> Result<()> {
+    let dir: &Path = &config.data_dir;
+    let keypair = kappakv_server::identity::load_or_create(dir)
+        .with_context(|| format!("reading the identity in {}", dir.display()))?;
+    let tokens = kappakv_server::auth::Tokens::load_or_create(dir)?;
+    let mut addr = config.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let id = keypair.node_id();
+    println!("node id:          {id}");
+    println!("peer address:     {id}@{addr}");
+    println!(
+        "read-write ticket: {}",
+        tokens.ticket(id, vec![addr], kappakv_server::auth::Role::ReadWrite)
+    );
+    println!(
+        "read-only ticket:  {}",
+        tokens.ticket(id, vec![addr], kappakv_server::auth::Role::ReadOnly)
+    );
+    Ok(())
+}
+
+async fn serve(config: Config) -> Result<()> {
+    let data_dir = config.data_dir.clone();
+    let server = Server::start(config).await.context("starting the node")?;
+    tracing::info!(
+        node_id = %server.node_id(),
+        addr = %server.addr(),
+        data_dir = %data_dir.display(),
+        "kappakv is serving"
+    );
+    eprintln!(
+        "kappakv {} serving on {}\n  node id: {}\n  data:    {}\n  connect: run `kappactl put k v` in this folder, or pass --ticket \"$(cat {})\"",
+        env!("CARGO_PKG_VERSION"),
+        server.addr(),
+        server.node_id(),
+        data_dir.display(),
+        data_dir.join("client.ticket").display(),
+    );
+    shutdown_signal().await;
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,3 +1,241 @@
-//! The node: the threads that own the log and the views.
+//! The node: the threads that own the log and the views, and what requests need of them.
+//!
+//! - [`writer`]: the writer thread, the only one that appends to the log (group commit).
+//! - [`indexer`]: the indexer thread, the only one that writes the views.
+//! - [`resolver`]: how the writer resolves a plain put's `supersedes` while the indexer lags.
 
+pub mod indexer;
+pub mod resolver;
 pub mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kappakv_indexes::Indexes;
+use kappakv_protocol::{Keypair, Lsn, NodeId};
+use tokio::sync::{Semaphore, watch};
+
+use crate::auth::Tokens;
+use crate::config::Config;
+use crate::log::{LogConfig, LogStore};
+use indexer::IndexerHandle;
+use writer::{WriterConfig, WriterHandle};
+
+/// The node could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The data dir cannot be created or read.
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        /// The dir.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The identity key.
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    /// The log.
+    #[error(transparent)]
+    Log(#[from] crate::log::OpenLogError),
+    /// The indexes.
+    #[error("indexes: {0}")]
+    Indexes(#[from] kappakv_indexes::OpenViewError),
+    /// Catching the indexes up.
+    #[error(transparent)]
+    Index(#[from] indexer::IndexError),
+    /// Tokens or ticket.
+    #[error(transparent)]
+    Tokens(#[from] crate::auth::TokensError),
+}
+
+/// Paths inside a data dir.
+#[derive(Clone, Debug)]
+pub struct DataDir(pub PathBuf);
+
+impl DataDir {
+    /// The log segments.
+    pub fn log(&self) -> PathBuf {
+        self.0.join("log")
+    }
+    /// The views.
+    pub fn indexes(&self) -> PathBuf {
+        self.0.join("indexes.redb")
+    }
+    /// The dir itself.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+/// A running node: its writer and indexer threads and the shared state requests read.
+pub struct Node {
+    /// This node's id.
+    pub node_id: NodeId,
+    /// The node key.
+    pub keypair: Keypair,
+    /// Effective configuration.
+    pub config: Config,
+    /// The data dir.
+    pub data_dir: DataDir,
+    /// Client tokens.
+    pub tokens: Tokens,
+    /// The writer thread. Every append goes through it.
+    pub writer: WriterHandle,
+    /// The views. Reads take snapshots; only the indexer thread writes.
+    pub indexes: Arc<Indexes>,
+    /// LSN of the last durable log record.
+    pub durable: watch::Receiver<Lsn>,
+    /// LSN the views have applied.
+    pub indexed: watch::Receiver<Lsn>,
+    /// Bounds blocking index reads so they cannot take every blocking thread.
+    pub reads: Semaphore,
+    indexer: IndexerHandle,
+}
+
+impl Node {
+    /// Opens the data dir (creating it on first start), recovers the log, opens the views,
+    /// catches them up with the log, and starts the writer and indexer threads.
+    pub async fn open(config: Config) -> Result<Arc<Self>, StartError> {
+        let data_dir = DataDir(config.data_dir.clone());
+        std::fs::create_dir_all(data_dir.log()).map_err(|source| StartError::DataDir {
+            path: data_dir.0.clone(),
+            source,
+        })?;
+        let keypair = crate::identity::load_or_create(data_dir.path())?;
+        let node_id = keypair.node_id();
+        let tokens = Tokens::load_or_create(data_dir.path())?;
+
+        let log_config = LogConfig {
+            segment_bytes_max: config.segment_bytes_max,
+            ..LogConfig::default()
+        };
+        let (store, recovery) = LogStore::open(&data_dir.log(), &log_config)?;
+        let heads = recovery.heads.clone();
+        let log_lsn = store.last_lsn();
+        tracing::info!(log_lsn, authors = heads.len(), "log opened");
+
+        let (indexes, report) =
+            Indexes::open(&data_dir.indexes(), kappakv_indexes::default_views())?;
+        for view in &report.views {
+            match view.reset {
+                Some(kappakv_indexes::ResetReason::New) => {
+                    tracing::info!(view = %view.name, "view is new or its data is missing: building it from the log");
+                }
+                Some(kappakv_indexes::ResetReason::VersionChanged { stored }) => tracing::info!(
+                    view = %view.name,
+                    stored,
+                    version = view.version,
+                    "view definition changed: dropped, rebuilding from the log"
+                ),
+                None => {}
+            }
+        }
+        for name in &report.removed_views {
+            tracing::info!(view = %name, "view no longer defined: its tables were removed");
+        }
+        let indexes = Arc::new(indexes);
+
+        // The kv view must be caught up before the writer resolves plain puts from it; the
+        // resolver's overlay only covers entries appended from now on.
+        let from = indexes
+            .min_applied_lsn()
+            .map_err(indexer::IndexError::Read)?;
+        if from < log_lsn {
+            let indexes = indexes.clone();
+            let log_dir = data_dir.log();
+            let batch = config.index_batch_entries_max;
+            tokio::task::spawn_blocking(move || {
+                catch_up_logged(&indexes, &log_dir, from, log_lsn, batch)
+            })
+            .await
+            .expect("catch-up task")?;
+        }
+
+        let writer_config = WriterConfig {
+            queue_capacity: config.writer_queue_capacity,
+            batch_entries_max: config.batch_entries_max,
+            batch_bytes_max: config.batch_bytes_max,
+        };
+        let resolver = resolver::KvResolver::new(indexes.clone());
+        let writer = WriterHandle::spawn(
+            store,
+            heads,
+            keypair.clone(),
+            Box::new(resolver),
+            writer_config,
+        );
+        let durable = writer.durable_lsn();
+        let indexer = IndexerHandle::spawn(
+            indexes.clone(),
+            data_dir.log(),
+            durable.clone(),
+            config.index_batch_entries_max,
+            Duration::from_millis(config.index_durable_interval_ms),
+            tokio::runtime::Handle::current(),
+        )?;
+        let indexed = indexer.indexed();
+        Ok(Arc::new(Self {
+            node_id,
+            keypair,
+            reads: Semaphore::new(config.max_concurrent_reads),
+            config,
+            data_dir,
+            tokens,
+            writer,
+            indexes,
+            durable,
+            indexed,
+            indexer,
+        }))
+    }
+
+    /// Stops the writer (flushing the log) and then the indexer (making the views durable).
+    pub async fn shutdown(self: Arc<Self>) {
+        let Ok(node) = Arc::try_unwrap(self) else {
+            tracing::warn!("node still referenced at shutdown; threads stop on drop");
+            return;
+        };
+        node.writer.shutdown().await;
+        if let Err(e) = node.indexer.shutdown().await {
+            tracing::error!(error = %e, "indexer stopped with an error; the views will be replayed on start");
+        }
+    }
+}
+
+/// Catches the views up from `from` to `upto`, logging progress every few seconds.
+pub fn catch_up_logged(
+    indexes: &Indexes,
+    log_dir: &Path,
+    from: Lsn,
+    upto: Lsn,
+    batch: usize,
+) -> Result<Lsn, indexer::IndexError> {
+    let reader = crate::log::LogReader::open(log_dir)?;
+    let started = std::time::Instant::now();
+    let mut last_report = started;
+    tracing::info!(from, upto, "catching the indexes up with the log");
+    let applied = indexer::catch_up(indexes, &reader, from, upto, batch, false, |lsn| {
+        if last_report.elapsed() >= Duration::from_secs(2) {
+            last_report = std::time::Instant::now();
+            let done = (lsn - from) as f64 / (upto - from).max(1) as f64;
+            tracing::info!(
+                lsn,
+                upto,
+                percent = format_args!("{:.1}", done * 100.0),
+                "indexing"
+            );
+        }
+    })?;
+    indexes.persist()?;
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(
+        applied,
+        entries = applied - from,
+        secs = format_args!("{secs:.2}"),
+        "indexes caught up"
+    );
+    Ok(applied)
+}

@@ -1,0 +1,142 @@
+//! `kappakv rebuild-indexes`: drops views and regenerates them from the log, offline.
+//!
+//! Safe to interrupt: each batch commits with its view checkpoints, so an interrupted rebuild
+//! leaves views that are exact up to their checkpoint, and the next start (or run) resumes
+//! from there.
+
+use std::fmt;
+use std::io::IsTerminal as _;
+use std::time::{Duration, Instant};
+
+use kappakv_indexes::Indexes;
+
+use crate::config::Config;
+use crate::node::DataDir;
+use crate::node::indexer::{IndexError, catch_up};
+
+/// What a rebuild did.
+#[derive(Debug)]
+pub struct RebuildSummary {
+    /// Views rebuilt.
+    pub views: Vec<String>,
+    /// Entries applied.
+    pub entries: u64,
+    /// Time taken.
+    pub elapsed: Duration,
+}
+
+impl fmt::Display for RebuildSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = self.elapsed.as_secs_f64();
+        write!(
+            f,
+            "rebuilt {} from {} entries in {secs:.2}s ({:.0} entries/s)",
+            self.views.join(", "),
+            self.entries,
+            self.entries as f64 / secs.max(1e-9)
+        )
+    }
+}
+
+/// The rebuild failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RebuildError {
+    /// The log.
+    #[error(transparent)]
+    Log(#[from] crate::log::OpenLogError),
+    /// Opening the indexes.
+    #[error("indexes: {0}")]
+    Open(#[from] kappakv_indexes::OpenViewError),
+    /// Applying.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    /// No view of that name.
+    #[error("no index named `{name}`; known: {known}")]
+    UnknownIndex {
+        /// The name asked for.
+        name: String,
+        /// The names there are.
+        known: String,
+    },
+}
+
+/// Rebuilds every view, or the one named, from the log in `config.data_dir`.
+pub fn run(config: &Config, only: Option<&str>) -> Result<RebuildSummary, RebuildError> {
+    let data_dir = DataDir(config.data_dir.clone());
+    let reader = crate::log::LogReader::open(&data_dir.log()).map_err(IndexError::from)?;
+    let upto = reader.last_lsn().map_err(IndexError::from)?;
+    let (indexes, _) = Indexes::open(&data_dir.indexes(), kappakv_indexes::default_views())?;
+    let names: Vec<String> = indexes
+        .view_names()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    if let Some(name) = only
+        && !names.iter().any(|n| n == name)
+    {
+        return Err(RebuildError::UnknownIndex {
+            name: name.to_string(),
+            known: names.join(", "),
+        });
+    }
+    indexes.rebuild(only).map_err(IndexError::from)?;
+    let views: Vec<String> = only.map_or(names, |n| vec![n.to_string()]);
+    let started = Instant::now();
+    let progress = Progress::new(upto);
+    let applied = catch_up(&indexes, &reader, 0, upto, 100_000, false, |lsn| {
+        progress.update(lsn)
+    })?;
+    indexes.persist().map_err(IndexError::from)?;
+    progress.finish();
+    Ok(RebuildSummary {
+        views,
+        entries: applied,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// A progress bar on a terminal, plain lines otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    total: u64,
+    started: Instant,
+    last_line: std::cell::Cell<Instant>,
+}
+
+impl Progress {
+    fn new(total: u64) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} entries  {per_sec}  eta {eta}",
+                )
+                .expect("valid template"),
+            );
+            bar
+        });
+        Self {
+            bar,
+            total,
+            started: Instant::now(),
+            last_line: std::cell::Cell::new(Instant::now()),
+        }
+    }
+
+    fn update(&self, lsn: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(lsn);
+        } else if self.last_line.get().elapsed() >= Duration::from_secs(1) {
+            self.last_line.set(Instant::now());
+            let rate = lsn as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+            eprintln!("rebuild: {lsn}/{} entries, {rate:.0} entries/s", self.total);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,401 @@
+//! Server configuration: one struct, layered as defaults < TOML file < `KAPPAKV_*` environment <
+//! command-line flags, checked by [`Config::validate`] before anything starts. Every setting
+//! remembers where its value came from, for `kappakv config show`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a setting's value came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// Built in.
+    Default,
+    /// The TOML file given with `--config`.
+    File,
+    /// A `KAPPAKV_*` environment variable.
+    Env,
+    /// A command-line flag.
+    Flag,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Source::Default => "default",
+            Source::File => "file",
+            Source::Env => "env",
+            Source::Flag => "flag",
+        })
+    }
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Every setting of a node. Field names are the TOML keys; the environment variable of `foo_bar`
+/// is `KAPPAKV_FOO_BAR`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The data directory: log, identity, indexes, tokens, ticket.
+    pub data_dir: PathBuf,
+    /// The QUIC address to listen on. Loopback by default: exposing a node is a deliberate choice.
+    pub listen: SocketAddr,
+    /// Peers to replicate with, `NODEID@HOST:PORT`.
+    pub peers: Vec<String>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Most simultaneous QUIC connections; more are refused. Each costs a task and a few
+    /// buffers, so 1024 keeps a small node's memory well bounded.
+    pub max_connections: usize,
+    /// Most concurrent streams (requests) per connection, fed to QUIC flow control.
+    pub max_streams_per_connection: u32,
+    /// Most requests being served at once across all connections; beyond it the node answers
+    /// `Busy` at once instead of queueing.
+    pub max_concurrent_requests: usize,
+    /// Most blocking index reads at once.
+    pub max_concurrent_reads: usize,
+    /// A request that has not been answered in this time gets `Timeout`.
+    pub request_timeout_ms: u64,
+    /// A connection idle for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Capacity of the writer's queue, in write requests.
+    pub writer_queue_capacity: usize,
+    /// Most entries in one group commit.
+    pub batch_entries_max: usize,
+    /// Most bytes in one group commit.
+    pub batch_bytes_max: usize,
+    /// A new segment is started once the current one is over this size.
+    pub segment_bytes_max: u64,
+    /// Most entries the indexer applies in one redb transaction.
+    pub index_batch_entries_max: usize,
+    /// How often the indexer makes its checkpoint durable.
+    pub index_durable_interval_ms: u64,
+    /// A watcher further behind the log than this many entries is ended with `SlowConsumer`.
+    pub watch_lag_entries_max: u64,
+    /// How often an idle watch gets a heartbeat.
+    pub watch_heartbeat_ms: u64,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("kappakv.data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], kappakv_protocol::DEFAULT_PORT)),
+            peers: Vec::new(),
+            log_format: LogFormat::Text,
+            max_connections: 1024,
+            max_streams_per_connection: 256,
+            max_concurrent_requests: 4096,
+            max_concurrent_reads: 64,
+            request_timeout_ms: 10_000,
+            idle_timeout_ms: 30_000,
+            writer_queue_capacity: 8192,
+            batch_entries_max: 4096,
+            batch_bytes_max: 16 * 1024 * 1024,
+            segment_bytes_max: 128 * 1024 * 1024,
+            index_batch_entries_max: 20_000,
+            index_durable_interval_ms: 2_000,
+            watch_lag_entries_max: 1_000_000,
+            watch_heartbeat_ms: 5_000,
+            shutdown_grace_ms: 5_000,
+        }
+    }
+}
+
+/// A configuration that cannot be used; names the setting, the value and what is allowed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a setting has the wrong type or an unknown name.
+    #[error("config: {0}")]
+    Parse(String),
+    /// A value outside what is allowed.
+    #[error("config: {setting} = {value} is invalid: {allowed}")]
+    Invalid {
+        /// The setting.
+        setting: &'static str,
+        /// Its value.
+        value: String,
+        /// What is allowed.
+        allowed: &'static str,
+    },
+}
+
+/// A configuration together with where each setting came from.
+#[derive(Clone, Debug)]
+pub struct Layered {
+    /// The effective configuration.
+    pub config: Config,
+    /// Setting name → source of its value.
+    pub sources: BTreeMap<String, Source>,
+}
+
+impl Layered {
+    /// Builds the effective configuration: defaults, then `file` if given, then every
+    /// `KAPPAKV_<SETTING>` in `env`, then `flags` (setting → TOML value).
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: Vec<(&'static str, toml::Value)>,
+    ) -> Result<Self, ConfigError> {
+        let toml::Value::Table(mut table) = toml::Value::try_from(Config::default())
+            .map_err(|e| ConfigError::Parse(e.to_string()))?
+        else {
+            unreachable!("a struct serializes to a table")
+        };
+        let mut sources: BTreeMap<String, Source> =
+            table.keys().map(|k| (k.clone(), Source::Default)).collect();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            let file_table: toml::Table = toml::from_str(&text)
+                .map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?;
+            for (k, v) in file_table {
+                sources.insert(k.clone(), Source::File);
+                table.insert(k, v);
+            }
+        }
+        for (name, raw) in env {
+            let Some(key) = name.strip_prefix("KAPPAKV_") else {
+                continue;
+            };
+            let key = key.to_ascii_lowercase();
+            let Some(default) = table.get(&key) else {
+                continue;
+            };
+            let value = env_value(default, &raw);
+            sources.insert(key.clone(), Source::Env);
+            table.insert(key, value);
+        }
+        for (k, v) in flags {
+            sources.insert(k.to_string(), Source::Flag);
+            table.insert(k.to_string(), v);
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.message().to_string()))?;
+        config.validate()?;
+        Ok(Self { config, sources })
+    }
+
+    /// Every setting as `name = value  # source`, in TOML syntax.
+    pub fn show(&self) -> String {
+        let toml::Value::Table(table) = toml::Value::try_from(&self.config)
+            .unwrap_or_else(|_| toml::Value::Table(toml::Table::new()))
+        else {
+            return String::new();
+        };
+        let mut out = String::new();
+        for (k, v) in table {
+            let source = self.sources.get(&k).copied().unwrap_or(Source::Default);
+            out.push_str(&format!("{k} = {v}  # {source}\n"));
+        }
+        out
+    }
+}
+
+/// Reads an environment value as the type of the setting's default: lists are comma-separated.
+fn env_value(default: &toml::Value, raw: &str) -> toml::Value {
+    match default {
+        toml::Value::Integer(_) => raw
+            .trim()
+            .parse()
+            .map_or_else(|_| toml::Value::String(raw.into()), toml::Value::Integer),
+        toml::Value::Boolean(_) => raw
+            .trim()
+            .parse()
+            .map_or_else(|_| toml::Value::String(raw.into()), toml::Value::Boolean),
+        toml::Value::Array(_) => toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.into()))
+                .collect(),
+        ),
+        _ => toml::Value::String(raw.to_string()),
+    }
+}
+
+impl Config {
+    /// Refuses settings outside what is allowed.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn at_least(
+            setting: &'static str,
+            value: u64,
+            min: u64,
+            allowed: &'static str,
+        ) -> Result<(), ConfigError> {
+            if value < min {
+                return Err(ConfigError::Invalid {
+                    setting,
+                    value: value.to_string(),
+                    allowed,
+                });
+            }
+            Ok(())
+        }
+        at_least(
+            "max_connections",
+            self.max_connections as u64,
+            1,
+            "at least 1",
+        )?;
+        at_least(
+            "max_streams_per_connection",
+            self.max_streams_per_connection.into(),
+            1,
+            "at least 1",
+        )?;
+        at_least(
+            "max_concurrent_requests",
+            self.max_concurrent_requests as u64,
+            1,
+            "at least 1",
+        )?;
+        at_least(
+            "max_concurrent_reads",
+            self.max_concurrent_reads as u64,
+            1,
+            "at least 1",
+        )?;
+        at_least(
+            "request_timeout_ms",
+            self.request_timeout_ms,
+            1,
+            "at least 1 ms",
+        )?;
+        at_least(
+            "idle_timeout_ms",
+            self.idle_timeout_ms,
+            100,
+            "at least 100 ms",
+        )?;
+        at_least(
+            "writer_queue_capacity",
+            self.writer_queue_capacity as u64,
+            1,
+            "at least 1",
+        )?;
+        at_least(
+            "batch_entries_max",
+            self.batch_entries_max as u64,
+            1,
+            "at least 1",
+        )?;
+        at_least(
+            "batch_bytes_max",
+            self.batch_bytes_max as u64,
+            kappakv_protocol::limits::MAX_RECORD_BYTES as u64,
+            "at least the largest record (4 MiB + 128)",
+        )?;
+        at_least(
+            "segment_bytes_max",
+            self.segment_bytes_max,
+            4096,
+            "at least 4096",
+        )?;
+        at_least(
+            "index_batch_entries_max",
+            self.index_batch_entries_max as u64,
+            1,
+            "at least 1",
+        )?;
+        at_least(
+            "index_durable_interval_ms",
+            self.index_durable_interval_ms,
+            10,
+            "at least 10 ms",
+        )?;
+        at_least(
+            "watch_heartbeat_ms",
+            self.watch_heartbeat_ms,
+            10,
+            "at least 10 ms",
+        )?;
+        for p in &self.peers {
+            if crate::net::peer_spec(p).is_none() {
+                return Err(ConfigError::Invalid {
+                    setting: "peers",
+                    value: p.clone(),
+                    allowed: "NODEID@HOST:PORT with a 64-hex-digit node id",
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The request timeout.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order_and_record_sources() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("k.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\nmax_connections = 10\n").unwrap();
+        let env = vec![
+            ("KAPPAKV_MAX_CONNECTIONS".to_string(), "20".to_string()),
+            ("KAPPAKV_PEERS".to_string(), String::new()),
+            ("OTHER".to_string(), "x".to_string()),
+        ];
+        let flags = vec![("data_dir", toml::Value::String("/tmp/x".into()))];
+        let l = Layered::load(Some(&file), env, flags).unwrap();
+        assert_eq!(l.config.listen.port(), 9000);
+        assert_eq!(l.config.max_connections, 20);
+        assert_eq!(l.config.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(l.sources["listen"], Source::File);
+        assert_eq!(l.sources["max_connections"], Source::Env);
+        assert_eq!(l.sources["data_dir"], Source::Flag);
+        assert_eq!(l.sources["idle_timeout_ms"], Source::Default);
+        assert!(l.show().contains("max_connections = 20  # env"));
+    }
+
+    #[test]
+    fn invalid_settings_name_setting_value_and_rule() {
+        let env = vec![("KAPPAKV_MAX_CONNECTIONS".to_string(), "0".to_string())];
+        let err = Layered::load(None, env, vec![]).unwrap_err().to_string();
+        assert!(
+            err.contains("max_connections = 0") && err.contains("at least 1"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("k.toml");
+        std::fs::write(&file, "no_such_setting = 1\n").unwrap();
+        let err = Layered::load(Some(&file), vec![], vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no_such_setting"), "{err}");
+    }
+}

@@ -1,0 +1,176 @@
+//! The indexer thread: tails the log into the views and publishes the LSN they have applied,
+//! so that reads can wait for `min_lsn` (read-your-writes).
+//!
+//! Index commits are not durable one by one: every `index_durable_interval_ms`, and at
+//! shutdown, a durable commit persists everything before it. After a crash the views resume
+//! from their last durable checkpoint and replay the log from there.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kappakv_indexes::Indexes;
+use kappakv_protocol::{Lsn, SignedEntry};
+use tokio::sync::watch;
+
+use crate::log::LogReader;
+
+/// The indexer could not apply the log.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IndexError {
+    /// Reading the log failed.
+    #[error("reading the log: {0}")]
+    Log(#[from] crate::log::ReadLogError),
+    /// Applying to the views failed.
+    #[error("applying to the indexes: {0}")]
+    Apply(#[from] kappakv_indexes::ApplyError),
+    /// Reading a checkpoint failed.
+    #[error("reading the indexes: {0}")]
+    Read(#[from] kappakv_indexes::ReadError),
+    /// Resetting views for a rebuild failed.
+    #[error("resetting the indexes: {0}")]
+    Rebuild(#[from] kappakv_indexes::RebuildError),
+}
+
+/// Applies log entries in `(from, upto]` to every view that needs them, in batches of at most
+/// `batch` entries, one redb transaction each. `progress` is called after each batch with the
+/// LSN applied. Shared by the indexer thread and the offline `rebuild-indexes`.
+pub fn catch_up(
+    indexes: &Indexes,
+    reader: &LogReader,
+    from: Lsn,
+    upto: Lsn,
+    batch: usize,
+    durable: bool,
+    mut progress: impl FnMut(Lsn),
+) -> Result<Lsn, IndexError> {
+    let mut applied = from;
+    let mut buf: Vec<(Lsn, SignedEntry)> = Vec::with_capacity(batch.min(65_536));
+    for item in reader.iter(from, upto)? {
+        buf.push(item?);
+        if buf.len() >= batch {
+            applied = apply(indexes, &mut buf, durable)?;
+            progress(applied);
+        }
+    }
+    if !buf.is_empty() {
+        applied = apply(indexes, &mut buf, durable)?;
+        progress(applied);
+    }
+    Ok(applied)
+}
+
+fn apply(
+    indexes: &Indexes,
+    buf: &mut Vec<(Lsn, SignedEntry)>,
+    durable: bool,
+) -> Result<Lsn, IndexError> {
+    let last = buf.last().map_or(0, |(lsn, _)| *lsn);
+    let batch: Vec<(Lsn, &SignedEntry)> = buf.iter().map(|(l, e)| (*l, e)).collect();
+    indexes.apply(&batch, durable)?;
+    buf.clear();
+    Ok(last)
+}
+
+/// The running indexer thread.
+pub struct IndexerHandle {
+    indexed: watch::Receiver<Lsn>,
+    stop: Arc<AtomicBool>,
+    durable_tx_wake: watch::Sender<()>,
+    thread: Option<JoinHandle<Result<(), IndexError>>>,
+}
+
+impl IndexerHandle {
+    /// Starts the thread. It applies everything up to `durable`'s value and then follows it.
+    pub fn spawn(
+        indexes: Arc<Indexes>,
+        log_dir: PathBuf,
+        mut durable: watch::Receiver<Lsn>,
+        batch: usize,
+        durable_interval: Duration,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Self, IndexError> {
+        let start = indexes.min_applied_lsn()?;
+        let (indexed_tx, indexed) = watch::channel(start);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (wake_tx, mut wake_rx) = watch::channel(());
+        let stop2 = stop.clone();
+        let reader = LogReader::open(&log_dir)?;
+        let thread = std::thread::Builder::new()
+            .name("kappakv-indexer".into())
+            .spawn(move || {
+                let _span = tracing::error_span!("indexer").entered();
+                let mut applied = start;
+                let mut dirty = false;
+                let mut last_durable = Instant::now();
+                loop {
+                    let target = *durable.borrow_and_update();
+                    if applied < target {
+                        let upto = target.min(applied + batch as u64);
+                        applied = catch_up(&indexes, &reader, applied, upto, batch, false, |_| {})?;
+                        dirty = true;
+                        indexed_tx.send_replace(applied);
+                    }
+                    if dirty && last_durable.elapsed() >= durable_interval {
+                        indexes.persist()?;
+                        dirty = false;
+                        last_durable = Instant::now();
+                    }
+                    if stop2.load(Ordering::Acquire) && applied >= *durable.borrow() {
+                        break;
+                    }
+                    if applied >= *durable.borrow() {
+                        runtime.block_on(async {
+                            tokio::select! {
+                                _ = durable.changed() => {}
+                                _ = wake_rx.changed() => {}
+                                () = tokio::time::sleep(durable_interval) => {}
+                            }
+                        });
+                    }
+                }
+                indexes.persist()?;
+                tracing::debug!(applied, "indexer stopped");
+                Ok(())
+            })
+            .expect("spawning the indexer thread");
+        Ok(Self {
+            indexed,
+            stop,
+            durable_tx_wake: wake_tx,
+            thread: Some(thread),
+        })
+    }
+
+    /// The LSN the views have applied, updated after every batch.
+    pub fn indexed(&self) -> watch::Receiver<Lsn> {
+        self.indexed.clone()
+    }
+
+    /// Applies what is left of the durable log, makes the views durable, and joins the thread.
+    pub async fn shutdown(mut self) -> Result<(), IndexError> {
+        self.stop.store(true, Ordering::Release);
+        self.durable_tx_wake.send_replace(());
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .expect("joining the indexer")
+            .unwrap_or_else(|_| {
+                tracing::error!("indexer thread panicked");
+                Ok(())
+            })
+    }
+}
+
+impl Drop for IndexerHandle {
+    fn drop(&mut self) {
+        // Never blocks: the thread sees the flag and ends on its own.
+        self.stop.store(true, Ordering::Release);
+        self.durable_tx_wake.send_replace(());
+    }
+}

@@ -1,0 +1,74 @@
+//! The writer's supersede resolution. A plain put or delete supersedes every version current on
+//! this node when the write is ordered into the log. The kv view may lag the log, so the
+//! resolver reads a view snapshot and lays over it the ops of every entry appended after the
+//! snapshot's applied LSN ([`KvOverlay`]); the result is exact whatever the lag.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kappakv_indexes::{Indexes, KvOverlay, Snapshot};
+use kappakv_protocol::{EntryId, Lsn, SignedEntry};
+
+use super::writer::SupersedeResolver;
+
+/// How long the resolver reuses one snapshot before taking a newer one and pruning the overlay.
+const SNAPSHOT_REFRESH: Duration = Duration::from_millis(20);
+
+/// Resolves plain writes from the kv view plus an overlay of entries it has not applied yet.
+pub struct KvResolver {
+    indexes: Arc<Indexes>,
+    overlay: KvOverlay,
+    snapshot: Option<(Instant, Snapshot)>,
+}
+
+impl KvResolver {
+    /// A resolver over `indexes`, whose kv view must be caught up with the log.
+    pub fn new(indexes: Arc<Indexes>) -> Self {
+        Self {
+            indexes,
+            overlay: KvOverlay::default(),
+            snapshot: None,
+        }
+    }
+
+    fn snapshot(&mut self) -> Option<&Snapshot> {
+        let stale = self
+            .snapshot
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= SNAPSHOT_REFRESH);
+        if stale {
+            match self.indexes.snapshot() {
+                Ok(snap) => {
+                    if let Ok(applied) = snap.kv_applied_lsn() {
+                        self.overlay.prune(applied);
+                    }
+                    self.snapshot = Some((Instant::now(), snap));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the kv view; keeping the previous snapshot")
+                }
+            }
+        }
+        self.snapshot.as_ref().map(|(_, s)| s)
+    }
+}
+
+impl SupersedeResolver for KvResolver {
+    fn current(&mut self, key: &[u8]) -> Vec<EntryId> {
+        self.snapshot();
+        let Some((_, snap)) = self.snapshot.as_ref() else {
+            return Vec::new();
+        };
+        match self.overlay.current(key, snap) {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the kv view to resolve a write");
+                Vec::new()
+            }
+        }
+    }
+
+    fn appended(&mut self, lsn: Lsn, entry: &SignedEntry) {
+        self.overlay.record(lsn, entry);
+    }
+}
