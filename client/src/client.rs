@@ -401,8 +401,8 @@ impl Client {
     /// Changes to keys starting with `prefix`: those after `from_lsn` from the log
     /// (`Some(0)` replays everything), then live ones. `None` starts with live changes.
     ///
-    /// If the connection is lost the watch re-subscribes once, from the last change it
-    /// delivered, without delivering a change twice.
+    /// If the connection is lost the watch dials again and resubscribes from the last change it
+    /// delivered, without delivering a change twice (see [`Watch`]).
     ///
     /// ```no_run
     /// # async fn demo(client: kappakv_client::Client) -> kappakv_client::Result<()> {

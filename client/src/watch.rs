@@ -5,21 +5,30 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
 
 use futures_util::Stream;
 use futures_util::stream::BoxStream;
 use kappakv_protocol::limits::MAX_OPS_PER_ENTRY;
 use kappakv_protocol::{Change, Lsn, Request, Response};
 use quinn::{RecvStream, SendStream};
+use tokio::time::Instant;
 
 use crate::client::Client;
 use crate::connection::{read_frame, response_kind};
 use crate::error::{ProtocolError, RequestError, Result};
 
+/// A watch resubscribes on its own at most once per this interval, unless changes arrived since
+/// the last time: a node that keeps ending the stream gets an error, not a busy loop.
+const RESUBSCRIBE_INTERVAL: Duration = Duration::from_secs(10);
+
 /// The stream [`Client::watch`] returns: changes in log order, until dropped.
 ///
 /// Heartbeats are consumed; [`Watch::log_lsn`] tells the last log position the node reported.
-/// Dropping the watch closes its stream on the node. A node that ends the watch (for instance
+/// Dropping the watch closes its stream on the node. If the connection is lost or the node ends
+/// the stream (as it does when shutting down), the watch dials again and resubscribes from where
+/// it was, without repeating or skipping a change; a failure within 10 s of such a resubscription,
+/// with no change delivered in between, ends the watch with that error. A node that ends the watch (for instance
 /// with `SlowConsumer` because the reader fell behind) yields that error and the stream ends;
 /// start a new watch from the last LSN seen to continue.
 pub struct Watch {
@@ -61,7 +70,7 @@ impl Watch {
                 seen_at_last: Vec::new(),
             },
             heartbeat: log_lsn.clone(),
-            retried: false,
+            resubscribed: None,
             done: false,
         };
         let inner = futures_util::stream::unfold(state, |mut state| async move {
@@ -86,7 +95,8 @@ struct State {
     open: Option<(SendStream, RecvStream, u64)>,
     progress: Progress,
     heartbeat: Arc<AtomicU64>,
-    retried: bool,
+    /// When the watch last resubscribed on its own, if no change arrived since.
+    resubscribed: Option<Instant>,
     done: bool,
 }
 
@@ -133,6 +143,19 @@ impl Progress {
 }
 
 impl State {
+    /// Whether to resubscribe after a failure, and if so, notes the time.
+    fn may_resubscribe(&mut self) -> bool {
+        let now = Instant::now();
+        if self
+            .resubscribed
+            .is_some_and(|at| now.duration_since(at) < RESUBSCRIBE_INTERVAL)
+        {
+            return false;
+        }
+        self.resubscribed = Some(now);
+        true
+    }
+
     async fn next(&mut self) -> Option<Result<Change>> {
         loop {
             if self.done {
@@ -156,7 +179,7 @@ impl State {
             let generation = *generation;
             match read_frame(recv, "watch").await {
                 Ok(Some(Response::Change(change))) => {
-                    self.retried = false;
+                    self.resubscribed = None;
                     if self.progress.already_delivered(&change) {
                         continue;
                     }
@@ -164,7 +187,6 @@ impl State {
                     return Some(Ok(change));
                 }
                 Ok(Some(Response::Heartbeat { log_lsn })) => {
-                    self.retried = false;
                     self.heartbeat.store(log_lsn, Ordering::Relaxed);
                 }
                 Ok(Some(Response::Error { code, message })) => {
@@ -177,13 +199,15 @@ impl State {
                     }
                     .into()));
                 }
-                Ok(None) => {
-                    self.done = true;
-                    return None;
+                // A watch has no end: a node that finishes the stream is going away (it shuts
+                // down), so the watch resubscribes once, like after a lost connection.
+                Ok(None) if self.may_resubscribe() => {
+                    tracing::debug!("the node ended the watch, resubscribing");
+                    self.open = None;
                 }
-                Err(e) if e.is_connection_lost() && !self.retried => {
+                Ok(None) => return Some(Err(ProtocolError::Truncated { request: "watch" }.into())),
+                Err(e) if e.is_connection_lost() && self.may_resubscribe() => {
                     tracing::debug!(error = %e, "watch lost its connection, resubscribing");
-                    self.retried = true;
                     self.open = None;
                     if let Err(e) = self.client.redial(generation).await {
                         return Some(Err(e.into()));

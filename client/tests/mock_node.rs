@@ -112,9 +112,34 @@ async fn watch_replays_from_an_lsn() {
     client.put("w/a", "1").await.unwrap();
     client.put("x/b", "2").await.unwrap();
     client.put("w/c", "3").await.unwrap();
-    let changes: Vec<_> = client.watch("w/", Some(0)).try_collect().await.unwrap();
-    let lsns: Vec<u64> = changes.iter().map(|c| c.lsn).collect();
-    assert_eq!(lsns, vec![1, 3]);
+    let mut watch = client.watch("w/", Some(0));
+    assert_eq!(watch.try_next().await.unwrap().unwrap().lsn, 1);
+    assert_eq!(watch.try_next().await.unwrap().unwrap().lsn, 3);
+
+    // A cut connection: the watch dials again and resubscribes from lsn 3, skipping what it
+    // already delivered.
+    node.drop_connections();
+    let other = quick(node.ticket()).connect().await.unwrap();
+    other.put("w/d", "4").await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.try_next())
+        .await
+        .unwrap();
+    assert_eq!(next.unwrap().unwrap().lsn, 4);
+    let Some(Request::Watch { from_lsn, .. }) = node
+        .state()
+        .requests
+        .iter()
+        .rev()
+        .find(|r| matches!(r, Request::Watch { .. }))
+        .cloned()
+    else {
+        panic!("no watch request")
+    };
+    assert_eq!(
+        from_lsn,
+        Some(2),
+        "resubscribes just before the last change delivered"
+    );
 }
 
 #[tokio::test]

@@ -24,6 +24,8 @@ pub struct State {
     pub requests: Vec<Request>,
     /// Close the connection instead of answering the next request of this kind.
     pub kill_next: Option<&'static str>,
+    /// Every connection accepted, to drop them all at once.
+    pub conns: Vec<quinn::Connection>,
 }
 
 pub struct MockNode {
@@ -61,6 +63,7 @@ impl MockNode {
                 let st = st.clone();
                 tokio::spawn(async move {
                     let Ok(conn) = incoming.await else { return };
+                    st.lock().unwrap().conns.push(conn.clone());
                     serve_connection(conn, node_id, st).await;
                 });
             }
@@ -78,6 +81,13 @@ impl MockNode {
             node_id: self.node_id,
             addrs: vec![self.addr],
             token: "rw_secret".into(),
+        }
+    }
+
+    /// Closes every client connection, as a crash or a network cut would.
+    pub fn drop_connections(&self) {
+        for conn in self.state().conns.drain(..) {
+            conn.close(0u32.into(), b"dropped");
         }
     }
 
@@ -133,7 +143,16 @@ async fn serve_connection(conn: quinn::Connection, node_id: NodeId, state: Arc<M
             }
         }
         let state = state.clone();
-        tokio::spawn(async move { answer(request, node_id, &state, &mut tx).await });
+        tokio::spawn(async move {
+            let watch = matches!(request, Request::Watch { .. });
+            answer(request, node_id, &state, &mut tx).await;
+            if watch {
+                // Like the node: a watch runs until the client finishes or stops its side.
+                let mut buf = [0u8; 64];
+                while let Ok(Some(_)) = rx.read(&mut buf).await {}
+            }
+            let _ = tx.finish();
+        });
     }
 }
 
@@ -232,7 +251,6 @@ async fn answer(
             return;
         }
     }
-    let _ = tx.finish();
 }
 
 fn entry_id_of_lsn(n: u64) -> [u8; 32] {
