@@ -101,8 +101,6 @@ pub struct RecordCursor {
     consumed: usize,
     /// Bytes of `buf` holding file data.
     filled: usize,
-    /// Whether a read returned end of file at `buf_offset + filled`.
-    eof: bool,
 }
 
 impl RecordCursor {
@@ -113,7 +111,6 @@ impl RecordCursor {
             buf_offset: offset,
             consumed: 0,
             filled: 0,
-            eof: false,
         }
     }
 
@@ -145,9 +142,7 @@ impl RecordCursor {
                 debug_assert_eq!(payload.len() + RECORD_HEADER_LEN, used);
                 return Ok(Scanned::Record { offset, payload });
             }
-            self.eof = false;
             if self.fill(file, needed)? == 0 {
-                self.eof = true;
                 return Ok(if self.consumed == self.filled {
                     Scanned::End
                 } else {
@@ -187,11 +182,6 @@ impl RecordCursor {
         }
         Ok(total)
     }
-
-    /// Whether the last call found the end of the file.
-    pub fn at_eof(&self) -> bool {
-        self.eof
-    }
 }
 
 /// Looks for a record with a good checksum starting at any byte offset in `(from, end of
@@ -229,6 +219,81 @@ pub fn find_record_after(file: &dyn LogFile, from: u64) -> io::Result<Option<u64
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kappakv_protocol::record::encode_record;
+
+    /// An in-memory file whose reads return at most `read_max` bytes.
+    struct MemFile {
+        bytes: Vec<u8>,
+        read_max: usize,
+    }
+
+    impl LogFile for MemFile {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            let start = (offset as usize).min(self.bytes.len());
+            let n = buf.len().min(self.read_max).min(self.bytes.len() - start);
+            buf[..n].copy_from_slice(&self.bytes[start..start + n]);
+            Ok(n)
+        }
+        fn write_all_at(&mut self, _: &[u8], _: u64) -> io::Result<()> {
+            unreachable!()
+        }
+        fn sync_data(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn sync_all(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn set_len(&mut self, len: u64) -> io::Result<()> {
+            self.bytes.truncate(len as usize);
+            Ok(())
+        }
+        fn len(&self) -> io::Result<u64> {
+            Ok(self.bytes.len() as u64)
+        }
+    }
+
+    #[test]
+    fn cursor_reads_records_across_chunks_and_short_reads() {
+        let sizes = [10, 3 * READ_CHUNK_BYTES / 2, 5, 3 * READ_CHUNK_BYTES, 1];
+        let mut bytes = Vec::new();
+        let mut offsets = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            offsets.push(bytes.len() as u64);
+            encode_record(&vec![i as u8 + 1; n], &mut bytes);
+        }
+        for read_max in [7, 4096, usize::MAX] {
+            let file = MemFile {
+                bytes: bytes.clone(),
+                read_max,
+            };
+            let mut cursor = RecordCursor::new(0);
+            for (i, &n) in sizes.iter().enumerate() {
+                match cursor.next(&file).unwrap() {
+                    Scanned::Record { offset, payload } => {
+                        assert_eq!(offset, offsets[i]);
+                        assert_eq!(payload, &vec![i as u8 + 1; n][..]);
+                    }
+                    other => panic!("record {i}: {other:?}"),
+                }
+            }
+            assert!(matches!(cursor.next(&file).unwrap(), Scanned::End));
+        }
+        // A cut inside the last record, and nothing whole after it.
+        let file = MemFile {
+            bytes: bytes[..bytes.len() - 1].to_vec(),
+            read_max: usize::MAX,
+        };
+        let mut cursor = RecordCursor::new(offsets[4]);
+        assert!(matches!(
+            cursor.next(&file).unwrap(),
+            Scanned::Damaged { offset, damage: RecordDamage::Incomplete } if offset == offsets[4]
+        ));
+        assert_eq!(find_record_after(&file, offsets[4]).unwrap(), None);
+        assert_eq!(
+            find_record_after(&file, offsets[2] + 1).unwrap(),
+            Some(offsets[3])
+        );
+    }
 
     #[test]
     fn names_round_trip() {
