@@ -122,7 +122,7 @@ macro_rules! from_redb {
             }
         }
         from_redb!(@each $ours: redb::TransactionError, redb::TableError, redb::StorageError,
-            redb::CommitError, redb::SetDurabilityError);
+            redb::CommitError, redb::SetDurabilityError, redb::CursorError);
     )+};
     (@each $ours:ident: $($theirs:ty),+) => {$(
         impl From<$theirs> for $ours {

@@ -11,7 +11,8 @@
 //!
 //! "Current" is thus (versions applied) minus (ids superseded), per key: a set difference over
 //! everything applied, so the state does not depend on the order entries are applied in. The
-//! kv view ([`crate::views::kv`]) stores both sets; [`BatchPlan`] is how it applies a batch, and
+//! kv view ([`crate::views::kv`]) stores the current set and the marks that can still matter
+//! (for versions not yet applied); [`BatchPlan`] is how it applies a batch, and
 //! [`resolve_current`] is how the server's writer sees past the indexer (see
 //! [`crate::overlay`]).
 
@@ -86,12 +87,13 @@ impl<'a> BatchPlan<'a> {
 /// The current ids of one key after applying `ops` on top of a base state.
 ///
 /// `base_current` are the key's current ids in the base (a snapshot of the kv view);
-/// `base_superseded(id)` says whether the base has a mark for `(key, id)`; `ops` are `(id,
-/// supersedes)` of the ops on this key that the base has not applied. The result is ascending.
+/// `base_superseded(id)` says whether an op applied in the base superseded the not yet applied
+/// version `(key, id)`; `ops` are `(id, supersedes)` of the ops on this key that the base has
+/// not applied. The result is ascending.
 ///
 /// It is the MVR rule restricted to one key: (base current ∪ op ids) minus (op supersedes ∪
-/// base marks). Base current ids carry no base mark, by the kv view's invariant, so only op ids
-/// are looked up in the base.
+/// base marks). Base current ids are by definition not superseded in the base, so only op ids
+/// are looked up there.
 pub fn resolve_current<'o, E>(
     base_current: Vec<EntryId>,
     mut base_superseded: impl FnMut(&EntryId) -> Result<bool, E>,

@@ -669,7 +669,10 @@ mod tests {
         let (indexes, report) =
             Indexes::open(&path, vec![Box::new(LogLookupView), Box::new(KvView)]).unwrap();
         assert_eq!(report.removed_views, ["history"]);
-        assert_eq!(report.dropped_tables, ["history.versions", "stray"]);
+        assert_eq!(
+            report.dropped_tables,
+            ["history.by_key", "history.records", "stray"]
+        );
         assert!(report.needs_rebuild().next().is_none());
         assert_eq!(indexes.snapshot().unwrap().history(b"k1", 10).unwrap(), []);
         assert_eq!(indexes.min_applied_lsn().unwrap(), 2);

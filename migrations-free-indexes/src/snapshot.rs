@@ -13,15 +13,12 @@ use redb::{
 };
 
 use crate::checkpoint;
-use crate::error::ReadError;
-use crate::record::{CurrentRecord, HistoryRecord};
+use crate::error::{CorruptRecord, ReadError};
+use crate::record::{CurrentVersion, HistoryRecord, decode_current};
 use crate::tables::{
-    HISTORY_VERSIONS, KV_CURRENT, KV_SUPERSEDED, KV_VIEW, LOG_AUTHOR_HEAD, LOG_ENTRY_LSN,
-    VIEW_CHECKPOINTS,
+    HISTORY_BY_KEY, HISTORY_BY_KEY_NAME, HISTORY_RECORDS, KV_CURRENT, KV_SUPERSEDED, KV_VIEW,
+    LOG_AUTHOR_HEAD, LOG_ENTRY_LSN, VIEW_CHECKPOINTS,
 };
-
-const ID_MIN: [u8; 32] = [0; 32];
-const ID_MAX: [u8; 32] = [0xff; 32];
 
 /// A consistent, read-only view of every index as of one commit.
 pub struct Snapshot {
@@ -67,14 +64,15 @@ impl Snapshot {
     /// The current versions of `key`: values without tombstones ordered by (timestamp, id),
     /// and the context (every current id, tombstones included, ascending).
     pub fn get(&self, key: &[u8]) -> Result<KeyVersions, ReadError> {
-        let mut acc = KeyAccumulator::new(key);
-        if let Some(table) = self.table(KV_CURRENT)? {
-            for row in table.range((key, ID_MIN)..=(key, ID_MAX))? {
-                let (k, v) = row?;
-                acc.add(EntryId(k.value().1), &CurrentRecord::decode(v.value())?);
-            }
-        }
-        Ok(acc.finish())
+        let Some(table) = self.table(KV_CURRENT)? else {
+            return Ok(key_versions(key, &[]));
+        };
+        let Some(row) = table.get(key)? else {
+            return Ok(key_versions(key, &[]));
+        };
+        let mut set = Vec::new();
+        decode_current(row.value(), &mut set)?;
+        Ok(key_versions(key, &set))
     }
 
     /// Up to `limit` keys in `range` in key order, each with its current versions, leaving out
@@ -101,20 +99,17 @@ impl Snapshot {
         }
         let lower = match lower {
             None => Bound::Unbounded,
-            Some((key, true)) => Bound::Excluded((key, ID_MAX)),
-            Some((key, false)) => Bound::Included((key, ID_MIN)),
+            Some((key, true)) => Bound::Excluded(key),
+            Some((key, false)) => Bound::Included(key),
         };
         let upper = range
             .end
             .as_deref()
-            .map_or(Bound::Unbounded, |e| Bound::Excluded((e, ID_MIN)));
+            .map_or(Bound::Unbounded, Bound::Excluded);
 
-        let mut group: Option<KeyAccumulator> = None;
-        // Set once `limit` keys are out and another visible key is found.
-        let mut more = false;
-        for row in table.range::<(&[u8], [u8; 32])>((lower, upper))? {
+        for row in table.range::<&[u8]>((lower, upper))? {
             let (k, v) = row?;
-            let (key, id) = k.value();
+            let key = k.value();
             if range.prefix.as_deref().is_some_and(|p| !key.starts_with(p)) {
                 // Every later key sorts after the prefix's range too.
                 break;
@@ -122,54 +117,43 @@ impl Snapshot {
             if !range.contains(key) {
                 continue;
             }
-            if group.as_ref().is_none_or(|g| g.key != key) {
-                if let Some(done) = group.take()
-                    && done.visible()
-                {
-                    if out.len() == limit {
-                        more = true;
-                        break;
-                    }
-                    out.push(done.finish());
-                }
-                group = Some(KeyAccumulator::new(key));
+            let mut set = Vec::new();
+            decode_current(v.value(), &mut set)?;
+            if set.iter().all(|v| v.value.is_none()) {
+                continue;
             }
-            if let Some(g) = group.as_mut() {
-                g.add(EntryId(id), &CurrentRecord::decode(v.value())?);
-            }
-        }
-        if let Some(done) = group
-            && done.visible()
-            && !more
-        {
             if out.len() == limit {
-                more = true;
-            } else {
-                out.push(done.finish());
+                // Another visible key follows the page.
+                let resume = out.last().map(|kv: &KeyVersions| kv.key.clone());
+                return Ok((out, resume));
             }
+            out.push(key_versions(key, &set));
         }
-        let resume = if more {
-            out.last().map(|kv| kv.key.clone())
-        } else {
-            None
-        };
-        Ok((out, resume))
+        Ok((out, None))
     }
 
     /// Up to `limit` versions of `key` ever written, tombstones included, newest (highest LSN)
     /// first.
     pub fn history(&self, key: &[u8], limit: usize) -> Result<Vec<Version>, ReadError> {
-        let Some(table) = self.table(HISTORY_VERSIONS)? else {
+        let Some(by_key) = self.table(HISTORY_BY_KEY)? else {
+            return Ok(Vec::new());
+        };
+        let Some(records) = self.table(HISTORY_RECORDS)? else {
             return Ok(Vec::new());
         };
         let mut out = Vec::new();
-        for row in table
+        for row in by_key
             .range((key, 0u64)..=(key, u64::MAX))?
             .rev()
             .take(limit)
         {
-            let (_, v) = row?;
-            let rec = HistoryRecord::decode(v.value())?;
+            let (k, index) = row?;
+            let at = (k.value().1, index.value());
+            let record = records.get(at)?.ok_or(CorruptRecord {
+                table: HISTORY_BY_KEY_NAME,
+                reason: "points at a missing history record",
+            })?;
+            let rec = HistoryRecord::decode(record.value())?;
             out.push(Version {
                 id: rec.id,
                 author: rec.author,
@@ -189,7 +173,7 @@ impl Snapshot {
             .iter()?
             .map(|row| {
                 let (k, v) = row?;
-                Ok((NodeId(k.value()), v.value().0))
+                Ok((NodeId(*k.value()), v.value().0))
             })
             .collect()
     }
@@ -199,9 +183,9 @@ impl Snapshot {
         let Some(table) = self.table(LOG_AUTHOR_HEAD)? else {
             return Ok(None);
         };
-        Ok(table.get(author.0)?.map(|g| {
+        Ok(table.get(&author.0)?.map(|g| {
             let (seq, id) = g.value();
-            (seq, EntryId(id))
+            (seq, EntryId(*id))
         }))
     }
 
@@ -210,7 +194,7 @@ impl Snapshot {
         let Some(table) = self.table(LOG_ENTRY_LSN)? else {
             return Ok(None);
         };
-        Ok(table.get(id.0)?.map(|g| g.value()))
+        Ok(table.get(&id.0)?.map(|g| g.value()))
     }
 
     /// The ids of every current version of `key`, tombstones included, ascending: what a write
@@ -219,18 +203,22 @@ impl Snapshot {
         let Some(table) = self.table(KV_CURRENT)? else {
             return Ok(Vec::new());
         };
-        table
-            .range((key, ID_MIN)..=(key, ID_MAX))?
-            .map(|row| Ok(EntryId(row?.0.value().1)))
-            .collect()
+        let Some(row) = table.get(key)? else {
+            return Ok(Vec::new());
+        };
+        let mut set = Vec::new();
+        decode_current(row.value(), &mut set)?;
+        Ok(set.iter().map(|v| v.id).collect())
     }
 
-    /// Whether an applied op on `key` superseded version `id` (arrived or not).
+    /// Whether an applied op on `key` superseded version `id` before that version was applied.
+    /// Exact for versions the kv view has not applied (what the writer's overlay asks about);
+    /// for an applied version, check [`Snapshot::current_ids`] instead.
     pub fn is_superseded(&self, key: &[u8], id: &EntryId) -> Result<bool, ReadError> {
         let Some(table) = self.table(KV_SUPERSEDED)? else {
             return Ok(false);
         };
-        Ok(table.get((key, id.0))?.is_some())
+        Ok(table.get((key, &id.0))?.is_some())
     }
 }
 
@@ -245,47 +233,24 @@ fn lower_bound(range: &KeyRange) -> Option<(&[u8], bool)> {
     candidates.into_iter().flatten().max()
 }
 
-/// The current versions of one key, gathered in id order.
-struct KeyAccumulator {
-    key: Vec<u8>,
-    values: Vec<Version>,
-    context: Vec<EntryId>,
-}
-
-impl KeyAccumulator {
-    fn new(key: &[u8]) -> Self {
-        Self {
-            key: key.to_vec(),
-            values: Vec::new(),
-            context: Vec::new(),
-        }
-    }
-
-    /// Adds a version; ids arrive ascending (the table's order), so the context stays sorted.
-    fn add(&mut self, id: EntryId, rec: &CurrentRecord<'_>) {
-        debug_assert!(self.context.last().is_none_or(|last| *last < id));
-        self.context.push(id);
-        if let Some(value) = rec.value {
-            self.values.push(Version {
-                id,
-                author: rec.author,
-                timestamp: rec.timestamp,
+/// The answer for one key, from its current versions (ascending by id).
+fn key_versions(key: &[u8], set: &[CurrentVersion<'_>]) -> KeyVersions {
+    let mut values: Vec<Version> = set
+        .iter()
+        .filter_map(|v| {
+            v.value.map(|value| Version {
+                id: v.id,
+                author: v.author,
+                timestamp: v.timestamp,
                 value: Some(value.to_vec()),
-            });
-        }
-    }
-
-    fn visible(&self) -> bool {
-        !self.values.is_empty()
-    }
-
-    fn finish(mut self) -> KeyVersions {
-        self.values.sort_unstable_by_key(|v| (v.timestamp, v.id));
-        KeyVersions {
-            key: self.key,
-            values: self.values,
-            context: self.context,
-        }
+            })
+        })
+        .collect();
+    values.sort_unstable_by_key(|v| (v.timestamp, v.id));
+    KeyVersions {
+        key: key.to_vec(),
+        values,
+        context: set.iter().map(|v| v.id).collect(),
     }
 }
 

@@ -4,7 +4,8 @@
 //! Bumping a `*_VERSION` constant makes the next open drop that view's tables and rebuild them
 //! from the log. There are no migrations: a layout change is a version bump.
 //!
-//! Conventions: ids (`EntryId`, `NodeId`) are their 32 raw bytes; integers in tuple keys and
+//! Conventions: ids (`EntryId`, `NodeId`) are their 32 raw bytes, typed `&[u8; 32]` (which redb
+//! compares with one `memcmp`, unlike `[u8; 32]`, compared byte by byte); integers in tuple keys and
 //! values use redb's own fixed-width encoding; byte-string values with several fields use the
 //! layouts in [`crate::record`], documented here.
 
@@ -38,12 +39,12 @@ pub const LOG_LOOKUP_VERSION: u64 = 1;
 
 /// Which entries the log holds. Key: `EntryId`. Value: the LSN of its record (the first, should
 /// the log ever hold it twice).
-pub const LOG_ENTRY_LSN: TableDefinition<[u8; 32], u64> = TableDefinition::new(LOG_ENTRY_LSN_NAME);
+pub const LOG_ENTRY_LSN: TableDefinition<&[u8; 32], u64> = TableDefinition::new(LOG_ENTRY_LSN_NAME);
 /// Name of [`LOG_ENTRY_LSN`].
 pub const LOG_ENTRY_LSN_NAME: &str = "log_lookup.entry_lsn";
 
 /// The version vector. Key: author `NodeId`. Value: `(highest seq in the log, its EntryId)`.
-pub const LOG_AUTHOR_HEAD: TableDefinition<[u8; 32], (u64, [u8; 32])> =
+pub const LOG_AUTHOR_HEAD: TableDefinition<&[u8; 32], (u64, &[u8; 32])> =
     TableDefinition::new(LOG_AUTHOR_HEAD_NAME);
 /// Name of [`LOG_AUTHOR_HEAD`].
 pub const LOG_AUTHOR_HEAD_NAME: &str = "log_lookup.author_head";
@@ -55,18 +56,20 @@ pub const KV_VIEW: &str = "kv";
 /// Definition version of the key/value view.
 pub const KV_VERSION: u64 = 1;
 
-/// Current versions. Key: `(key, EntryId)`; tuple keys compare element-wise, so the range
-/// `(k, [0; 32])..=(k, [0xff; 32])` is exactly key `k`, ids ascending. Value: a version record,
-/// `author [32] | timestamp u64 LE | lsn u64 LE | kind u8 (0 delete, 1 put) | value bytes (put
-/// only, the rest of the record)`.
-pub const KV_CURRENT: TableDefinition<(&[u8], [u8; 32]), &[u8]> =
-    TableDefinition::new(KV_CURRENT_NAME);
+/// Current versions, one row per key that has any. Key: the key. Value: its current versions
+/// ascending by id, `count u32 LE` then per version `id [32] | author [32] | timestamp u64 LE |
+/// lsn u64 LE | kind u8 (0 delete, 1 put) | value length u32 LE | value bytes`. One row per
+/// key makes a put that supersedes what it read one read and one write of one row.
+pub const KV_CURRENT: TableDefinition<&[u8], &[u8]> = TableDefinition::new(KV_CURRENT_NAME);
 /// Name of [`KV_CURRENT`].
 pub const KV_CURRENT_NAME: &str = "kv.current";
 
-/// Every version any applied op has superseded, whether or not that version has arrived. Key:
-/// `(key, EntryId)`. Value: `()`. Invariant: no key of [`KV_CURRENT`] is in this table.
-pub const KV_SUPERSEDED: TableDefinition<(&[u8], [u8; 32]), ()> =
+/// Versions superseded before they were applied. Key: `(key, EntryId)`. Value: `()`. Holds
+/// `(k, id)` for every `id` an applied op on `k` superseded while `id` was not current (not
+/// arrived yet, or already superseded); a version that was current when superseded is only
+/// removed from [`KV_CURRENT`]. So a version that arrives is current exactly when no mark for
+/// it exists. Invariant: no `(k, id)` here is among the current versions of `k`.
+pub const KV_SUPERSEDED: TableDefinition<(&[u8], &[u8; 32]), ()> =
     TableDefinition::new(KV_SUPERSEDED_NAME);
 /// Name of [`KV_SUPERSEDED`].
 pub const KV_SUPERSEDED_NAME: &str = "kv.superseded";
@@ -78,10 +81,18 @@ pub const HISTORY_VIEW: &str = "history";
 /// Definition version of the history view.
 pub const HISTORY_VERSION: u64 = 1;
 
-/// Every version ever written, tombstones included. Key: `(key, LSN)`, so a reverse range over
-/// one key is newest first. Value: `id [32] | author [32] | timestamp u64 LE | kind u8 (0
-/// delete, 1 put) | value bytes (put only, the rest of the record)`.
-pub const HISTORY_VERSIONS: TableDefinition<(&[u8], u64), &[u8]> =
-    TableDefinition::new(HISTORY_VERSIONS_NAME);
-/// Name of [`HISTORY_VERSIONS`].
-pub const HISTORY_VERSIONS_NAME: &str = "history.versions";
+/// Which versions each key has. Key: `(key, LSN)`, so a reverse range over one key is newest
+/// first. Value: the op's index within its entry (`u32`), to find the record in
+/// [`HISTORY_RECORDS`]. Small rows: this is the table that takes random-position inserts.
+pub const HISTORY_BY_KEY: TableDefinition<(&[u8], u64), u32> =
+    TableDefinition::new(HISTORY_BY_KEY_NAME);
+/// Name of [`HISTORY_BY_KEY`].
+pub const HISTORY_BY_KEY_NAME: &str = "history.by_key";
+
+/// Every version ever written, tombstones included, in log order. Key: `(LSN, op index)`, so
+/// applying the log only ever appends. Value: `id [32] | author [32] | timestamp u64 LE | kind
+/// u8 (0 delete, 1 put) | value bytes (put only, the rest of the record)`.
+pub const HISTORY_RECORDS: TableDefinition<(u64, u32), &[u8]> =
+    TableDefinition::new(HISTORY_RECORDS_NAME);
+/// Name of [`HISTORY_RECORDS`].
+pub const HISTORY_RECORDS_NAME: &str = "history.records";

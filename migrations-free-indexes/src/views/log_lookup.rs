@@ -45,19 +45,19 @@ impl View for LogLookupView {
         let mut entry_lsn = txn.open_table(LOG_ENTRY_LSN)?;
         for (id, lsn) in ids {
             // The log should never hold an entry twice; if it does, the first record wins.
-            let earlier = entry_lsn.insert(id, lsn)?.map(|g| g.value());
+            let earlier = entry_lsn.insert(&id, lsn)?.map(|g| g.value());
             if let Some(earlier) = earlier
                 && earlier < lsn
             {
-                entry_lsn.insert(id, earlier)?;
+                entry_lsn.insert(&id, earlier)?;
             }
         }
 
         let mut author_head = txn.open_table(LOG_AUTHOR_HEAD)?;
         for (author, head) in heads {
-            let stored = author_head.get(author)?.map(|g| g.value().0);
+            let stored = author_head.get(&author)?.map(|g| g.value().0);
             if stored.is_none_or(|seq| head.0 > seq) {
-                author_head.insert(author, head)?;
+                author_head.insert(&author, (head.0, &head.1))?;
             }
         }
         Ok(())
