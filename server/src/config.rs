@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -214,7 +215,7 @@ impl Layered {
         let mut out = String::new();
         for (k, v) in table {
             let source = self.sources.get(&k).copied().unwrap_or(Source::Default);
-            out.push_str(&format!("{k} = {v}  # {source}\n"));
+            let _ = writeln!(out, "{k} = {v}  # {source}");
         }
         out
     }

@@ -161,8 +161,9 @@ fn write_error(e: &WriteError) -> Reply {
     error(code, e.to_string())
 }
 
-/// Waits until the views have applied `min_lsn`, then runs `f` on a snapshot in a blocking
-/// thread, bounded by the node's read semaphore.
+/// Waits until the views have applied everything durable when the read arrived (and at least
+/// `min_lsn`), then runs `f` on a snapshot in a blocking thread, bounded by the node's read
+/// semaphore.
 async fn read<F>(node: &Node, min_lsn: Lsn, f: F) -> Reply
 where
     F: FnOnce(&kappakv_indexes::Snapshot) -> Result<Vec<Response>, kappakv_indexes::ReadError>
@@ -178,8 +179,11 @@ where
             ),
         );
     }
+    // Every write acknowledged before this read arrived is visible to it, whichever client
+    // made it: the read waits until the views cover the log as it stands now.
+    let wait_for = min_lsn.max(log_lsn);
     let mut indexed = node.indexed.clone();
-    if indexed.wait_for(|&lsn| lsn >= min_lsn).await.is_err() {
+    if indexed.wait_for(|&lsn| lsn >= wait_for).await.is_err() {
         return error(
             ErrorCode::Unavailable,
             "the indexer has stopped; check the node's log",

@@ -66,7 +66,7 @@ pub fn run(config: &Config, only: Option<&str>) -> Result<RebuildSummary, Rebuil
     let data_dir = DataDir(config.data_dir.clone());
     let reader = crate::log::LogReader::open(&data_dir.log()).map_err(IndexError::from)?;
     let upto = reader.last_lsn().map_err(IndexError::from)?;
-    let (indexes, _) = Indexes::open(&data_dir.indexes(), kappakv_indexes::default_views())?;
+    let (indexes, _) = Indexes::open(data_dir.indexes(), kappakv_indexes::default_views())?;
     let names: Vec<String> = indexes
         .view_names()
         .into_iter()
@@ -85,7 +85,7 @@ pub fn run(config: &Config, only: Option<&str>) -> Result<RebuildSummary, Rebuil
     let started = Instant::now();
     let progress = Progress::new(upto);
     let applied = catch_up(&indexes, &reader, 0, upto, 100_000, false, |lsn| {
-        progress.update(lsn)
+        progress.update(lsn);
     })?;
     indexes.persist().map_err(IndexError::from)?;
     progress.finish();

@@ -127,22 +127,21 @@ async fn serve_stream(
         }
     };
     let reply = match request {
-        Request::Hello { token } => match node.tokens.role_of(&token) {
-            Some(r) => {
+        Request::Hello { token } => {
+            if let Some(r) = node.tokens.role_of(&token) {
                 let granted = *role.get_or_init(|| r);
                 Reply::One(Response::Hello {
                     node_id: node.node_id,
                     read_only: granted == Role::ReadOnly,
                 })
-            }
-            None => {
+            } else {
                 tracing::info!("client presented an unknown token");
                 Reply::One(Response::Error {
                     code: ErrorCode::Unauthorized,
                     message: "unknown token; use a ticket printed by `kappakv id`".into(),
                 })
             }
-        },
+        }
         request => match role.get() {
             None => Reply::One(Response::Error {
                 code: ErrorCode::Unauthorized,

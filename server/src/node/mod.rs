@@ -110,7 +110,6 @@ impl Node {
 
         let log_config = LogConfig {
             segment_bytes_max: config.segment_bytes_max,
-            ..LogConfig::default()
         };
         let (store, recovery) = LogStore::open(&data_dir.log(), &log_config)?;
         let heads = recovery.heads.clone();
@@ -118,7 +117,7 @@ impl Node {
         tracing::info!(log_lsn, authors = heads.len(), "log opened");
 
         let (indexes, report) =
-            Indexes::open(&data_dir.indexes(), kappakv_indexes::default_views())?;
+            Indexes::open(data_dir.indexes(), kappakv_indexes::default_views())?;
         for view in &report.views {
             match view.reset {
                 Some(kappakv_indexes::ResetReason::New) => {

@@ -45,7 +45,7 @@ impl KvResolver {
                     self.snapshot = Some((Instant::now(), snap));
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot read the kv view; keeping the previous snapshot")
+                    tracing::error!(error = %e, "cannot read the kv view; keeping the previous snapshot");
                 }
             }
         }

@@ -1,0 +1,136 @@
+//! Bad input over a raw QUIC connection: oversized values, garbage frames, unknown request
+//! types, huge length prefixes and unauthenticated requests each get a typed error on their
+//! stream, and the node keeps serving a well-behaved client meanwhile.
+
+use std::sync::Arc;
+
+use kappakv_protocol::frame::{FrameDecode, decode_body, decode_frame, encode_frame};
+use kappakv_protocol::limits::{MAX_FRAME_BYTES, MAX_VALUE_BYTES};
+use kappakv_protocol::{ALPN_CLIENT, ErrorCode, Request, Response, WriteOp};
+use kappakv_tests::TestNode;
+
+async fn raw_connection(node: &TestNode) -> anyhow::Result<quinn::Connection> {
+    let ticket = node.ticket();
+    let tls = kappakv_protocol::tls::client_config(ticket.node_id, ALPN_CLIENT, None)?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let conn = endpoint
+        .connect(ticket.addrs[0], kappakv_protocol::tls::SERVER_NAME)?
+        .await?;
+    Ok(conn)
+}
+
+/// Sends raw bytes on a new stream and returns the one response frame.
+async fn exchange(conn: &quinn::Connection, bytes: &[u8]) -> anyhow::Result<Response> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(bytes).await?;
+    let _ = send.finish();
+    let buf = recv.read_to_end(MAX_FRAME_BYTES + 4).await?;
+    match decode_frame(&buf, MAX_FRAME_BYTES)? {
+        FrameDecode::Frame { body, .. } => Ok(decode_body(body)?),
+        FrameDecode::NeedMore { .. } => anyhow::bail!("incomplete response ({} bytes)", buf.len()),
+    }
+}
+
+fn code(r: &Response) -> Option<ErrorCode> {
+    match r {
+        Response::Error { code, .. } => Some(*code),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn hostile_frames_get_typed_errors_and_honest_clients_are_served() -> anyhow::Result<()> {
+    let node = TestNode::start().await?;
+    let honest = node.client().await?;
+    let conn = raw_connection(&node).await?;
+
+    // Nothing is served before authentication.
+    let get = encode_frame(&Request::Get {
+        key: b"k".to_vec(),
+        min_lsn: 0,
+    });
+    assert_eq!(
+        code(&exchange(&conn, &get).await?),
+        Some(ErrorCode::Unauthorized)
+    );
+    let wrong = encode_frame(&Request::Hello {
+        token: "rw_nope".into(),
+    });
+    assert_eq!(
+        code(&exchange(&conn, &wrong).await?),
+        Some(ErrorCode::Unauthorized)
+    );
+
+    let hello = encode_frame(&Request::Hello {
+        token: node.ticket().token,
+    });
+    assert!(matches!(
+        exchange(&conn, &hello).await?,
+        Response::Hello {
+            read_only: false,
+            ..
+        }
+    ));
+
+    // An oversized value, past the client library's own check.
+    let big = Request::Write {
+        ops: vec![WriteOp {
+            key: b"big".to_vec(),
+            value: Some(vec![7; MAX_VALUE_BYTES + 1]),
+            supersedes: None,
+        }],
+    };
+    assert_eq!(
+        code(&exchange(&conn, &encode_frame(&big)).await?),
+        Some(ErrorCode::TooLarge)
+    );
+
+    // Garbage after a valid length prefix.
+    let mut garbage = 5u32.to_le_bytes().to_vec();
+    garbage.extend_from_slice(&[0xc1, 0xff, 0x00, 0x13, 0x37]);
+    assert_eq!(
+        code(&exchange(&conn, &garbage).await?),
+        Some(ErrorCode::Malformed)
+    );
+
+    // A well-formed MessagePack map naming a request type the node does not know.
+    let unknown = encode_frame(&std::collections::BTreeMap::from([("Teleport", 1u8)]));
+    assert_eq!(
+        code(&exchange(&conn, &unknown).await?),
+        Some(ErrorCode::UnknownRequest)
+    );
+
+    // A 4 GiB length prefix is refused before anything is allocated.
+    assert_eq!(
+        code(&exchange(&conn, &u32::MAX.to_le_bytes()).await?),
+        Some(ErrorCode::TooLarge)
+    );
+
+    // The same connection still works, and so does the honest client.
+    let ok = encode_frame(&Request::Get {
+        key: b"k".to_vec(),
+        min_lsn: 0,
+    });
+    assert!(matches!(exchange(&conn, &ok).await?, Response::Versions(_)));
+    honest.put("still", "served").await?;
+    assert_eq!(honest.get("still").await?.values.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_client_pinning_another_node_id_is_refused() -> anyhow::Result<()> {
+    let node = TestNode::start().await?;
+    let mut ticket = node.ticket();
+    ticket.node_id = kappakv_protocol::NodeId([7; 32]);
+    let err = kappakv_client::Client::connect(&ticket)
+        .await
+        .err()
+        .expect("pinning must fail");
+    assert!(
+        !err.is_retryable(),
+        "a wrong node id is not retryable: {err}"
+    );
+    Ok(())
+}
