@@ -134,7 +134,10 @@ async fn concurrent_writes_are_durable_chained_and_signed() {
         signed += u64::from(e.signature.is_some());
     }
     // Group commit: one signature per batch, so fewer signatures than entries.
-    assert!(signed < TOTAL, "{signed} signatures for {TOTAL} entries");
+    assert!(
+        signed < TOTAL / 2,
+        "{signed} signatures (batches) for {TOTAL} entries"
+    );
     let summary = verify::run(dir.path()).unwrap();
     assert_eq!((summary.entries, summary.authors), (TOTAL, 1));
 }

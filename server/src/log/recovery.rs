@@ -36,7 +36,8 @@ use kappakv_protocol::{Lsn, NodeId, SignedEntry, Timestamp};
 use super::error::OpenLogError;
 use super::file::{LogDir, LogFile, OpenMode};
 use super::segment::{
-    RecordCursor, RecordDamage, Scanned, find_record_after, segment_bases, segment_name,
+    RecordCursor, RecordDamage, Scanned, find_record_after, parse_segment_name, segment_bases,
+    segment_name,
 };
 
 /// What opening the log found.
@@ -86,6 +87,9 @@ pub(crate) fn recover(dir: &dyn LogDir) -> Result<(Recovered, Recovery), OpenLog
         source,
     })?;
     let bases = segment_bases(&names);
+    for name in names.iter().filter(|n| parse_segment_name(n).is_none()) {
+        tracing::warn!(dir = %path.display(), file = %name, "ignoring a file that is not a log segment");
+    }
     if bases.is_empty() {
         let name = segment_name(0);
         let io_err = |source| OpenLogError::Io {
