@@ -13,7 +13,7 @@
 //! - [`runner`]: [`Indexes`]: open (drop views whose definition changed), apply, rebuild,
 //!   snapshots.
 //! - [`tables`]: every table definition with its key/value layout, and the views' names and
-//!   versions. [`record`] holds the byte layouts of multi-field values.
+//!   versions. `record` (private) encodes and decodes the multi-field values.
 //! - [`views`]: the built-in views: [`views::log_lookup`] (EntryId → LSN, version vector),
 //!   [`views::kv`] (the multi-value register) and [`views::history`].
 //! - [`mvr`]: the multi-value register rules with no storage. [`overlay`]: [`KvOverlay`], which
@@ -52,3 +52,12 @@ pub use runner::{Indexes, OpenReport, ResetReason, ViewOpened};
 pub use snapshot::Snapshot;
 pub use view::{Batch, View};
 pub use views::default_views;
+
+// The server moves these across threads: the indexer owns `Indexes`, readers take snapshots.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Indexes>();
+    send::<Snapshot>();
+    send_sync::<KvOverlay>();
+};

@@ -4,10 +4,10 @@
 //! Bumping a `*_VERSION` constant makes the next open drop that view's tables and rebuild them
 //! from the log. There are no migrations: a layout change is a version bump.
 //!
-//! Conventions: ids (`EntryId`, `NodeId`) are their 32 raw bytes, typed `&[u8; 32]` (which redb
-//! compares with one `memcmp`, unlike `[u8; 32]`, compared byte by byte); integers in tuple keys and
-//! values use redb's own fixed-width encoding; byte-string values with several fields use the
-//! layouts in [`crate::record`], documented here.
+//! Conventions: ids (`EntryId`, `NodeId`) are their 32 raw bytes, typed `&[u8; 32]`, which
+//! redb compares with one `memcmp` (a `[u8; 32]` is compared byte by byte); integers in tuple
+//! keys and values use redb's own fixed-width encoding; byte-string values with several fields
+//! use the layouts documented here (encoded by the private `record` module).
 
 use redb::TableDefinition;
 
