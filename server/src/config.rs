@@ -57,6 +57,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Peers to replicate with, `NODEID@HOST:PORT`.
     pub peers: Vec<String>,
+    /// When not empty, only entries written by these node ids are accepted from peers.
+    pub writers: Vec<String>,
     /// Log format.
     pub log_format: LogFormat,
     /// Most simultaneous QUIC connections; more are refused. Each costs a task and a few
@@ -99,6 +101,7 @@ impl Default for Config {
             data_dir: PathBuf::from("kappakv.data"),
             listen: SocketAddr::from(([127, 0, 0, 1], kappakv_protocol::DEFAULT_PORT)),
             peers: Vec::new(),
+            writers: Vec::new(),
             log_format: LogFormat::Text,
             max_connections: 1024,
             max_streams_per_connection: 256,
@@ -345,6 +348,15 @@ impl Config {
                     setting: "peers",
                     value: p.clone(),
                     allowed: "NODEID@HOST:PORT with a 64-hex-digit node id",
+                });
+            }
+        }
+        for w in &self.writers {
+            if w.parse::<kappakv_protocol::NodeId>().is_err() {
+                return Err(ConfigError::Invalid {
+                    setting: "writers",
+                    value: w.clone(),
+                    allowed: "64-hex-digit node ids",
                 });
             }
         }

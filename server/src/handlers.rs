@@ -85,13 +85,31 @@ pub async fn handle(node: &Node, request: Request, role: Role) -> Reply {
             .await
         }
         Request::Watch { prefix, from_lsn } => Reply::Watch { prefix, from_lsn },
-        Request::Status | Request::PeerList => {
-            Reply::One(Response::Status(Box::new(status(node).await)))
+        Request::Status | Request::PeerList => Reply::One(Response::Status(Box::new(status(node)))),
+        Request::PeerAdd { node_id, addr } => {
+            if crate::net::peer_spec(&format!("{node_id}@{addr}")).is_none() {
+                return error(
+                    ErrorCode::BadRequest,
+                    format!("peer address `{addr}` is not HOST:PORT"),
+                );
+            }
+            match node.replication().map(|r| r.add_peer(node_id, addr)) {
+                Some(Ok(())) => Reply::One(Response::Ok),
+                Some(Err(e)) => error(ErrorCode::BadRequest, e.to_string()),
+                None => error(ErrorCode::Unavailable, "replication is not running"),
+            }
         }
-        Request::PeerAdd { .. } | Request::PeerRemove { .. } => error(
-            ErrorCode::BadRequest,
-            "peers are not supported by this node yet",
-        ),
+        Request::PeerRemove { node_id } => {
+            match node.replication().map(|r| r.remove_peer(&node_id)) {
+                Some(Ok(true)) => Reply::One(Response::Ok),
+                Some(Ok(false)) => error(
+                    ErrorCode::BadRequest,
+                    format!("{node_id} is not a peer of this node"),
+                ),
+                Some(Err(e)) => error(ErrorCode::Internal, e.to_string()),
+                None => error(ErrorCode::Unavailable, "replication is not running"),
+            }
+        }
         Request::Hello { .. } => error(
             ErrorCode::BadRequest,
             "hello is only valid as the first request",
@@ -210,25 +228,17 @@ where
 }
 
 /// The node's state.
-pub async fn status(node: &Node) -> Status {
-    let indexes = node.indexes.clone();
-    let version_vector = tokio::task::spawn_blocking(move || {
-        indexes
-            .snapshot()
-            .and_then(|s| s.version_vector())
-            .unwrap_or_default()
-    })
-    .await
-    .unwrap_or_default();
+pub fn status(node: &Node) -> Status {
+    let replication = node.replication();
     Status {
         node_id: Some(node.node_id),
         version: env!("CARGO_PKG_VERSION").to_string(),
         log_lsn: *node.durable.borrow(),
         indexed_lsn: *node.indexed.borrow(),
-        version_vector,
-        peers: Vec::new(),
+        version_vector: node.writer.version_vector(),
+        peers: replication.as_ref().map(|r| r.status()).unwrap_or_default(),
         writable: !node.writer.is_stopped(),
-        equivocations: 0,
+        equivocations: replication.map_or(0, |r| r.equivocations()),
     }
 }
 

@@ -2,9 +2,11 @@
 //! either in-process ([`TestNode`]) or as a real `kappakv serve` child process
 //! ([`ProcessNode`]) that can be stopped with SIGTERM or killed with SIGKILL.
 
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -63,8 +65,10 @@ impl TestNode {
     }
 }
 
-/// The path of a workspace binary (`kappakv`, `kappactl`), built if it is missing.
+/// The path of a workspace binary (`kappakv`, `kappactl`), built (or brought up to date) with
+/// `cargo build` the first time a test process asks for it, so tests never run a stale binary.
 pub fn binary(name: &str) -> Result<PathBuf> {
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let exe = std::env::current_exe()?;
     // target/<profile>/deps/<test-binary> → target/<profile>/<name>
     let profile_dir = exe
@@ -72,20 +76,75 @@ pub fn binary(name: &str) -> Result<PathBuf> {
         .and_then(Path::parent)
         .context("test binary has no target dir")?;
     let path = profile_dir.join(name);
-    if !path.exists() {
+    let mut built = BUILT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !built.iter().any(|b| b == name) {
         let package = if name == "kappactl" {
             "kappakv-client"
         } else {
             "kappakv-server"
         };
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--locked", "-p", package, "--bin", name])
-            .status()?;
-        if !status.success() {
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args(["build", "--locked", "-p", package, "--bin", name]);
+        if profile_dir.file_name().is_some_and(|p| p == "release") {
+            cargo.arg("--release");
+        }
+        if !cargo.status()?.success() {
             bail!("building {name} failed");
         }
+        built.push(name.to_string());
     }
     Ok(path)
+}
+
+/// A [`Command`] for a workspace binary that inherits no `KAPPAKV_*` variable from the test's
+/// environment, so the settings a test gives are the only ones.
+pub fn command(name: &str) -> Result<Command> {
+    let mut cmd = Command::new(binary(name)?);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("KAPPAKV_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.stdin(Stdio::null());
+    Ok(cmd)
+}
+
+/// Runs `cmd` to its end, capturing standard output and error; kills it and fails if it is
+/// still running after `timeout`.
+pub async fn run(cmd: &mut Command, timeout: Duration) -> Result<Output> {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    // Drained on threads so that a chatty child never blocks on a full pipe.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{cmd:?} still running after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let join = |t: std::thread::JoinHandle<Vec<u8>>| t.join().unwrap_or_default();
+    Ok(Output {
+        status,
+        stdout: join(stdout),
+        stderr: join(stderr),
+    })
 }
 
 /// A `kappakv serve` child process on a data dir that outlives it.
@@ -104,17 +163,30 @@ pub fn free_udp_port() -> Result<u16> {
 }
 
 impl ProcessNode {
-    /// Starts `kappakv serve` on `data_dir` at `addr`, waiting until it answers.
+    /// Starts `kappakv serve` on `data_dir` at `addr`, waiting until it answers. Its log
+    /// (warnings and errors only) goes to the test's standard error.
     pub async fn start(data_dir: &Path, addr: SocketAddr) -> Result<Self> {
-        let child = Command::new(binary("kappakv")?)
-            .args(["serve", "--data-dir"])
-            .arg(data_dir)
-            .args(["--listen", &addr.to_string()])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()?;
+        let mut cmd = serve_command(data_dir, addr)?;
+        cmd.env("RUST_LOG", "warn").stderr(Stdio::inherit());
+        Self::spawn(cmd, data_dir, addr).await
+    }
+
+    /// Like [`ProcessNode::start`], but the node logs at `info` level and its standard error is
+    /// appended to the file `log`.
+    pub async fn start_logged(data_dir: &Path, addr: SocketAddr, log: &Path) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let mut cmd = serve_command(data_dir, addr)?;
+        cmd.env("RUST_LOG", "info,quinn=warn").stderr(file);
+        Self::spawn(cmd, data_dir, addr).await
+    }
+
+    /// Spawns `cmd`, a `kappakv serve` that uses `data_dir` and listens on `addr`, and waits
+    /// until a client can connect with the ticket it writes.
+    pub async fn spawn(mut cmd: Command, data_dir: &Path, addr: SocketAddr) -> Result<Self> {
+        let child = cmd.stdout(Stdio::null()).spawn()?;
         let mut node = Self {
             child: Some(child),
             data_dir: data_dir.to_path_buf(),
@@ -172,6 +244,15 @@ impl ProcessNode {
         let status = child.wait()?;
         Ok(status.code())
     }
+}
+
+/// `kappakv serve --data-dir DATA_DIR --listen ADDR`.
+fn serve_command(data_dir: &Path, addr: SocketAddr) -> Result<Command> {
+    let mut cmd = command("kappakv")?;
+    cmd.args(["serve", "--data-dir"])
+        .arg(data_dir)
+        .args(["--listen", &addr.to_string()]);
+    Ok(cmd)
 }
 
 /// Sends a signal with the `kill` command, so this crate needs no unsafe code.

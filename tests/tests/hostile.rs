@@ -124,10 +124,9 @@ async fn a_client_pinning_another_node_id_is_refused() -> anyhow::Result<()> {
     let node = TestNode::start().await?;
     let mut ticket = node.ticket();
     ticket.node_id = kappakv_protocol::NodeId([7; 32]);
-    let err = kappakv_client::Client::connect(&ticket)
-        .await
-        .err()
-        .expect("pinning must fail");
+    let Err(err) = kappakv_client::Client::connect(&ticket).await else {
+        panic!("pinning must fail")
+    };
     assert!(
         !err.is_retryable(),
         "a wrong node id is not retryable: {err}"

@@ -173,10 +173,9 @@ async fn typed_errors_for_bad_requests_while_others_are_served() -> anyhow::Resu
 
     let mut bad_ticket = node.ticket();
     bad_ticket.token = "rw_wrong".into();
-    let err = kappakv_client::Client::connect(&bad_ticket)
-        .await
-        .err()
-        .expect("refused");
+    let Err(err) = kappakv_client::Client::connect(&bad_ticket).await else {
+        panic!("refused")
+    };
     assert!(err.to_string().to_lowercase().contains("token"), "{err}");
 
     let stale = Context(vec![kappakv_protocol::EntryId([9; 32])]);

@@ -14,6 +14,10 @@ use crate::config::Config;
 use crate::node::DataDir;
 use crate::node::indexer::{IndexError, catch_up};
 
+/// Entries per rebuild transaction. Large transactions are much faster in redb, and each one
+/// commits durably so that the pages the previous one freed can be reused.
+const REBUILD_BATCH: usize = 100_000;
+
 /// What a rebuild did.
 #[derive(Debug)]
 pub struct RebuildSummary {
@@ -84,7 +88,7 @@ pub fn run(config: &Config, only: Option<&str>) -> Result<RebuildSummary, Rebuil
     let views: Vec<String> = only.map_or(names, |n| vec![n.to_string()]);
     let started = Instant::now();
     let progress = Progress::new(upto);
-    let applied = catch_up(&indexes, &reader, 0, upto, 100_000, false, |lsn| {
+    let applied = catch_up(&indexes, &reader, 0, upto, REBUILD_BATCH, true, |lsn| {
         progress.update(lsn);
     })?;
     indexes.persist().map_err(IndexError::from)?;

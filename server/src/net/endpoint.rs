@@ -44,7 +44,8 @@ pub fn server_config(
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_concurrent_bidi_streams(node.config.max_streams_per_connection.into())
-        .max_concurrent_uni_streams(0u32.into())
+        // Peers open one unidirectional stream each way; clients open none.
+        .max_concurrent_uni_streams(2u32.into())
         .max_idle_timeout(Some(
             Duration::from_millis(node.config.idle_timeout_ms)
                 .try_into()
@@ -108,6 +109,10 @@ pub async fn accept_loop(
                     Some(p) if p == kappakv_protocol::ALPN_CLIENT => {
                         serve_client(conn, node, service, cancel, tracker2).await;
                     }
+                    Some(p) if p == kappakv_protocol::ALPN_PEER => match node.replication() {
+                        Some(r) => r.accept(conn).await,
+                        None => conn.close(close::NOT_A_PEER.into(), b"replication is not running"),
+                    },
                     _ => {
                         tracing::info!("refusing connection: unsupported protocol");
                         conn.close(close::BAD_PROTOCOL.into(), b"unsupported protocol");

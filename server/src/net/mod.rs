@@ -32,4 +32,6 @@ pub mod close {
     pub const NOT_A_PEER: u32 = 1;
     /// Unknown ALPN.
     pub const BAD_PROTOCOL: u32 = 2;
+    /// A second connection between the same pair of nodes.
+    pub const DUPLICATE: u32 = 3;
 }

@@ -75,6 +75,37 @@ fn apply(
     Ok(last)
 }
 
+/// Wakes a parked thread.
+struct ThreadWaker(std::thread::Thread);
+
+impl std::task::Wake for ThreadWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Blocks this (non-runtime) thread until either watch channel changes or `timeout` passes.
+/// Watch channels need no runtime to be polled, so this keeps working while the runtime shuts
+/// down.
+fn wait_either<A, B>(a: &mut watch::Receiver<A>, b: &mut watch::Receiver<B>, timeout: Duration) {
+    use std::future::Future as _;
+    let waker = std::task::Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let deadline = Instant::now() + timeout;
+    let mut fa = std::pin::pin!(a.changed());
+    let mut fb = std::pin::pin!(b.changed());
+    loop {
+        if fa.as_mut().poll(&mut cx).is_ready() || fb.as_mut().poll(&mut cx).is_ready() {
+            return;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return;
+        }
+        std::thread::park_timeout(deadline - now);
+    }
+}
+
 /// The running indexer thread.
 pub struct IndexerHandle {
     indexed: watch::Receiver<Lsn>,
@@ -91,7 +122,6 @@ impl IndexerHandle {
         mut durable: watch::Receiver<Lsn>,
         batch: usize,
         durable_interval: Duration,
-        runtime: tokio::runtime::Handle,
     ) -> Result<Self, IndexError> {
         let start = indexes.min_applied_lsn()?;
         let (indexed_tx, indexed) = watch::channel(start);
@@ -123,13 +153,7 @@ impl IndexerHandle {
                         break;
                     }
                     if applied >= *durable.borrow() {
-                        runtime.block_on(async {
-                            tokio::select! {
-                                _ = durable.changed() => {}
-                                _ = wake_rx.changed() => {}
-                                () = tokio::time::sleep(durable_interval) => {}
-                            }
-                        });
+                        wait_either(&mut durable, &mut wake_rx, durable_interval);
                     }
                 }
                 indexes.persist()?;

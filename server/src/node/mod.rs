@@ -5,11 +5,12 @@
 //! - [`resolver`]: how the writer resolves a plain put's `supersedes` while the indexer lags.
 
 pub mod indexer;
+pub mod replication;
 pub mod resolver;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kappakv_indexes::Indexes;
@@ -49,6 +50,9 @@ pub enum StartError {
     /// Tokens or ticket.
     #[error(transparent)]
     Tokens(#[from] crate::auth::TokensError),
+    /// Replication setup.
+    #[error("replication: {0}")]
+    Replication(String),
 }
 
 /// Paths inside a data dir.
@@ -92,6 +96,9 @@ pub struct Node {
     pub indexed: watch::Receiver<Lsn>,
     /// Bounds blocking index reads so they cannot take every blocking thread.
     pub reads: Semaphore,
+    /// Replication with peers, set once the endpoint is up and taken at shutdown (it holds
+    /// the node, so it must be let go of for the node to be dropped).
+    replication: Mutex<Option<Arc<replication::Replication>>>,
     indexer: IndexerHandle,
 }
 
@@ -173,7 +180,6 @@ impl Node {
             durable.clone(),
             config.index_batch_entries_max,
             Duration::from_millis(config.index_durable_interval_ms),
-            tokio::runtime::Handle::current(),
         )?;
         let indexed = indexer.indexed();
         Ok(Arc::new(Self {
@@ -187,15 +193,47 @@ impl Node {
             indexes,
             durable,
             indexed,
+            replication: Mutex::new(None),
             indexer,
         }))
     }
 
+    /// Replication, once started.
+    pub fn replication(&self) -> Option<Arc<replication::Replication>> {
+        self.replication.lock().expect("replication lock").clone()
+    }
+
+    /// Sets replication, once the endpoint is up.
+    pub fn set_replication(&self, r: Arc<replication::Replication>) {
+        *self.replication.lock().expect("replication lock") = Some(r);
+    }
+
+    /// Lets go of replication; called at shutdown once its tasks have ended.
+    pub fn take_replication(&self) -> Option<Arc<replication::Replication>> {
+        self.replication.lock().expect("replication lock").take()
+    }
+
     /// Stops the writer (flushing the log) and then the indexer (making the views durable).
     pub async fn shutdown(self: Arc<Self>) {
-        let Ok(node) = Arc::try_unwrap(self) else {
-            tracing::warn!("node still referenced at shutdown; threads stop on drop");
-            return;
+        // Tasks that still hold the node (a read finishing on a blocking thread) let go of it
+        // within moments of the endpoint closing.
+        let mut this = self;
+        let mut waited = Duration::ZERO;
+        let node = loop {
+            match Arc::try_unwrap(this) {
+                Ok(node) => break node,
+                Err(still) if waited < Duration::from_secs(5) => {
+                    this = still;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    waited += Duration::from_millis(20);
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        "node still referenced after 5 s; its threads stop when it is dropped"
+                    );
+                    return;
+                }
+            }
         };
         node.writer.shutdown().await;
         if let Err(e) = node.indexer.shutdown().await {

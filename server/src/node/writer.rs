@@ -17,8 +17,8 @@
 //! "fsyncgate").
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -177,6 +177,9 @@ impl Command {
     }
 }
 
+/// Chain heads shared by the writer thread with the readers of its handle.
+type SharedHeads = Arc<RwLock<HashMap<NodeId, ChainHead>>>;
+
 /// The handle to the writer thread. Share it behind an `Arc`; [`shutdown`](Self::shutdown)
 /// takes it back.
 pub struct WriterHandle {
@@ -185,6 +188,8 @@ pub struct WriterHandle {
     /// queued and exit.
     tx: mpsc::Sender<Command>,
     durable: watch::Receiver<Lsn>,
+    /// Each author's chain head as of the last durable batch; updated before `durable` is.
+    heads: SharedHeads,
     /// Set by the thread when it stops after a failure (or a panic).
     failed: Arc<AtomicBool>,
     /// Fires when the thread is about to return, so `shutdown` can join without blocking long.
@@ -215,6 +220,7 @@ impl WriterHandle {
         let node_id = keypair.node_id();
         let (tx, rx) = mpsc::channel(cfg.queue_capacity);
         let (durable_tx, durable) = watch::channel(store.last_lsn());
+        let shared_heads: SharedHeads = Arc::new(RwLock::new(heads.clone()));
         let failed = Arc::new(AtomicBool::new(false));
         let (exit_tx, exited) = oneshot::channel();
         let mut clock = HlcClock::default();
@@ -227,6 +233,7 @@ impl WriterHandle {
             resolver,
             clock,
             durable: durable_tx,
+            shared_heads: shared_heads.clone(),
             cfg,
             entries: Vec::new(),
             payloads: Vec::new(),
@@ -247,10 +254,24 @@ impl WriterHandle {
             node_id,
             tx,
             durable,
+            heads: shared_heads,
             failed,
             exited,
             thread: Some(thread),
         }
+    }
+
+    /// The head of `author`'s chain in the durable log.
+    pub fn head(&self, author: &NodeId) -> Option<ChainHead> {
+        self.heads.read().expect("heads lock").get(author).copied()
+    }
+
+    /// The durable log's version vector: author → highest seq.
+    pub fn version_vector(&self) -> Vec<(NodeId, u64)> {
+        let heads = self.heads.read().expect("heads lock");
+        let mut vv: Vec<(NodeId, u64)> = heads.iter().map(|(a, h)| (*a, h.seq)).collect();
+        vv.sort_unstable();
+        vv
     }
 
     /// This node's id, the author of local entries.
@@ -354,6 +375,7 @@ struct Writer {
     resolver: Box<dyn SupersedeResolver>,
     clock: HlcClock,
     durable: watch::Sender<Lsn>,
+    shared_heads: SharedHeads,
     cfg: WriterConfig,
     /// The batch being built, reused.
     entries: Vec<SignedEntry>,
@@ -451,6 +473,18 @@ impl Writer {
                     base + self.entries.len() as u64,
                     "the store assigned the LSNs the writer did"
                 );
+                {
+                    let mut shared = self.shared_heads.write().expect("heads lock");
+                    for e in &self.entries {
+                        shared.insert(
+                            e.entry.author,
+                            ChainHead {
+                                seq: e.entry.seq,
+                                id: e.id,
+                            },
+                        );
+                    }
+                }
                 self.durable.send_replace(last);
                 for p in pending {
                     // A caller that went away still has its entry written.

@@ -1,0 +1,606 @@
+//! The tokio half of replication: connections, the send and receive loops, and counters.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use kappakv_protocol::frame::{FRAME_HEADER_LEN, decode_body, encode_frame, frame_len};
+use kappakv_protocol::limits::{MAX_ENTRY_BYTES, MAX_FRAME_BYTES};
+use kappakv_protocol::peer::PeerMessage;
+use kappakv_protocol::{Lsn, NodeId, PeerStatus, SignedEntry};
+use quinn::crypto::rustls::QuicClientConfig;
+use serde_bytes::ByteBuf;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use super::peers::PeerList;
+use super::session::{Classified, SyncSession, classify};
+use crate::log::LogReader;
+use crate::net::close;
+use crate::net::tls::TlsIdentity;
+use crate::node::writer::WriteError;
+use crate::node::{Node, StartError};
+
+/// Entries read from the log per blocking read on the send side.
+const SEND_CHUNK: u64 = 2048;
+/// Most unsigned entries of one author buffered per session.
+const PENDING_MAX: usize = 65_536;
+/// Reconnect backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What this node knows of one peer.
+#[derive(Default)]
+struct PeerState {
+    connected: bool,
+    since_ms: u64,
+    sent: u64,
+    received: u64,
+    /// The peer's version vector as the live session knows it.
+    theirs: HashMap<NodeId, u64>,
+    /// The live connection and which node dialled it.
+    conn: Option<(quinn::Connection, NodeId)>,
+    /// Wakes the dial loop when the connection ends.
+    ended: Arc<Notify>,
+    /// Ends the dial loop when the peer is removed.
+    cancel: CancellationToken,
+}
+
+/// Replication with every peer of this node.
+pub struct Replication {
+    node: Arc<Node>,
+    endpoint: quinn::Endpoint,
+    identity: TlsIdentity,
+    list: Mutex<PeerList>,
+    /// Never held across an await.
+    state: Mutex<BTreeMap<NodeId, PeerState>>,
+    equivocations: AtomicU64,
+    rejected: Mutex<BTreeMap<&'static str, u64>>,
+    /// When set, only entries of these authors are accepted.
+    writers: Option<HashSet<NodeId>>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// A peer could not be added or removed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    /// Saving the peer list failed.
+    #[error("saving the peer list: {0}")]
+    Save(#[from] std::io::Error),
+    /// The node itself.
+    #[error("a node cannot be its own peer")]
+    Itself,
+}
+
+impl Replication {
+    /// Loads the peer list and starts dialling every peer.
+    pub fn start(
+        node: Arc<Node>,
+        endpoint: quinn::Endpoint,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Result<Arc<Self>, StartError> {
+        let identity =
+            TlsIdentity::new(&node.keypair).map_err(|e| StartError::Replication(e.to_string()))?;
+        let list = PeerList::load(node.data_dir.path(), &node.config.peers)
+            .map_err(|e| StartError::Replication(format!("reading the peer list: {e}")))?;
+        let peers: Vec<NodeId> = list.iter().map(|(id, _)| *id).collect();
+        let writers = (!node.config.writers.is_empty()).then(|| {
+            node.config
+                .writers
+                .iter()
+                .filter_map(|w| w.parse().ok())
+                .collect::<HashSet<NodeId>>()
+        });
+        let this = Arc::new(Self {
+            node,
+            endpoint,
+            identity,
+            list: Mutex::new(list),
+            state: Mutex::new(BTreeMap::new()),
+            equivocations: AtomicU64::new(0),
+            rejected: Mutex::new(BTreeMap::new()),
+            writers,
+            cancel,
+            tracker,
+        });
+        for peer in peers {
+            this.spawn_dialer(peer);
+        }
+        Ok(this)
+    }
+
+    fn spawn_dialer(self: &Arc<Self>, peer: NodeId) {
+        if peer == self.node.node_id {
+            return;
+        }
+        let (cancel, ended) = {
+            let mut state = self.state.lock().expect("peer state lock");
+            let s = state.entry(peer).or_default();
+            s.cancel = self.cancel.child_token();
+            (s.cancel.clone(), s.ended.clone())
+        };
+        let this = self.clone();
+        self.tracker.spawn(
+            async move { this.dial_loop(peer, cancel, ended).await }
+                .instrument(tracing::info_span!("peer", peer = %peer.short())),
+        );
+    }
+
+    async fn dial_loop(
+        self: Arc<Self>,
+        peer: NodeId,
+        cancel: CancellationToken,
+        ended: Arc<Notify>,
+    ) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            if cancel.is_cancelled() {
+                return;
+            }
+            let connected = self
+                .state
+                .lock()
+                .expect("peer state lock")
+                .get(&peer)
+                .is_some_and(|s| s.connected);
+            if connected {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = ended.notified() => {}
+                    () = tokio::time::sleep(BACKOFF_MAX) => {}
+                }
+                continue;
+            }
+            let started = Instant::now();
+            match self.dial(peer).await {
+                Ok(conn) => {
+                    self.clone()
+                        .run_session(conn, peer, self.node.node_id)
+                        .await;
+                    if started.elapsed() > BACKOFF_MAX {
+                        backoff = BACKOFF_MIN;
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "dial failed"),
+            }
+            // Exponential backoff with jitter, so that many nodes do not redial in step.
+            let jitter = u64::from(rand_u16()) % (backoff.as_millis() as u64 / 2 + 1);
+            let wait = backoff + Duration::from_millis(jitter);
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    async fn dial(&self, peer: NodeId) -> anyhow::Result<quinn::Connection> {
+        let addr = self
+            .list
+            .lock()
+            .expect("peer list lock")
+            .get(&peer)
+            .cloned();
+        let Some(addr) = addr else {
+            anyhow::bail!("no address for peer")
+        };
+        let target = tokio::net::lookup_host(&addr)
+            .await?
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("{addr} resolves to no address"))?;
+        let tls = self.identity.peer_client_config(peer)?;
+        let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
+        config.transport_config(Arc::new(peer_transport()));
+        let conn = self
+            .endpoint
+            .connect_with(config, target, kappakv_protocol::tls::SERVER_NAME)?
+            .await?;
+        Ok(conn)
+    }
+
+    /// Takes an accepted `kappakv-peer/1` connection: serves it if the peer is on the list.
+    pub async fn accept(self: Arc<Self>, conn: quinn::Connection) {
+        let peer = conn
+            .peer_identity()
+            .and_then(|id| {
+                id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .and_then(|certs| {
+                certs
+                    .first()
+                    .and_then(|c| kappakv_protocol::tls::node_id_of_cert(c).ok())
+            });
+        let Some(peer) = peer else {
+            tracing::warn!(remote = %conn.remote_address(), "refusing peer connection without a node certificate");
+            conn.close(
+                close::NOT_A_PEER.into(),
+                b"a peer must present its node certificate",
+            );
+            return;
+        };
+        let known = self
+            .list
+            .lock()
+            .expect("peer list lock")
+            .get(&peer)
+            .is_some();
+        if !known {
+            tracing::warn!(
+                peer = %peer,
+                remote = %conn.remote_address(),
+                "refusing peer connection: node id is not on the peer list (add it with `kappactl peer add` or --peer)"
+            );
+            conn.close(close::NOT_A_PEER.into(), b"not on the peer list");
+            return;
+        }
+        let this = self.clone();
+        this.run_session(conn, peer, peer)
+            .instrument(tracing::info_span!("peer", peer = %peer.short()))
+            .await;
+    }
+
+    /// Registers the connection, or closes it when one with the same peer is already up: of
+    /// two connections between a pair, both sides keep the one dialled by the lower node id.
+    fn register(&self, peer: NodeId, conn: &quinn::Connection, dialer: NodeId) -> bool {
+        let mut state = self.state.lock().expect("peer state lock");
+        let s = state.entry(peer).or_default();
+        if let Some((old, old_dialer)) = &s.conn
+            && old.close_reason().is_none()
+        {
+            if *old_dialer <= dialer {
+                return false;
+            }
+            old.close(close::DUPLICATE.into(), b"duplicate connection");
+        }
+        s.conn = Some((conn.clone(), dialer));
+        s.connected = true;
+        s.since_ms = now_ms();
+        true
+    }
+
+    fn unregister(&self, peer: NodeId, conn: &quinn::Connection) {
+        let mut state = self.state.lock().expect("peer state lock");
+        if let Some(s) = state.get_mut(&peer)
+            && s.conn
+                .as_ref()
+                .is_some_and(|(c, _)| c.stable_id() == conn.stable_id())
+        {
+            s.conn = None;
+            s.connected = false;
+            s.since_ms = now_ms();
+            s.ended.notify_waiters();
+        }
+    }
+
+    async fn run_session(self: Arc<Self>, conn: quinn::Connection, peer: NodeId, dialer: NodeId) {
+        if !self.register(peer, &conn, dialer) {
+            conn.close(close::DUPLICATE.into(), b"duplicate connection");
+            return;
+        }
+        tracing::info!(remote = %conn.remote_address(), "peer connected");
+        let writers = self.writers.clone();
+        let session = Arc::new(Mutex::new(SyncSession::new(peer, PENDING_MAX, writers)));
+        let (hello_tx, hello_rx) = watch::channel(false);
+        let send = self
+            .clone()
+            .send_loop(conn.clone(), peer, session.clone(), hello_rx);
+        let recv = self
+            .clone()
+            .recv_loop(conn.clone(), peer, session.clone(), hello_tx);
+        let reason = tokio::select! {
+            () = self.cancel.cancelled() => {
+                conn.close(close::SHUTDOWN.into(), b"node shutting down");
+                "shutdown".to_string()
+            }
+            r = send => format!("send: {}", r.err().map_or_else(|| "done".into(), |e| e.to_string())),
+            r = recv => format!("receive: {}", r.err().map_or_else(|| "done".into(), |e| e.to_string())),
+            e = conn.closed() => format!("closed: {e}"),
+        };
+        conn.close(close::SHUTDOWN.into(), b"session ended");
+        tracing::info!(%reason, "peer disconnected");
+        self.unregister(peer, &conn);
+    }
+
+    async fn send_loop(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        peer: NodeId,
+        session: Arc<Mutex<SyncSession>>,
+        mut hello: watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let mut tx = conn.open_uni().await?;
+        let vv = self.node.writer.version_vector();
+        tx.write_all(&encode_frame(&PeerMessage::Hello { version_vector: vv }))
+            .await?;
+        hello.wait_for(|h| *h).await?;
+        let reader = Arc::new(LogReader::open(&self.node.data_dir.log())?);
+        let mut durable = self.node.durable.clone();
+        let mut at: Lsn = 0;
+        loop {
+            let head = *durable.borrow_and_update();
+            if at >= head {
+                tokio::select! {
+                    () = self.cancel.cancelled() => return Ok(()),
+                    r = durable.changed() => r?,
+                }
+                continue;
+            }
+            let upto = head.min(at + SEND_CHUNK);
+            let r = reader.clone();
+            let entries: Vec<SignedEntry> = tokio::task::spawn_blocking(move || {
+                r.iter(at, upto)?
+                    .map(|i| i.map(|(_, e)| e))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await??;
+            at = upto;
+            let mut frame: Vec<ByteBuf> = Vec::new();
+            let mut bytes = 0usize;
+            let mut sent = 0u64;
+            for e in &entries {
+                if !session.lock().expect("session lock").should_send(e) {
+                    continue;
+                }
+                let payload = e.encode_payload();
+                if !frame.is_empty() && bytes + payload.len() > MAX_ENTRY_BYTES {
+                    tx.write_all(&encode_frame(&PeerMessage::Entries {
+                        payloads: std::mem::take(&mut frame),
+                    }))
+                    .await?;
+                    bytes = 0;
+                }
+                bytes += payload.len();
+                sent += 1;
+                frame.push(ByteBuf::from(payload));
+            }
+            if !frame.is_empty() {
+                tx.write_all(&encode_frame(&PeerMessage::Entries { payloads: frame }))
+                    .await?;
+            }
+            if sent > 0 {
+                let theirs = session
+                    .lock()
+                    .expect("session lock")
+                    .their_version_vector()
+                    .clone();
+                let mut state = self.state.lock().expect("peer state lock");
+                let s = state.entry(peer).or_default();
+                s.sent += sent;
+                s.theirs = theirs;
+            }
+        }
+    }
+
+    async fn recv_loop(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        peer: NodeId,
+        session: Arc<Mutex<SyncSession>>,
+        hello: watch::Sender<bool>,
+    ) -> anyhow::Result<()> {
+        let mut rx = conn.accept_uni().await?;
+        loop {
+            let mut header = [0u8; FRAME_HEADER_LEN];
+            rx.read_exact(&mut header).await?;
+            let len = frame_len(header, MAX_FRAME_BYTES)?;
+            let mut body = vec![0u8; len];
+            rx.read_exact(&mut body).await?;
+            match decode_body::<PeerMessage>(&body)? {
+                PeerMessage::Hello { version_vector } => {
+                    let mut s = session.lock().expect("session lock");
+                    s.on_hello(&version_vector);
+                    let theirs = s.their_version_vector().clone();
+                    drop(s);
+                    self.state
+                        .lock()
+                        .expect("peer state lock")
+                        .entry(peer)
+                        .or_default()
+                        .theirs = theirs;
+                    hello.send_replace(true);
+                }
+                PeerMessage::Entries { payloads } => {
+                    for payload in payloads {
+                        let entry = match SignedEntry::decode_payload(&payload) {
+                            Ok(e) => e,
+                            Err(e) => {
+                                self.reject("malformed", &e.to_string());
+                                continue;
+                            }
+                        };
+                        let run = session.lock().expect("session lock").receive(entry);
+                        match run {
+                            Ok(None) => {}
+                            Ok(Some(run)) => self.ingest(peer, run).await?,
+                            Err(refusal) => self.reject(refusal.reason(), &refusal.to_string()),
+                        }
+                    }
+                }
+                _ => self.reject("unknown_message", "unknown peer message"),
+            }
+        }
+    }
+
+    fn reject(&self, reason: &'static str, detail: &str) {
+        tracing::warn!(reason, detail, "refused an entry from a peer");
+        *self
+            .rejected
+            .lock()
+            .expect("rejected lock")
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    /// Appends a verified run through the writer, after classifying it against the log.
+    async fn ingest(&self, peer: NodeId, run: Vec<SignedEntry>) -> anyhow::Result<()> {
+        for _ in 0..3 {
+            let Some(last) = run.last() else {
+                return Ok(());
+            };
+            let author = last.entry.author;
+            let head = self.node.writer.head(&author);
+            let known = if last.entry.seq < head.map_or(0, |h| h.seq) {
+                self.contains(&last.id).await?
+            } else {
+                false
+            };
+            match classify(run.clone(), head, |_| known) {
+                Classified::Append(entries) => {
+                    let n = entries.len() as u64;
+                    match self.node.writer.append_remote(entries).await {
+                        Ok(_) => {
+                            self.state
+                                .lock()
+                                .expect("peer state lock")
+                                .entry(peer)
+                                .or_default()
+                                .received += n;
+                            return Ok(());
+                        }
+                        // Another session appended some of these first: classify again.
+                        Err(WriteError::Link { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Classified::Duplicate => return Ok(()),
+                Classified::Equivocation {
+                    author,
+                    seq,
+                    existing,
+                    other,
+                } => {
+                    self.equivocations.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        %author, seq, existing = ?existing, %other,
+                        "equivocation: a peer sent a different entry for an (author, seq) this node has; refused"
+                    );
+                    return Ok(());
+                }
+                Classified::Gap {
+                    author,
+                    expected,
+                    got,
+                } => {
+                    self.reject(
+                        "seq_gap",
+                        &format!("author {author}: expected seq {expected}, got {got}"),
+                    );
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the log holds `id`, asked of the log lookup view once it has caught up.
+    async fn contains(&self, id: &kappakv_protocol::EntryId) -> anyhow::Result<bool> {
+        let durable = *self.node.durable.borrow();
+        self.node
+            .indexed
+            .clone()
+            .wait_for(|&l| l >= durable)
+            .await?;
+        let indexes = self.node.indexes.clone();
+        let id = *id;
+        Ok(
+            tokio::task::spawn_blocking(move || indexes.snapshot()?.entry_lsn(&id))
+                .await??
+                .is_some(),
+        )
+    }
+
+    /// Adds a peer at run time and starts dialling it.
+    pub fn add_peer(self: &Arc<Self>, id: NodeId, addr: String) -> Result<(), PeerError> {
+        if id == self.node.node_id {
+            return Err(PeerError::Itself);
+        }
+        let known = self.list.lock().expect("peer list lock").get(&id).is_some();
+        self.list.lock().expect("peer list lock").add(id, addr)?;
+        if !known {
+            self.spawn_dialer(id);
+        }
+        Ok(())
+    }
+
+    /// Removes a peer and closes its connection.
+    pub fn remove_peer(&self, id: &NodeId) -> Result<bool, PeerError> {
+        let was = self.list.lock().expect("peer list lock").remove(id)?;
+        if let Some(s) = self.state.lock().expect("peer state lock").remove(id) {
+            s.cancel.cancel();
+            if let Some((conn, _)) = s.conn {
+                conn.close(close::NOT_A_PEER.into(), b"removed from the peer list");
+            }
+        }
+        Ok(was)
+    }
+
+    /// Each peer's status.
+    pub fn status(&self) -> Vec<PeerStatus> {
+        let ours: HashMap<NodeId, u64> = self.node.writer.version_vector().into_iter().collect();
+        let list = self.list.lock().expect("peer list lock").clone();
+        let state = self.state.lock().expect("peer state lock");
+        list.iter()
+            .map(|(id, addr)| {
+                let s = state.get(id);
+                let theirs = s.map(|s| &s.theirs);
+                let lack = |a: &HashMap<NodeId, u64>, b: &HashMap<NodeId, u64>| -> u64 {
+                    a.iter()
+                        .map(|(k, &v)| v.saturating_sub(b.get(k).copied().unwrap_or(0)))
+                        .sum()
+                };
+                let empty = HashMap::new();
+                let theirs = theirs.unwrap_or(&empty);
+                PeerStatus {
+                    node_id: *id,
+                    addr: Some(addr.clone()),
+                    connected: s.is_some_and(|s| s.connected),
+                    since_ms: s.map_or(0, |s| s.since_ms),
+                    sent: s.map_or(0, |s| s.sent),
+                    received: s.map_or(0, |s| s.received),
+                    they_lack: lack(&ours, theirs),
+                    we_lack: lack(theirs, &ours),
+                }
+            })
+            .collect()
+    }
+
+    /// Equivocations detected since start.
+    pub fn equivocations(&self) -> u64 {
+        self.equivocations.load(Ordering::Relaxed)
+    }
+
+    /// Entries refused, by reason.
+    pub fn rejected(&self) -> BTreeMap<&'static str, u64> {
+        self.rejected.lock().expect("rejected lock").clone()
+    }
+}
+
+/// Transport settings for peer connections: one unidirectional stream each way, keep-alives so
+/// an idle sync stays up.
+pub fn peer_transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_uni_streams(2u32.into())
+        .max_concurrent_bidi_streams(0u32.into())
+        .keep_alive_interval(Some(Duration::from_secs(5)))
+        .max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("30 s fits")));
+    t
+}
+
+fn rand_u16() -> u16 {
+    let mut b = [0u8; 2];
+    getrandom::fill(&mut b).expect("the OS random source is available");
+    u16::from_le_bytes(b)
+}

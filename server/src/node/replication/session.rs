@@ -1,0 +1,268 @@
+//! The replication session, free of I/O: what one side of a peer connection knows and decides.
+//! The tokio half ([`super::driver`]) feeds it received entries and asks it what to send.
+//!
+//! Receiving: entries arrive in the sender's log order. Per author, the session checks that
+//! each entry links to the one before it in this session (`seq` + 1, `prev` = its id), buffers
+//! unsigned entries (bounded) until a signed one arrives, verifies that one signature, and then
+//! releases the whole run: through the hash links, the signature vouches for every entry in it.
+//! Where a released run meets this node's log is decided by [`classify`] against the log's
+//! chain head, because other sessions append too.
+//!
+//! Sending: the session tracks what the peer has (its version vector, advanced by everything
+//! sent to it and received from it) so that nothing the peer has is ever sent again.
+
+use std::collections::{HashMap, HashSet};
+
+use kappakv_protocol::verify::ChainHead;
+use kappakv_protocol::{EntryId, NodeId, SignedEntry, VerifyError, sign::verify_signature};
+
+/// Why a received entry was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The author is not on the `writers` allow-list.
+    #[error("author {author} is not an allowed writer")]
+    NotAllowed {
+        /// The author.
+        author: NodeId,
+    },
+    /// The entry does not link to the one before it, or its signature is bad.
+    #[error(transparent)]
+    Invalid(#[from] VerifyError),
+    /// Too many unsigned entries of one author waiting for a signature.
+    #[error("author {author}: more than {max} unsigned entries in a row")]
+    BufferFull {
+        /// The author.
+        author: NodeId,
+        /// The bound.
+        max: usize,
+    },
+}
+
+impl Refusal {
+    /// A short reason, for counters.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::NotAllowed { .. } => "not_allowed",
+            Refusal::Invalid(
+                VerifyError::BadSignature { .. } | VerifyError::BadAuthorKey { .. },
+            ) => "bad_signature",
+            Refusal::Invalid(VerifyError::SeqGap { .. }) => "seq_gap",
+            Refusal::Invalid(VerifyError::PrevMismatch { .. }) => "bad_prev",
+            Refusal::Invalid(_) => "invalid",
+            Refusal::BufferFull { .. } => "buffer_full",
+        }
+    }
+}
+
+/// The receiving and sending state of one session with one peer.
+#[derive(Debug)]
+pub struct SyncSession {
+    peer: NodeId,
+    /// What the peer has: author → highest seq, from its hello and everything exchanged since.
+    theirs: HashMap<NodeId, u64>,
+    /// Per author, the last entry released in this session.
+    released: HashMap<NodeId, ChainHead>,
+    /// Per author, unsigned entries waiting for a signature, in chain order.
+    pending: HashMap<NodeId, Vec<SignedEntry>>,
+    pending_max: usize,
+    writers: Option<HashSet<NodeId>>,
+}
+
+impl SyncSession {
+    /// A session with `peer`. `pending_max` bounds the unsigned run buffered per author;
+    /// `writers`, when given, is the allow-list of authors accepted.
+    pub fn new(peer: NodeId, pending_max: usize, writers: Option<HashSet<NodeId>>) -> Self {
+        Self {
+            peer,
+            theirs: HashMap::new(),
+            released: HashMap::new(),
+            pending: HashMap::new(),
+            pending_max,
+            writers,
+        }
+    }
+
+    /// The peer.
+    pub fn peer(&self) -> NodeId {
+        self.peer
+    }
+
+    /// Takes in the peer's version vector from its hello.
+    pub fn on_hello(&mut self, version_vector: &[(NodeId, u64)]) {
+        for (author, seq) in version_vector {
+            let have = self.theirs.entry(*author).or_insert(0);
+            *have = (*have).max(*seq);
+        }
+    }
+
+    /// What the peer is known to have of `author`.
+    pub fn theirs(&self, author: &NodeId) -> u64 {
+        self.theirs.get(author).copied().unwrap_or(0)
+    }
+
+    /// The peer's known version vector.
+    pub fn their_version_vector(&self) -> &HashMap<NodeId, u64> {
+        &self.theirs
+    }
+
+    /// Whether to send `e`, an entry of this node's log, to the peer; records it as sent.
+    pub fn should_send(&mut self, e: &SignedEntry) -> bool {
+        let have = self.theirs.entry(e.entry.author).or_insert(0);
+        if e.entry.seq <= *have {
+            return false;
+        }
+        *have = e.entry.seq;
+        true
+    }
+
+    /// Takes in one received entry. Returns a run ready for [`classify`] once a verified
+    /// signature covers it, `Ok(None)` while it waits for one.
+    pub fn receive(&mut self, e: SignedEntry) -> Result<Option<Vec<SignedEntry>>, Refusal> {
+        let author = e.entry.author;
+        if let Some(w) = &self.writers
+            && !w.contains(&author)
+        {
+            return Err(Refusal::NotAllowed { author });
+        }
+        // The peer has what it sends: never send it back.
+        let have = self.theirs.entry(author).or_insert(0);
+        *have = (*have).max(e.entry.seq);
+
+        let tail = self
+            .pending
+            .get(&author)
+            .and_then(|p| p.last())
+            .map(|p| ChainHead {
+                seq: p.entry.seq,
+                id: p.id,
+            })
+            .or_else(|| self.released.get(&author).copied());
+        if let Some(tail) = tail {
+            kappakv_protocol::verify::check_link(Some(&tail), &e.entry)?;
+        }
+        let Some(sig) = &e.signature else {
+            let pending = self.pending.entry(author).or_default();
+            if pending.len() >= self.pending_max {
+                self.pending.remove(&author);
+                return Err(Refusal::BufferFull {
+                    author,
+                    max: self.pending_max,
+                });
+            }
+            pending.push(e);
+            return Ok(None);
+        };
+        if let Err(err) = verify_signature(&author, e.entry.seq, &e.id, sig) {
+            // The run cannot be trusted; later entries of it will not link either.
+            self.pending.remove(&author);
+            return Err(err.into());
+        }
+        let mut run = self.pending.remove(&author).unwrap_or_default();
+        self.released.insert(
+            author,
+            ChainHead {
+                seq: e.entry.seq,
+                id: e.id,
+            },
+        );
+        run.push(e);
+        Ok(Some(run))
+    }
+
+    /// Unsigned entries buffered, over all authors.
+    pub fn pending_len(&self) -> usize {
+        self.pending.values().map(Vec::len).sum()
+    }
+}
+
+/// Where a verified run meets this node's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Classified {
+    /// These entries (a suffix of the run) extend the log.
+    Append(Vec<SignedEntry>),
+    /// The log already has the whole run.
+    Duplicate,
+    /// The run contradicts the log: two different entries for one (author, seq).
+    Equivocation {
+        /// The author.
+        author: NodeId,
+        /// The seq.
+        seq: u64,
+        /// The entry the log has, where known.
+        existing: Option<EntryId>,
+        /// The entry received.
+        other: EntryId,
+    },
+    /// The run starts after a gap in what the log has of its author.
+    Gap {
+        /// The author.
+        author: NodeId,
+        /// The next seq the log expects.
+        expected: u64,
+        /// The run's first seq.
+        got: u64,
+    },
+}
+
+/// Classifies a verified, internally linked run of one author against the log's head for that
+/// author. `contains(id)` says whether the log holds an entry; it is asked only about an entry
+/// older than the head, so a caller may answer from an index that has caught up with the log.
+pub fn classify(
+    run: Vec<SignedEntry>,
+    head: Option<ChainHead>,
+    contains: impl FnOnce(&EntryId) -> bool,
+) -> Classified {
+    let (Some(first), Some(last)) = (run.first(), run.last()) else {
+        return Classified::Duplicate;
+    };
+    let author = first.entry.author;
+    let head_seq = head.map_or(0, |h| h.seq);
+    if first.entry.seq > head_seq + 1 {
+        return Classified::Gap {
+            author,
+            expected: head_seq + 1,
+            got: first.entry.seq,
+        };
+    }
+    if last.entry.seq < head_seq {
+        // Through the hash links, holding the last entry means holding the whole run.
+        return if contains(&last.id) {
+            Classified::Duplicate
+        } else {
+            Classified::Equivocation {
+                author,
+                seq: last.entry.seq,
+                existing: None,
+                other: last.id,
+            }
+        };
+    }
+    // The run reaches the head or beyond: it must agree with the head where they overlap.
+    let head_id = head.map(|h| h.id);
+    let skip = usize::try_from(head_seq + 1 - first.entry.seq).expect("run length fits usize");
+    if skip > 0 {
+        let at_head = &run[skip - 1];
+        if Some(at_head.id) != head_id {
+            return Classified::Equivocation {
+                author,
+                seq: head_seq,
+                existing: head_id,
+                other: at_head.id,
+            };
+        }
+    } else if first.entry.prev != head_id {
+        return Classified::Equivocation {
+            author,
+            seq: head_seq,
+            existing: head_id,
+            other: first.entry.prev.unwrap_or(first.id),
+        };
+    }
+    let rest: Vec<SignedEntry> = run.into_iter().skip(skip).collect();
+    if rest.is_empty() {
+        Classified::Duplicate
+    } else {
+        Classified::Append(rest)
+    }
+}
