@@ -48,7 +48,7 @@ pub mod views;
 pub use checkpoint::Checkpoint;
 pub use error::{ApplyError, CorruptRecord, OpenViewError, ReadError, RebuildError};
 pub use overlay::KvOverlay;
-pub use runner::{Indexes, OpenReport, ResetReason, ViewOpened};
+pub use runner::{DEFAULT_CACHE_BYTES, Indexes, OpenReport, ResetReason, ViewOpened};
 pub use snapshot::Snapshot;
 pub use view::{Batch, View};
 pub use views::default_views;

@@ -87,6 +87,9 @@ impl std::fmt::Debug for Indexes {
     }
 }
 
+/// redb page cache used by [`Indexes::open`].
+pub const DEFAULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 impl Indexes {
     /// Opens `path`, creating it if missing, and reconciles stored views with `views`:
     ///
@@ -101,9 +104,22 @@ impl Indexes {
         path: impl AsRef<Path>,
         views: Vec<Box<dyn View>>,
     ) -> Result<(Self, OpenReport), OpenViewError> {
+        Self::open_with_cache(path, views, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Like [`Indexes::open`], with redb's page cache capped at `cache_bytes`. The cache is
+    /// most of the memory the views cost; redb's own default (1 GiB) is far more than a small
+    /// node should spend.
+    pub fn open_with_cache(
+        path: impl AsRef<Path>,
+        views: Vec<Box<dyn View>>,
+        cache_bytes: usize,
+    ) -> Result<(Self, OpenReport), OpenViewError> {
         let path = path.as_ref();
         let created = !path.exists();
-        let db = Database::create(path)?;
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(path)?;
         Self::init(db, views, created)
     }
 

@@ -85,6 +85,8 @@ pub struct Config {
     pub segment_bytes_max: u64,
     /// Most entries the indexer applies in one redb transaction.
     pub index_batch_entries_max: usize,
+    /// Memory for the index database's page cache.
+    pub index_cache_bytes: usize,
     /// How often the indexer makes its checkpoint durable.
     pub index_durable_interval_ms: u64,
     /// A watcher further behind the log than this many entries is ended with `SlowConsumer`.
@@ -114,6 +116,7 @@ impl Default for Config {
             batch_bytes_max: 16 * 1024 * 1024,
             segment_bytes_max: 128 * 1024 * 1024,
             index_batch_entries_max: 20_000,
+            index_cache_bytes: kappakv_indexes::DEFAULT_CACHE_BYTES,
             index_durable_interval_ms: 2_000,
             watch_lag_entries_max: 1_000_000,
             watch_heartbeat_ms: 5_000,
@@ -323,6 +326,12 @@ impl Config {
             self.segment_bytes_max,
             4096,
             "at least 4096",
+        )?;
+        at_least(
+            "index_cache_bytes",
+            self.index_cache_bytes as u64,
+            1024 * 1024,
+            "at least 1 MiB",
         )?;
         at_least(
             "index_batch_entries_max",

@@ -70,7 +70,11 @@ pub fn run(config: &Config, only: Option<&str>) -> Result<RebuildSummary, Rebuil
     let data_dir = DataDir(config.data_dir.clone());
     let reader = crate::log::LogReader::open(&data_dir.log()).map_err(IndexError::from)?;
     let upto = reader.last_lsn().map_err(IndexError::from)?;
-    let (indexes, _) = Indexes::open(data_dir.indexes(), kappakv_indexes::default_views())?;
+    let (indexes, _) = Indexes::open_with_cache(
+        data_dir.indexes(),
+        kappakv_indexes::default_views(),
+        config.index_cache_bytes,
+    )?;
     let names: Vec<String> = indexes
         .view_names()
         .into_iter()

@@ -123,8 +123,11 @@ impl Node {
         let log_lsn = store.last_lsn();
         tracing::info!(log_lsn, authors = heads.len(), "log opened");
 
-        let (indexes, report) =
-            Indexes::open(data_dir.indexes(), kappakv_indexes::default_views())?;
+        let (indexes, report) = Indexes::open_with_cache(
+            data_dir.indexes(),
+            kappakv_indexes::default_views(),
+            config.index_cache_bytes,
+        )?;
         for view in &report.views {
             match view.reset {
                 Some(kappakv_indexes::ResetReason::New) => {
