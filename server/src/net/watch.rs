@@ -79,7 +79,11 @@ pub async fn stream(
             continue;
         }
         tokio::select! {
-            () = cancel.cancelled() => return,
+            () = cancel.cancelled() => {
+                let message = format!("node shutting down; resume with --from {at}");
+                let _ = tx.write_all(&encode_frame(&Response::Error { code: ErrorCode::ShuttingDown, message })).await;
+                return;
+            }
             () = &mut client_gone => return,
             r = durable.changed() => if r.is_err() { return },
             () = tokio::time::sleep(heartbeat(node)) => {
