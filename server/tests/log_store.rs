@@ -162,9 +162,10 @@ fn recovery_keeps_a_point_where_every_author_is_signed() {
     let mut bytes = fs::read(&seg).unwrap();
     bytes.truncate(ends[3] as usize - 3);
     fs::write(&seg, &bytes).unwrap();
-    let (_store, recovery) = LogStore::open(&log_dir(dir.path()), &LogConfig::default()).unwrap();
+    let (store, recovery) = LogStore::open(&log_dir(dir.path()), &LogConfig::default()).unwrap();
     assert_eq!(recovery.last_lsn, 3);
     assert_eq!(recovery.truncated.unwrap().torn.unwrap().0, ends[2]);
+    drop(store);
 
     // Cut after b1: a's chain would end at unsigned a1, so both a1 and b1 go.
     fs::write(&seg, &bytes[..ends[1] as usize]).unwrap();
@@ -330,6 +331,7 @@ fn rollover_makes_many_segments_readable_from_any_lsn() {
         let mut v: Vec<String> = fs::read_dir(log_dir(dir.path()))
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name.ends_with(".log"))
             .collect();
         v.sort();
         v

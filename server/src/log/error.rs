@@ -12,6 +12,24 @@ use super::segment::RecordDamage;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum OpenLogError {
+    /// Another process (or another open store in this one) holds the log's lock file: two
+    /// appenders on one log would interleave their batches and break its recovery rule.
+    #[error(
+        "the log in {data_dir} is in use by another process (is kappakv serve running?); stop it first"
+    )]
+    Locked {
+        /// The data dir (the log directory's parent).
+        data_dir: PathBuf,
+    },
+    /// The lock file cannot be created or locked.
+    #[error("locking {path}: {source}")]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
     /// The log directory cannot be created or listed.
     #[error("log directory {path}: {source}")]
     Dir {

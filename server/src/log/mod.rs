@@ -13,6 +13,9 @@
 //!
 //! **Invariant:** the segment named `N` starts at LSN `N + 1`, and a batch never spans two
 //! segments.
+//!
+//! **Invariant:** at most one [`LogStore`] appends to a log directory: it holds an exclusive
+//! lock on `log/LOCK` (see [`LOCK_FILE_NAME`]). Readers take no lock.
 
 pub mod error;
 pub mod file;
@@ -31,6 +34,10 @@ pub use store::LogStore;
 
 /// Name of the log directory inside the data dir.
 pub const LOG_DIR_NAME: &str = "log";
+
+/// Name of the lock file inside the log directory. [`LogStore::open`] holds an exclusive lock
+/// on it for as long as the store lives, so that two processes never append to one log.
+pub const LOCK_FILE_NAME: &str = "LOCK";
 
 /// Default for [`LogConfig::segment_bytes_max`]: 128 MiB.
 pub const DEFAULT_SEGMENT_BYTES_MAX: u64 = 128 * 1024 * 1024;

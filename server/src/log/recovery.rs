@@ -87,7 +87,10 @@ pub(crate) fn recover(dir: &dyn LogDir) -> Result<(Recovered, Recovery), OpenLog
         source,
     })?;
     let bases = segment_bases(&names);
-    for name in names.iter().filter(|n| parse_segment_name(n).is_none()) {
+    for name in names
+        .iter()
+        .filter(|n| parse_segment_name(n).is_none() && n.as_str() != super::LOCK_FILE_NAME)
+    {
         tracing::warn!(dir = %path.display(), file = %name, "ignoring a file that is not a log segment");
     }
     if bases.is_empty() {

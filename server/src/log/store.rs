@@ -34,6 +34,9 @@ pub struct LogStore {
     buf: Vec<u8>,
     /// Set by the first failed write, sync or rollover (fail-stop).
     stopped: bool,
+    /// The exclusive lock on `log/LOCK`, released when the store is dropped (or the process
+    /// dies). `None` for stores opened with [`open_in`](Self::open_in).
+    _lock: Option<std::fs::File>,
 }
 
 impl std::fmt::Debug for LogStore {
@@ -50,8 +53,11 @@ impl std::fmt::Debug for LogStore {
 
 impl LogStore {
     /// Opens the log in the directory `log_dir` (`DATA_DIR/log`), creating it and the first
-    /// segment if needed, and recovers the tail of the last segment (see
-    /// [`recovery`](super::recovery)).
+    /// segment if needed, takes the exclusive lock on its `LOCK` file, and recovers the tail of
+    /// the last segment (see [`recovery`](super::recovery)).
+    ///
+    /// Fails with [`OpenLogError::Locked`] while another store holds the lock, in this process
+    /// or another.
     pub fn open(log_dir: &Path, cfg: &LogConfig) -> Result<(Self, Recovery), OpenLogError> {
         if !log_dir.is_dir() {
             let dir_err = |source| OpenLogError::Dir {
@@ -66,7 +72,11 @@ impl LogStore {
                     .map_err(dir_err)?;
             }
         }
-        Self::open_in(Arc::new(FsLogDir::new(log_dir)), cfg)
+        // Locked before recovery, which may truncate the tail another appender is writing.
+        let lock = lock_log_dir(log_dir)?;
+        let (mut store, recovery) = Self::open_in(Arc::new(FsLogDir::new(log_dir)), cfg)?;
+        store._lock = Some(lock);
+        Ok((store, recovery))
     }
 
     /// Opens the log in `dir`, which must exist: the entry point for other [`LogDir`]
@@ -87,6 +97,7 @@ impl LogStore {
             max_timestamp: recovery.max_timestamp,
             buf: Vec::new(),
             stopped: false,
+            _lock: None,
         };
         Ok((store, recovery))
     }
@@ -183,5 +194,33 @@ impl LogStore {
 
     fn active_path(&self) -> PathBuf {
         self.dir.path().join(segment_name(self.active_base))
+    }
+}
+
+/// Takes the exclusive lock on `log_dir/LOCK`, creating the file if needed. The lock is an
+/// advisory `flock`, tied to the open file: it goes away with the process, so a crash never
+/// leaves the log locked.
+fn lock_log_dir(log_dir: &Path) -> Result<std::fs::File, OpenLogError> {
+    let path = log_dir.join(super::LOCK_FILE_NAME);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|source| OpenLogError::Lock {
+            path: path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(OpenLogError::Locked {
+            data_dir: log_dir
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(log_dir)
+                .to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(OpenLogError::Lock { path, source }),
     }
 }
