@@ -45,7 +45,11 @@ impl HlcClock {
     /// A reading later than every reading and observation so far.
     pub fn now(&mut self, wall_millis: u64) -> Timestamp {
         let wall = Timestamp(wall_millis << 16);
-        self.last = if wall > self.last { wall } else { Timestamp(self.last.0 + 1) };
+        self.last = if wall > self.last {
+            wall
+        } else {
+            Timestamp(self.last.0 + 1)
+        };
         self.last
     }
 
@@ -107,7 +111,11 @@ impl fmt::Debug for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Lengths, never payloads: values may be large or private.
         match self {
-            Op::Put { key, value, supersedes } => write!(
+            Op::Put {
+                key,
+                value,
+                supersedes,
+            } => write!(
                 f,
                 "Put(key {} bytes, value {} bytes, supersedes {})",
                 key.len(),
@@ -115,7 +123,12 @@ impl fmt::Debug for Op {
                 supersedes.len()
             ),
             Op::Delete { key, supersedes } => {
-                write!(f, "Delete(key {} bytes, supersedes {})", key.len(), supersedes.len())
+                write!(
+                    f,
+                    "Delete(key {} bytes, supersedes {})",
+                    key.len(),
+                    supersedes.len()
+                )
             }
         }
     }
@@ -150,29 +163,47 @@ impl Entry {
             return Err(InvalidEntry::NoOps);
         }
         if self.ops.len() > MAX_OPS_PER_ENTRY {
-            return Err(InvalidEntry::TooManyOps { count: self.ops.len(), max: MAX_OPS_PER_ENTRY });
+            return Err(InvalidEntry::TooManyOps {
+                count: self.ops.len(),
+                max: MAX_OPS_PER_ENTRY,
+            });
         }
         for (index, op) in self.ops.iter().enumerate() {
             let key = op.key();
             if key.len() > MAX_KEY_BYTES {
-                return Err(InvalidEntry::KeyTooLarge { len: key.len(), max: MAX_KEY_BYTES });
+                return Err(InvalidEntry::KeyTooLarge {
+                    len: key.len(),
+                    max: MAX_KEY_BYTES,
+                });
             }
             if let Some(value) = op.value()
                 && value.len() > MAX_VALUE_BYTES
             {
-                return Err(InvalidEntry::ValueTooLarge { len: value.len(), max: MAX_VALUE_BYTES });
+                return Err(InvalidEntry::ValueTooLarge {
+                    len: value.len(),
+                    max: MAX_VALUE_BYTES,
+                });
             }
             let sup = op.supersedes();
             if sup.len() > MAX_SUPERSEDES || sup.windows(2).any(|w| w[0] >= w[1]) {
-                return Err(InvalidEntry::Supersedes { index, max: MAX_SUPERSEDES });
+                return Err(InvalidEntry::Supersedes {
+                    index,
+                    max: MAX_SUPERSEDES,
+                });
             }
         }
         if self.ops.len() > 1 {
-            let mut keys: Vec<(&[u8], usize)> =
-                self.ops.iter().enumerate().map(|(i, op)| (op.key(), i)).collect();
+            let mut keys: Vec<(&[u8], usize)> = self
+                .ops
+                .iter()
+                .enumerate()
+                .map(|(i, op)| (op.key(), i))
+                .collect();
             keys.sort_unstable();
             if let Some(w) = keys.windows(2).find(|w| w[0].0 == w[1].0) {
-                return Err(InvalidEntry::DuplicateKey { index: w[0].1.max(w[1].1) });
+                return Err(InvalidEntry::DuplicateKey {
+                    index: w[0].1.max(w[1].1),
+                });
             }
         }
         Ok(())
@@ -193,7 +224,9 @@ impl Entry {
         96 + self
             .ops
             .iter()
-            .map(|op| 16 + op.key().len() + op.value().map_or(0, <[u8]>::len) + 33 * op.supersedes().len())
+            .map(|op| {
+                16 + op.key().len() + op.value().map_or(0, <[u8]>::len) + 33 * op.supersedes().len()
+            })
             .sum::<usize>()
     }
 
@@ -205,7 +238,11 @@ impl Entry {
     /// Decodes an entry, checking that `bytes` is its canonical form and that it is valid.
     pub fn from_canonical_bytes(bytes: &[u8]) -> Result<(Self, EntryId), DecodeError> {
         if bytes.len() > MAX_ENTRY_BYTES {
-            return Err(InvalidEntry::TooLarge { len: bytes.len(), max: MAX_ENTRY_BYTES }.into());
+            return Err(InvalidEntry::TooLarge {
+                len: bytes.len(),
+                max: MAX_ENTRY_BYTES,
+            }
+            .into());
         }
         let entry: Entry =
             rmp_serde::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
@@ -278,7 +315,11 @@ impl SignedEntry {
             (entry_bytes, Some(Signature(raw)))
         };
         let (entry, id) = Entry::from_canonical_bytes(entry_bytes)?;
-        Ok(Self { entry, id, signature })
+        Ok(Self {
+            entry,
+            id,
+            signature,
+        })
     }
 }
 
@@ -296,11 +337,21 @@ pub(crate) mod tests {
             .prop_map(|(key, value, sup)| {
                 let supersedes = sup.into_iter().map(EntryId).collect();
                 match value {
-                    Some(value) => Op::Put { key, value, supersedes },
+                    Some(value) => Op::Put {
+                        key,
+                        value,
+                        supersedes,
+                    },
                     None => Op::Delete { key, supersedes },
                 }
             });
-        (any::<[u8; 32]>(), 1u64..1000, any::<[u8; 32]>(), any::<u64>(), prop::collection::vec(op, 1..4))
+        (
+            any::<[u8; 32]>(),
+            1u64..1000,
+            any::<[u8; 32]>(),
+            any::<u64>(),
+            prop::collection::vec(op, 1..4),
+        )
             .prop_map(|(author, seq, prev, ts, mut ops)| {
                 let mut seen = std::collections::HashSet::new();
                 ops.retain(|op| seen.insert(op.key().to_vec()));
@@ -349,7 +400,10 @@ pub(crate) mod tests {
             seq: 1,
             prev: None,
             timestamp: Timestamp(0),
-            ops: vec![Op::Delete { key: b"k".to_vec(), supersedes: vec![] }],
+            ops: vec![Op::Delete {
+                key: b"k".to_vec(),
+                supersedes: vec![],
+            }],
         };
         assert!(base.validate().is_ok());
         let mut e = base.clone();
@@ -359,7 +413,10 @@ pub(crate) mod tests {
         e.ops.push(e.ops[0].clone());
         assert_eq!(e.validate(), Err(InvalidEntry::DuplicateKey { index: 1 }));
         let mut e = base.clone();
-        e.ops = vec![Op::Delete { key: b"k".to_vec(), supersedes: vec![EntryId([2; 32]), EntryId([1; 32])] }];
+        e.ops = vec![Op::Delete {
+            key: b"k".to_vec(),
+            supersedes: vec![EntryId([2; 32]), EntryId([1; 32])],
+        }];
         assert!(matches!(e.validate(), Err(InvalidEntry::Supersedes { .. })));
         let mut e = base;
         e.ops.clear();

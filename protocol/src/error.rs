@@ -171,7 +171,9 @@ pub enum VerifyError {
         author: NodeId,
     },
     /// A second, different entry for an (author, seq) that already has one.
-    #[error("author {author} seq {seq}: equivocation, two different entries ({existing} and {other})")]
+    #[error(
+        "author {author} seq {seq}: equivocation, two different entries ({existing} and {other})"
+    )]
     Equivocation {
         /// The author.
         author: NodeId,
@@ -183,7 +185,9 @@ pub enum VerifyError {
         other: EntryId,
     },
     /// A chain that ends without a signature covering its last entries.
-    #[error("author {author}: entries after seq {signed_seq} up to {last_seq} are not covered by a signature")]
+    #[error(
+        "author {author}: entries after seq {signed_seq} up to {last_seq} are not covered by a signature"
+    )]
     Unsigned {
         /// The author.
         author: NodeId,

@@ -38,14 +38,21 @@ pub fn frame_len(header: [u8; FRAME_HEADER_LEN], max_len: usize) -> Result<usize
 /// Cuts one frame off the front of `buf`.
 pub fn decode_frame(buf: &[u8], max_len: usize) -> Result<FrameDecode<'_>, FramingError> {
     let Some(header) = buf.first_chunk::<FRAME_HEADER_LEN>() else {
-        return Ok(FrameDecode::NeedMore { needed: FRAME_HEADER_LEN - buf.len() });
+        return Ok(FrameDecode::NeedMore {
+            needed: FRAME_HEADER_LEN - buf.len(),
+        });
     };
     let len = frame_len(*header, max_len)?;
     let total = FRAME_HEADER_LEN + len;
     if buf.len() < total {
-        return Ok(FrameDecode::NeedMore { needed: total - buf.len() });
+        return Ok(FrameDecode::NeedMore {
+            needed: total - buf.len(),
+        });
     }
-    Ok(FrameDecode::Frame { body: &buf[FRAME_HEADER_LEN..total], used: total })
+    Ok(FrameDecode::Frame {
+        body: &buf[FRAME_HEADER_LEN..total],
+        used: total,
+    })
 }
 
 /// Encodes `msg` as one frame: length prefix and MessagePack body.
@@ -71,15 +78,24 @@ mod tests {
     fn frame_round_trip_and_limit() {
         let buf = encode_frame(&("hello", 42u32));
         for cut in 0..buf.len() {
-            assert!(matches!(decode_frame(&buf[..cut], 1024), Ok(FrameDecode::NeedMore { .. })));
+            assert!(matches!(
+                decode_frame(&buf[..cut], 1024),
+                Ok(FrameDecode::NeedMore { .. })
+            ));
         }
         let FrameDecode::Frame { body, used } = decode_frame(&buf, 1024).unwrap() else {
             panic!("whole frame reported incomplete")
         };
         assert_eq!(used, buf.len());
-        assert_eq!(decode_body::<(String, u32)>(body).unwrap(), ("hello".to_string(), 42));
+        assert_eq!(
+            decode_body::<(String, u32)>(body).unwrap(),
+            ("hello".to_string(), 42)
+        );
         let huge = u32::MAX.to_le_bytes();
-        assert!(matches!(decode_frame(&huge, 1024), Err(FramingError::TooLarge { .. })));
+        assert!(matches!(
+            decode_frame(&huge, 1024),
+            Err(FramingError::TooLarge { .. })
+        ));
     }
 
     proptest! {

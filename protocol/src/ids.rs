@@ -13,12 +13,19 @@ use crate::error::ParseIdError;
 fn parse_hex<const N: usize>(what: &'static str, s: &str) -> Result<[u8; N], ParseIdError> {
     let s = s.trim();
     if s.len() != N * 2 {
-        return Err(ParseIdError::Length { what, expected: N * 2, got: s.len() });
+        return Err(ParseIdError::Length {
+            what,
+            expected: N * 2,
+            got: s.len(),
+        });
     }
     let mut out = [0u8; N];
     HEXLOWER_PERMISSIVE
         .decode_mut(s.as_bytes(), &mut out)
-        .map_err(|e| ParseIdError::Character { what, position: e.error.position })?;
+        .map_err(|e| ParseIdError::Character {
+            what,
+            position: e.error.position,
+        })?;
     Ok(out)
 }
 

@@ -36,7 +36,9 @@ pub fn encode_record(payload: &[u8], out: &mut Vec<u8>) {
 /// anything else, and the checksum before the payload is handed out.
 pub fn decode_record(buf: &[u8], max_len: usize) -> Result<RecordDecode<'_>, FramingError> {
     if buf.len() < RECORD_HEADER_LEN {
-        return Ok(RecordDecode::NeedMore { needed: RECORD_HEADER_LEN - buf.len() });
+        return Ok(RecordDecode::NeedMore {
+            needed: RECORD_HEADER_LEN - buf.len(),
+        });
     }
     let len = u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
     if len == 0 {
@@ -47,7 +49,9 @@ pub fn decode_record(buf: &[u8], max_len: usize) -> Result<RecordDecode<'_>, Fra
     }
     let total = RECORD_HEADER_LEN + len;
     if buf.len() < total {
-        return Ok(RecordDecode::NeedMore { needed: total - buf.len() });
+        return Ok(RecordDecode::NeedMore {
+            needed: total - buf.len(),
+        });
     }
     let stored = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
     let payload = &buf[RECORD_HEADER_LEN..total];
@@ -55,7 +59,10 @@ pub fn decode_record(buf: &[u8], max_len: usize) -> Result<RecordDecode<'_>, Fra
     if stored != computed {
         return Err(FramingError::Checksum { stored, computed });
     }
-    Ok(RecordDecode::Record { payload, used: total })
+    Ok(RecordDecode::Record {
+        payload,
+        used: total,
+    })
 }
 
 #[cfg(test)]
@@ -68,15 +75,27 @@ mod tests {
         let mut buf = Vec::new();
         encode_record(b"hello world", &mut buf);
         for cut in 0..buf.len() {
-            assert!(matches!(decode_record(&buf[..cut], 1024), Ok(RecordDecode::NeedMore { .. })));
+            assert!(matches!(
+                decode_record(&buf[..cut], 1024),
+                Ok(RecordDecode::NeedMore { .. })
+            ));
         }
         assert_eq!(
             decode_record(&buf, 1024),
-            Ok(RecordDecode::Record { payload: b"hello world", used: buf.len() })
+            Ok(RecordDecode::Record {
+                payload: b"hello world",
+                used: buf.len()
+            })
         );
-        assert_eq!(decode_record(&buf, 4), Err(FramingError::TooLarge { len: 11, max: 4 }));
+        assert_eq!(
+            decode_record(&buf, 4),
+            Err(FramingError::TooLarge { len: 11, max: 4 })
+        );
         buf[10] ^= 1;
-        assert!(matches!(decode_record(&buf, 1024), Err(FramingError::Checksum { .. })));
+        assert!(matches!(
+            decode_record(&buf, 1024),
+            Err(FramingError::Checksum { .. })
+        ));
     }
 
     proptest! {

@@ -121,7 +121,10 @@ pub enum Request {
 impl Request {
     /// Whether this request changes the node.
     pub fn is_write(&self) -> bool {
-        matches!(self, Request::Write { .. } | Request::PeerAdd { .. } | Request::PeerRemove { .. })
+        matches!(
+            self,
+            Request::Write { .. } | Request::PeerAdd { .. } | Request::PeerRemove { .. }
+        )
     }
 
     /// A short name, for logs and metrics.

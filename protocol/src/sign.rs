@@ -15,7 +15,9 @@ pub struct Keypair {
 impl Keypair {
     /// The key pair whose secret is `secret`.
     pub fn from_secret(secret: [u8; 32]) -> Self {
-        Self { key: SigningKey::from_bytes(&secret) }
+        Self {
+            key: SigningKey::from_bytes(&secret),
+        }
     }
 
     /// The 32 secret bytes, for storing in the identity file.
@@ -55,7 +57,10 @@ pub fn verify_signature(
     let key = VerifyingKey::from_bytes(author.as_bytes())
         .map_err(|_| VerifyError::BadAuthorKey { author: *author })?;
     key.verify(id.as_bytes(), &ed25519_dalek::Signature::from_bytes(&sig.0))
-        .map_err(|_| VerifyError::BadSignature { author: *author, seq })
+        .map_err(|_| VerifyError::BadSignature {
+            author: *author,
+            seq,
+        })
 }
 
 #[cfg(test)]

@@ -54,14 +54,24 @@ impl FromStr for Ticket {
         let node_id = node.parse()?;
         let addrs = addrs
             .split(',')
-            .map(|a| a.parse().map_err(|_| TicketError::Address { addr: a.to_string() }))
+            .map(|a| {
+                a.parse().map_err(|_| TicketError::Address {
+                    addr: a.to_string(),
+                })
+            })
             .collect::<Result<Vec<SocketAddr>, _>>()?;
         if token.is_empty()
-            || !token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            || !token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
             return Err(TicketError::Token);
         }
-        Ok(Ticket { node_id, addrs, token: token.to_string() })
+        Ok(Ticket {
+            node_id,
+            addrs,
+            token: token.to_string(),
+        })
     }
 }
 
@@ -86,15 +96,24 @@ mod tests {
     fn round_trip_and_errors() {
         let t = Ticket {
             node_id: NodeId([0xab; 32]),
-            addrs: vec!["127.0.0.1:7700".parse().unwrap(), "[::1]:7700".parse().unwrap()],
+            addrs: vec![
+                "127.0.0.1:7700".parse().unwrap(),
+                "[::1]:7700".parse().unwrap(),
+            ],
             token: "rw_abc-123".into(),
         };
         assert_eq!(t.to_string().parse::<Ticket>().unwrap(), t);
         assert_eq!("http://x".parse::<Ticket>(), Err(TicketError::Scheme));
         let bad_addr = format!("kappakv://{}@localhost/tok", NodeId([1; 32]));
-        assert!(matches!(bad_addr.parse::<Ticket>(), Err(TicketError::Address { .. })));
+        assert!(matches!(
+            bad_addr.parse::<Ticket>(),
+            Err(TicketError::Address { .. })
+        ));
         let bad_id = "kappakv://abcd@127.0.0.1:1/tok";
-        assert!(matches!(bad_id.parse::<Ticket>(), Err(TicketError::NodeId(_))));
+        assert!(matches!(
+            bad_id.parse::<Ticket>(),
+            Err(TicketError::NodeId(_))
+        ));
         let bad_tok = format!("kappakv://{}@127.0.0.1:1/", NodeId([1; 32]));
         assert_eq!(bad_tok.parse::<Ticket>(), Err(TicketError::Token));
     }

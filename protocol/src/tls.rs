@@ -17,8 +17,9 @@ use rustls::{DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
 use crate::ids::NodeId;
 
 /// DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410), followed by the 32-byte key.
-const ED25519_SPKI_PREFIX: [u8; 12] =
-    [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
+const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
 
 /// The server name clients put in the handshake; it is not checked, the key is.
 pub const SERVER_NAME: &str = "kappakv";
@@ -36,7 +37,9 @@ pub fn node_id_of_cert(cert: &CertificateDer<'_>) -> Result<NodeId, Error> {
         .as_ref()
         .strip_prefix(&ED25519_SPKI_PREFIX[..])
         .and_then(|k| <[u8; 32]>::try_from(k).ok())
-        .ok_or(Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
+        .ok_or(Error::InvalidCertificate(
+            rustls::CertificateError::BadEncoding,
+        ))?;
     Ok(NodeId(key))
 }
 
@@ -82,7 +85,9 @@ impl ServerCertVerifier for PinnedServerVerifier {
         if node_id_of_cert(end_entity)? == self.expected {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+            Err(Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
         }
     }
 
@@ -92,7 +97,9 @@ impl ServerCertVerifier for PinnedServerVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        Err(Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
+        Err(Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
     }
 
     fn verify_tls13_signature(
@@ -143,7 +150,9 @@ impl ClientCertVerifier for NodeClientVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        Err(Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
+        Err(Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
     }
 
     fn verify_tls13_signature(

@@ -21,7 +21,11 @@ pub struct ChainHead {
 pub fn check_link(head: Option<&ChainHead>, entry: &Entry) -> Result<(), VerifyError> {
     let expected = head.map_or(1, |h| h.seq + 1);
     if entry.seq != expected {
-        return Err(VerifyError::SeqGap { author: entry.author, expected, got: entry.seq });
+        return Err(VerifyError::SeqGap {
+            author: entry.author,
+            expected,
+            got: entry.seq,
+        });
     }
     let expected_prev = head.map(|h| h.id);
     if entry.prev != expected_prev {
@@ -60,7 +64,13 @@ impl ChainChecker {
         }
         self.authors.insert(
             e.entry.author,
-            AuthorState { head: ChainHead { seq: e.entry.seq, id: e.id }, signed_seq },
+            AuthorState {
+                head: ChainHead {
+                    seq: e.entry.seq,
+                    id: e.id,
+                },
+                signed_seq,
+            },
         );
         Ok(())
     }
@@ -107,12 +117,20 @@ mod tests {
                 seq,
                 prev,
                 timestamp: Timestamp(seq),
-                ops: vec![Op::Put { key: b"k".to_vec(), value: vec![seq as u8], supersedes: vec![] }],
+                ops: vec![Op::Put {
+                    key: b"k".to_vec(),
+                    value: vec![seq as u8],
+                    supersedes: vec![],
+                }],
             };
             let id = entry.id();
             let signature = (seq % sign_every == 0).then(|| kp.sign(&id));
             prev = Some(id);
-            out.push(SignedEntry { entry, id, signature });
+            out.push(SignedEntry {
+                entry,
+                id,
+                signature,
+            });
         }
         out
     }
@@ -129,7 +147,14 @@ mod tests {
         for e in chain(&kp, 7, 3) {
             c.push(&e).unwrap();
         }
-        assert!(matches!(c.finish(), Err(VerifyError::Unsigned { signed_seq: 6, last_seq: 7, .. })));
+        assert!(matches!(
+            c.finish(),
+            Err(VerifyError::Unsigned {
+                signed_seq: 6,
+                last_seq: 7,
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -138,12 +163,25 @@ mod tests {
         let entries = chain(&kp, 3, 1);
         let mut c = ChainChecker::default();
         c.push(&entries[0]).unwrap();
-        assert!(matches!(c.push(&entries[2]), Err(VerifyError::SeqGap { expected: 2, got: 3, .. })));
+        assert!(matches!(
+            c.push(&entries[2]),
+            Err(VerifyError::SeqGap {
+                expected: 2,
+                got: 3,
+                ..
+            })
+        ));
         let mut bad = entries[1].clone();
         bad.entry.prev = Some(EntryId([0; 32]));
-        assert!(matches!(c.push(&bad), Err(VerifyError::PrevMismatch { seq: 2, .. })));
+        assert!(matches!(
+            c.push(&bad),
+            Err(VerifyError::PrevMismatch { seq: 2, .. })
+        ));
         let mut forged = entries[1].clone();
         forged.signature = Some(kp.sign(&EntryId([5; 32])));
-        assert!(matches!(c.push(&forged), Err(VerifyError::BadSignature { seq: 2, .. })));
+        assert!(matches!(
+            c.push(&forged),
+            Err(VerifyError::BadSignature { seq: 2, .. })
+        ));
     }
 }
