@@ -25,7 +25,21 @@ pub async fn stream(
 ) {
     let mut durable = node.durable.clone();
     let mut at = from_lsn.unwrap_or_else(|| *durable.borrow());
-    let log_dir = node.data_dir.log();
+    // One reader for the whole watch: it remembers where it last read, so following the log
+    // does not rescan a segment from its start for every chunk.
+    let reader = match crate::log::LogReader::open(&node.data_dir.log()) {
+        Ok(r) => std::sync::Arc::new(r),
+        Err(e) => {
+            let message = format!("opening the log: {e}");
+            let _ = tx
+                .write_all(&encode_frame(&Response::Error {
+                    code: ErrorCode::Internal,
+                    message,
+                }))
+                .await;
+            return;
+        }
+    };
     let lag_max = node.config.watch_lag_entries_max;
     let mut client_gone = Box::pin(async move {
         let mut buf = [0u8; 64];
@@ -48,10 +62,11 @@ pub async fn stream(
         }
         if at < head {
             let upto = head.min(at + READ_CHUNK);
-            let dir = log_dir.clone();
+            let reader = reader.clone();
             let prefix2 = prefix.clone();
             let changes =
-                tokio::task::spawn_blocking(move || read_changes(&dir, at, upto, &prefix2)).await;
+                tokio::task::spawn_blocking(move || read_changes(&reader, at, upto, &prefix2))
+                    .await;
             let changes = match changes {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => {
@@ -96,12 +111,11 @@ pub async fn stream(
 }
 
 fn read_changes(
-    log_dir: &std::path::Path,
+    reader: &crate::log::LogReader,
     after: Lsn,
     upto: Lsn,
     prefix: &[u8],
 ) -> Result<Vec<Change>, crate::log::ReadLogError> {
-    let reader = crate::log::LogReader::open(log_dir)?;
     let mut out = Vec::new();
     for item in reader.iter(after, upto)? {
         let (lsn, se) = item?;
