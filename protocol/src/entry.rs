@@ -434,3 +434,4 @@ pub(crate) mod tests {
         assert!(c.now(150) > Timestamp(200 << 16));
     }
 }
+
