@@ -51,7 +51,7 @@ pub use overlay::KvOverlay;
 pub use runner::{DEFAULT_CACHE_BYTES, Indexes, OpenReport, ResetReason, ViewOpened};
 pub use snapshot::Snapshot;
 pub use view::{Batch, View};
-pub use views::default_views;
+pub use views::{SERVING_VIEWS, default_views};
 
 // The server moves these across threads: the indexer owns `Indexes`, readers take snapshots.
 const _: fn() = || {

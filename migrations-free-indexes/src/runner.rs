@@ -223,6 +223,18 @@ impl Indexes {
     /// views simply resume from the older checkpoint. The server commits durably every few
     /// seconds and at shutdown (or calls [`Indexes::persist`]).
     pub fn apply(&self, batch: &Batch<'_>, durable: bool) -> Result<(), ApplyError> {
+        self.apply_to(batch, durable, &|_| true)
+    }
+
+    /// Like [`Indexes::apply`], for the views `select` names only. The others are left as they
+    /// are, whatever their checkpoint: this is how a view being rebuilt catches up in steps
+    /// while the views that serve reads follow the log.
+    pub fn apply_to(
+        &self,
+        batch: &Batch<'_>,
+        durable: bool,
+        select: &dyn Fn(&str) -> bool,
+    ) -> Result<(), ApplyError> {
         for w in batch.windows(2) {
             if w[1].0 != w[0].0 + 1 {
                 return Err(ApplyError::NotConsecutive {
@@ -237,7 +249,7 @@ impl Indexes {
         let txn = begin_write(&self.db, durable)?;
         {
             let mut checkpoints = txn.open_table(VIEW_CHECKPOINTS)?;
-            for view in &self.views {
+            for view in self.views.iter().filter(|v| select(v.name())) {
                 let name = view.name();
                 // `open` wrote a checkpoint for every registered view, and only `rebuild`
                 // rewrites them (to 0), so a missing one means a damaged file.

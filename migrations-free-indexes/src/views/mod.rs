@@ -11,6 +11,14 @@ pub use log_lookup::LogLookupView;
 
 use crate::view::View;
 
+/// The names of the views every node runs. Reads wait for these to apply the log; any other
+/// view is built in the background.
+pub const SERVING_VIEWS: &[&str] = &[
+    crate::tables::LOG_LOOKUP_VIEW,
+    crate::tables::KV_VIEW,
+    crate::tables::HISTORY_VIEW,
+];
+
 /// The views every node runs: log lookup, key/value, history.
 pub fn default_views() -> Vec<Box<dyn View>> {
     vec![

@@ -12,7 +12,7 @@ use kappakv_indexes::Indexes;
 
 use crate::config::Config;
 use crate::node::DataDir;
-use crate::node::indexer::{IndexError, catch_up};
+use crate::node::indexer::{IndexError, all_views, catch_up};
 
 /// Entries per rebuild transaction. Large transactions are much faster in redb, and each one
 /// commits durably so that the pages the previous one freed can be reused.
@@ -92,9 +92,18 @@ pub fn run(config: &Config, only: Option<&str>) -> Result<RebuildSummary, Rebuil
     let views: Vec<String> = only.map_or(names, |n| vec![n.to_string()]);
     let started = Instant::now();
     let progress = Progress::new(upto);
-    let applied = catch_up(&indexes, &reader, 0, upto, REBUILD_BATCH, true, |lsn| {
-        progress.update(lsn);
-    })?;
+    let applied = catch_up(
+        &indexes,
+        &reader,
+        0,
+        upto,
+        REBUILD_BATCH,
+        true,
+        &all_views,
+        |lsn| {
+            progress.update(lsn);
+        },
+    )?;
     indexes.persist().map_err(IndexError::from)?;
     progress.finish();
     Ok(RebuildSummary {

@@ -35,9 +35,19 @@ pub enum IndexError {
     Rebuild(#[from] kappakv_indexes::RebuildError),
 }
 
-/// Applies log entries in `(from, upto]` to every view that needs them, in batches of at most
-/// `batch` entries, one redb transaction each. `progress` is called after each batch with the
-/// LSN applied. Shared by the indexer thread and the offline `rebuild-indexes`.
+/// Which views a catch-up applies to.
+pub type Select<'a> = &'a dyn Fn(&str) -> bool;
+
+/// Every view.
+pub fn all_views(_: &str) -> bool {
+    true
+}
+
+/// Applies log entries in `(from, upto]` to the views `select` names (each skips what it
+/// already has), in batches of at most `batch` entries, one redb transaction each. `progress`
+/// is called after each batch with the LSN applied. Shared by the indexer thread, start-up and
+/// the offline `rebuild-indexes`.
+#[allow(clippy::too_many_arguments)]
 pub fn catch_up(
     indexes: &Indexes,
     reader: &LogReader,
@@ -45,6 +55,7 @@ pub fn catch_up(
     upto: Lsn,
     batch: usize,
     durable: bool,
+    select: Select<'_>,
     mut progress: impl FnMut(Lsn),
 ) -> Result<Lsn, IndexError> {
     let mut applied = from;
@@ -52,12 +63,12 @@ pub fn catch_up(
     for item in reader.iter(from, upto)? {
         buf.push(item?);
         if buf.len() >= batch {
-            applied = apply(indexes, &mut buf, durable)?;
+            applied = apply(indexes, &mut buf, durable, select)?;
             progress(applied);
         }
     }
     if !buf.is_empty() {
-        applied = apply(indexes, &mut buf, durable)?;
+        applied = apply(indexes, &mut buf, durable, select)?;
         progress(applied);
     }
     Ok(applied)
@@ -67,12 +78,31 @@ fn apply(
     indexes: &Indexes,
     buf: &mut Vec<(Lsn, SignedEntry)>,
     durable: bool,
+    select: Select<'_>,
 ) -> Result<Lsn, IndexError> {
     let last = buf.last().map_or(0, |(lsn, _)| *lsn);
     let batch: Vec<(Lsn, &SignedEntry)> = buf.iter().map(|(l, e)| (*l, e)).collect();
-    indexes.apply(&batch, durable)?;
+    indexes.apply_to(&batch, durable, select)?;
     buf.clear();
     Ok(last)
+}
+
+/// The views that serve reads: reads wait until these have applied the log. Any other view (a
+/// declared secondary index) is built in the background, a batch at a time between the serving
+/// views' batches, so a rebuild never holds reads back.
+pub fn is_serving_view(name: &str) -> bool {
+    kappakv_indexes::SERVING_VIEWS.contains(&name)
+}
+
+/// The lowest LSN the views `select` names have applied.
+pub fn applied_lsn(indexes: &Indexes, select: Select<'_>) -> Result<Lsn, IndexError> {
+    Ok(indexes
+        .applied_lsns()?
+        .into_iter()
+        .filter(|(name, _)| select(name))
+        .map(|(_, lsn)| lsn)
+        .min()
+        .unwrap_or(Lsn::MAX))
 }
 
 /// Wakes a parked thread.
@@ -106,9 +136,22 @@ fn wait_either<A, B>(a: &mut watch::Receiver<A>, b: &mut watch::Receiver<B>, tim
     }
 }
 
+/// The background view furthest behind `target`, with its applied LSN, if any is behind.
+fn lagging_background_view(
+    indexes: &Indexes,
+    target: Lsn,
+) -> Result<Option<(String, Lsn)>, IndexError> {
+    Ok(indexes
+        .applied_lsns()?
+        .into_iter()
+        .filter(|(name, lsn)| !is_serving_view(name) && *lsn < target)
+        .min_by_key(|(_, lsn)| *lsn))
+}
+
 /// The running indexer thread.
 pub struct IndexerHandle {
     indexed: watch::Receiver<Lsn>,
+    views: watch::Receiver<Vec<(String, Lsn)>>,
     stop: Arc<AtomicBool>,
     durable_tx_wake: watch::Sender<()>,
     thread: Option<JoinHandle<Result<(), IndexError>>>,
@@ -123,8 +166,9 @@ impl IndexerHandle {
         batch: usize,
         durable_interval: Duration,
     ) -> Result<Self, IndexError> {
-        let start = indexes.min_applied_lsn()?;
+        let start = applied_lsn(&indexes, &is_serving_view)?;
         let (indexed_tx, indexed) = watch::channel(start);
+        let (views_tx, views) = watch::channel(indexes.applied_lsns()?);
         let stop = Arc::new(AtomicBool::new(false));
         let (wake_tx, mut wake_rx) = watch::channel(());
         let stop2 = stop.clone();
@@ -133,40 +177,65 @@ impl IndexerHandle {
             .name("kappakv-indexer".into())
             .spawn(move || {
                 let _span = tracing::error_span!("indexer").entered();
-                let mut applied = start;
-                let mut dirty = false;
-                let mut last_durable = Instant::now();
-                loop {
-                    let target = *durable.borrow_and_update();
-                    if applied < target {
-                        let upto = target.min(applied + batch as u64);
-                        applied = catch_up(&indexes, &reader, applied, upto, batch, false, |_| {})?;
-                        dirty = true;
-                        indexed_tx.send_replace(applied);
+                let result = (|| {
+                    let mut applied = start;
+                    let mut dirty = false;
+                    let mut last_durable = Instant::now();
+                    loop {
+                        let target = *durable.borrow_and_update();
+                        let mut worked = false;
+                        if applied < target {
+                            // The serving views first: reads wait for them.
+                            let upto = target.min(applied + batch as u64);
+                            applied = catch_up(&indexes, &reader, applied, upto, batch, false, &is_serving_view, |_| {})?;
+                            indexed_tx.send_replace(applied);
+                            worked = true;
+                        } else if let Some((name, from)) = lagging_background_view(&indexes, target)? {
+                            // Then one step of a view being built in the background.
+                            let upto = target.min(from + batch as u64);
+                            let only = |n: &str| n == name;
+                            catch_up(&indexes, &reader, from, upto, batch, false, &only, |_| {})?;
+                            worked = true;
+                        }
+                        if worked {
+                            dirty = true;
+                            views_tx.send_replace(indexes.applied_lsns()?);
+                        }
+                        if dirty && last_durable.elapsed() >= durable_interval {
+                            indexes.persist()?;
+                            dirty = false;
+                            last_durable = Instant::now();
+                        }
+                        if stop2.load(Ordering::Acquire) && applied >= *durable.borrow() {
+                            break;
+                        }
+                        if !worked {
+                            wait_either(&mut durable, &mut wake_rx, durable_interval);
+                        }
                     }
-                    if dirty && last_durable.elapsed() >= durable_interval {
-                        indexes.persist()?;
-                        dirty = false;
-                        last_durable = Instant::now();
-                    }
-                    if stop2.load(Ordering::Acquire) && applied >= *durable.borrow() {
-                        break;
-                    }
-                    if applied >= *durable.borrow() {
-                        wait_either(&mut durable, &mut wake_rx, durable_interval);
-                    }
+                    indexes.persist()?;
+                    tracing::debug!(applied, "indexer stopped");
+                    Ok(())
+                })();
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "the indexer stopped; reads will wait until the node restarts");
                 }
-                indexes.persist()?;
-                tracing::debug!(applied, "indexer stopped");
-                Ok(())
+                result
             })
             .expect("spawning the indexer thread");
         Ok(Self {
             indexed,
+            views,
             stop,
             durable_tx_wake: wake_tx,
             thread: Some(thread),
         })
+    }
+
+    /// Each view's applied LSN, updated after every batch: how far a view being built in the
+    /// background has come.
+    pub fn views(&self) -> watch::Receiver<Vec<(String, Lsn)>> {
+        self.views.clone()
     }
 
     /// The LSN the views have applied, updated after every batch.

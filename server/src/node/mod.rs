@@ -149,9 +149,7 @@ impl Node {
 
         // The kv view must be caught up before the writer resolves plain puts from it; the
         // resolver's overlay only covers entries appended from now on.
-        let from = indexes
-            .min_applied_lsn()
-            .map_err(indexer::IndexError::Read)?;
+        let from = indexer::applied_lsn(&indexes, &indexer::is_serving_view)?;
         if from < log_lsn {
             let indexes = indexes.clone();
             let log_dir = data_dir.log();
@@ -245,7 +243,7 @@ impl Node {
     }
 }
 
-/// Catches the views up from `from` to `upto`, logging progress every few seconds.
+/// Catches the serving views up from `from` to `upto`, logging progress every few seconds.
 pub fn catch_up_logged(
     indexes: &Indexes,
     log_dir: &Path,
@@ -257,7 +255,10 @@ pub fn catch_up_logged(
     let started = std::time::Instant::now();
     let mut last_report = started;
     tracing::info!(from, upto, "catching the indexes up with the log");
-    let applied = indexer::catch_up(indexes, &reader, from, upto, batch, false, |lsn| {
+    // Durable commits: each lets redb reuse the pages the previous one freed, and a crash
+    // during a long catch-up keeps what was done.
+    let select = &indexer::is_serving_view;
+    let applied = indexer::catch_up(indexes, &reader, from, upto, batch, true, select, |lsn| {
         if last_report.elapsed() >= Duration::from_secs(2) {
             last_report = std::time::Instant::now();
             let done = (lsn - from) as f64 / (upto - from).max(1) as f64;
