@@ -87,6 +87,31 @@ pub fn binary(name: &str) -> Result<PathBuf> {
         };
         let mut cargo = Command::new(env!("CARGO"));
         cargo.args(["build", "--locked", "-p", package, "--bin", name]);
+        // `cargo test` runs this process with the variables it gives build scripts
+        // (`CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME`, `OUT_DIR`…). Some build scripts (ring's)
+        // rerun when those differ, so passing them on would rebuild half the dependency tree
+        // here and again at the next plain `cargo build`.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            let cargo_setting = [
+                "CARGO_HOME",
+                "CARGO_TARGET_DIR",
+                "CARGO_BUILD_",
+                "CARGO_PROFILE_",
+                "CARGO_NET_",
+                "CARGO_HTTP_",
+                "CARGO_REGISTR",
+                "CARGO_TERM_",
+                "CARGO_INCREMENTAL",
+                "CARGO_UNSTABLE_",
+                "CARGO_ENCODED_RUSTFLAGS",
+            ]
+            .iter()
+            .any(|p| key.starts_with(p));
+            if (key.starts_with("CARGO_") && !cargo_setting) || key == "OUT_DIR" {
+                cargo.env_remove(&*key);
+            }
+        }
         if profile_dir.file_name().is_some_and(|p| p == "release") {
             cargo.arg("--release");
         }
@@ -179,7 +204,9 @@ impl ProcessNode {
             .append(true)
             .open(log)?;
         let mut cmd = serve_command(data_dir, addr)?;
-        cmd.env("RUST_LOG", "info,quinn=warn").stderr(file);
+        cmd.env("RUST_LOG", "info,quinn=warn")
+            .env("NO_COLOR", "1")
+            .stderr(file);
         Self::spawn(cmd, data_dir, addr).await
     }
 
