@@ -273,12 +273,14 @@ impl ProcessNode {
     }
 }
 
-/// `kappakv serve --data-dir DATA_DIR --listen ADDR`.
+/// `kappakv serve --data-dir DATA_DIR --listen ADDR`, without the admin HTTP listener (its
+/// default address is one fixed port for the whole machine).
 fn serve_command(data_dir: &Path, addr: SocketAddr) -> Result<Command> {
     let mut cmd = command("kappakv")?;
     cmd.args(["serve", "--data-dir"])
         .arg(data_dir)
-        .args(["--listen", &addr.to_string()]);
+        .args(["--listen", &addr.to_string()])
+        .env("KAPPAKV_ADMIN_LISTEN", "off");
     Ok(cmd)
 }
 
