@@ -245,3 +245,41 @@ async fn an_invalid_setting_stops_serve_with_one_line_naming_it() -> anyhow::Res
     );
     Ok(())
 }
+
+/// How many times `needle` occurs in `haystack`.
+fn occurrences(haystack: &str, needle: &str) -> usize {
+    haystack.matches(needle).count()
+}
+
+#[tokio::test]
+#[ignore = "known bug: error causes are printed two or three times (Display includes the source, and `{:#}` prints the chain again)"]
+async fn a_failure_names_its_cause_once() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+
+    // A port that is taken.
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let listen = taken.local_addr()?.to_string();
+    let out = kappakv(
+        &[
+            "serve",
+            "--data-dir",
+            path_arg(&dir.path().join("serve")),
+            "--listen",
+            &listen,
+        ],
+        &[("KAPPAKV_ADMIN_LISTEN", "off")],
+    )
+    .await?;
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains(&listen), "{stderr}");
+    assert_eq!(occurrences(&stderr, "in use"), 1, "{stderr}");
+
+    // A data dir that does not exist.
+    let missing = dir.path().join("missing");
+    let out = kappakv(&["rebuild-indexes", "--data-dir", path_arg(&missing)], &[]).await?;
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(occurrences(&stderr, "No such file"), 1, "{stderr}");
+    Ok(())
+}
