@@ -60,6 +60,37 @@ enum Command {
         #[arg(long, value_name = "NAME")]
         index: Option<String>,
     },
+    /// Writes log entries, in the log's record format, for `kappakv import` on another node.
+    ///
+    /// Works while the node is running (it only reads). Each author's chain ends at a signed
+    /// entry: a batch being written at that moment is left out. Prints a summary on standard
+    /// error.
+    Export {
+        #[command(flatten)]
+        data_dir: DataDirArg,
+        /// Where to write; `-` is standard output [default: -]
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Only entries missing from this version vector: a JSON file `{"NODEID": seq, ...}`,
+        /// or the output of `kappactl status --json` on the receiving node
+        #[arg(long, value_name = "VERSION_VECTOR_FILE")]
+        since: Option<PathBuf>,
+    },
+    /// Appends every verifiable entry of export files that the log lacks, in any order.
+    ///
+    /// The node must not be running. Entries already present are skipped; forged, conflicting
+    /// (equivocating) or unsigned entries are rejected, one line each with the reason. The
+    /// node's indexes catch up when it next starts.
+    ///
+    /// Exit status: 0 when nothing was rejected, 1 when something was (the rest was imported),
+    /// 2 when the import could not run (for example, the node is running).
+    Import {
+        #[command(flatten)]
+        data_dir: DataDirArg,
+        /// Export files; `-` reads standard input
+        #[arg(value_name = "FILE", required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Prints the node id, the address, and the client tickets.
     Id {
         #[command(flatten)]
@@ -176,6 +207,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{summary}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Export {
+            data_dir,
+            out,
+            since,
+        } => {
+            let config = data_dir_config(&data_dir)?;
+            export(&config.data_dir, out.as_deref(), since.as_deref())
+        }
+        Command::Import { data_dir, files } => {
+            init_tracing(LogFormat::Text);
+            let config = data_dir_config(&data_dir)?;
+            Ok(import(&config.data_dir, &files))
+        }
         Command::Id { data_dir, listen } => {
             let mut config = data_dir_config(&data_dir)?;
             if let Some(l) = listen {
@@ -187,6 +231,51 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Config(ConfigCommand::Show(args)) => {
             print!("{}", layered(&args)?.show());
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn export(data_dir: &Path, out: Option<&Path>, since: Option<&Path>) -> Result<ExitCode> {
+    use kappakv_server::commands::export;
+    let since = since.map(export::read_version_vector).transpose()?;
+    let summary = match out.filter(|p| p.as_os_str() != "-") {
+        None => {
+            let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+            export::run(data_dir, since.as_ref(), &mut stdout, "standard output")?
+        }
+        Some(path) => {
+            let to = path.display().to_string();
+            let file = std::fs::File::create(path).with_context(|| format!("creating {to}"))?;
+            let mut writer = std::io::BufWriter::new(file);
+            let summary = export::run(data_dir, since.as_ref(), &mut writer, &to)?;
+            writer
+                .into_inner()
+                .map_err(std::io::IntoInnerError::into_error)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("writing {to}"))?;
+            summary
+        }
+    };
+    eprintln!("kappakv export: {summary}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn import(data_dir: &Path, files: &[PathBuf]) -> ExitCode {
+    match kappakv_server::commands::import::run(data_dir, files) {
+        Ok(summary) => {
+            println!("{summary}");
+            for rejection in &summary.rejected {
+                println!("rejected: {rejection}");
+            }
+            if summary.rejected.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("kappakv import: {e}");
+            ExitCode::from(2)
         }
     }
 }

@@ -331,7 +331,7 @@ fn rollover_makes_many_segments_readable_from_any_lsn() {
         let mut v: Vec<String> = fs::read_dir(log_dir(dir.path()))
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|name| name.ends_with(".log"))
+            .filter(|name| name != kappakv_server::log::LOCK_FILE_NAME)
             .collect();
         v.sort();
         v

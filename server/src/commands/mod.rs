@@ -1,4 +1,6 @@
 //! Offline commands: plain synchronous code, no async runtime.
 
+pub mod export;
+pub mod import;
 pub mod rebuild_indexes;
 pub mod verify;

@@ -261,7 +261,7 @@ impl Entries<'_> {
                         base,
                         offset: end,
                     };
-                    if lsn % INDEX_STRIDE == 0 {
+                    if lsn.is_multiple_of(INDEX_STRIDE) {
                         let mut cache = self.reader.cache();
                         if cache.index.len() >= INDEX_POINTS_MAX {
                             cache.index.clear();

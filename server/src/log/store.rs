@@ -1,8 +1,10 @@
 //! The log store: appends batches of records to the last segment, one write and one
 //! `fdatasync` per batch.
 
+use std::fs::TryLockError;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use kappakv_protocol::limits::MAX_RECORD_BYTES;
 use kappakv_protocol::record::{RECORD_HEADER_LEN, encode_record};
@@ -36,7 +38,7 @@ pub struct LogStore {
     stopped: bool,
     /// The exclusive lock on `log/LOCK`, released when the store is dropped (or the process
     /// dies). `None` for stores opened with [`open_in`](Self::open_in).
-    _lock: Option<std::fs::File>,
+    lock: Option<std::fs::File>,
 }
 
 impl std::fmt::Debug for LogStore {
@@ -75,7 +77,7 @@ impl LogStore {
         // Locked before recovery, which may truncate the tail another appender is writing.
         let lock = lock_log_dir(log_dir)?;
         let (mut store, recovery) = Self::open_in(Arc::new(FsLogDir::new(log_dir)), cfg)?;
-        store._lock = Some(lock);
+        store.lock = Some(lock);
         Ok((store, recovery))
     }
 
@@ -97,7 +99,7 @@ impl LogStore {
             max_timestamp: recovery.max_timestamp,
             buf: Vec::new(),
             stopped: false,
-            _lock: None,
+            lock: None,
         };
         Ok((store, recovery))
     }
@@ -197,6 +199,12 @@ impl LogStore {
     }
 }
 
+/// How long [`LogStore::open`] retries a lock that looks held. A `flock` belongs to the open
+/// file, and a child process forked by this one (a test harness spawning `kappakv`, say) holds
+/// a copy of every descriptor between its fork and its exec: for that moment, a lock this process
+/// has just released still looks held. A lock held by a running node stays held.
+const LOCK_RETRY: Duration = Duration::from_millis(250);
+
 /// Takes the exclusive lock on `log_dir/LOCK`, creating the file if needed. The lock is an
 /// advisory `flock`, tied to the open file: it goes away with the process, so a crash never
 /// leaves the log locked.
@@ -212,15 +220,23 @@ fn lock_log_dir(log_dir: &Path) -> Result<std::fs::File, OpenLogError> {
             path: path.clone(),
             source,
         })?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(OpenLogError::Locked {
-            data_dir: log_dir
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(log_dir)
-                .to_path_buf(),
-        }),
-        Err(std::fs::TryLockError::Error(source)) => Err(OpenLogError::Lock { path, source }),
+    let deadline = Instant::now() + LOCK_RETRY;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::yield_now();
+            }
+            Err(TryLockError::WouldBlock) => {
+                return Err(OpenLogError::Locked {
+                    data_dir: log_dir
+                        .parent()
+                        .filter(|p| !p.as_os_str().is_empty())
+                        .unwrap_or(log_dir)
+                        .to_path_buf(),
+                });
+            }
+            Err(TryLockError::Error(source)) => return Err(OpenLogError::Lock { path, source }),
+        }
     }
 }

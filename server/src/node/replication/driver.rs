@@ -1,6 +1,7 @@
 //! The tokio half of replication: connections, the send and receive loops, and counters.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -8,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use kappakv_protocol::frame::{FRAME_HEADER_LEN, decode_body, encode_frame, frame_len};
 use kappakv_protocol::limits::{MAX_ENTRY_BYTES, MAX_FRAME_BYTES};
 use kappakv_protocol::peer::PeerMessage;
+use kappakv_protocol::record::encode_record;
 use kappakv_protocol::{Lsn, NodeId, PeerStatus, SignedEntry};
 use quinn::crypto::rustls::QuicClientConfig;
 use serde_bytes::ByteBuf;
@@ -28,6 +30,16 @@ use crate::node::{Node, StartError};
 const SEND_CHUNK: u64 = 2048;
 /// Most unsigned entries of one author buffered per session.
 const PENDING_MAX: usize = 65_536;
+/// Folder of the data dir where equivocation proofs are stored.
+pub const EQUIVOCATIONS_DIR: &str = "equivocations";
+/// Most equivocation proofs written since start: a hostile author could otherwise fill the disk.
+const PROOFS_MAX: u64 = 1024;
+/// Most `prev` links walked back from the head to find this node's entry for a proof.
+const PROOF_WALK_MAX: u32 = 4096;
+/// Two connections with one peer, dialled by different sides within this long of each other,
+/// are a simultaneous dial (see [`Replication::register`]). Well above a handshake on the
+/// networks peers use, well below the idle timeout of [`peer_transport`].
+const SIMULTANEOUS_DIAL: Duration = Duration::from_secs(2);
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -47,8 +59,8 @@ struct PeerState {
     received: u64,
     /// The peer's version vector as the live session knows it.
     theirs: HashMap<NodeId, u64>,
-    /// The live connection and which node dialled it.
-    conn: Option<(quinn::Connection, NodeId)>,
+    /// The live connection, which node dialled it, and when it was registered.
+    conn: Option<(quinn::Connection, NodeId, Instant)>,
     /// Wakes the dial loop when the connection ends.
     ended: Arc<Notify>,
     /// Ends the dial loop when the peer is removed.
@@ -64,6 +76,8 @@ pub struct Replication {
     /// Never held across an await.
     state: Mutex<BTreeMap<NodeId, PeerState>>,
     equivocations: AtomicU64,
+    /// Equivocation proofs written since start (bounded by [`PROOFS_MAX`]).
+    proofs: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     /// When set, only entries of these authors are accepted.
     writers: Option<HashSet<NodeId>>,
@@ -110,6 +124,7 @@ impl Replication {
             list: Mutex::new(list),
             state: Mutex::new(BTreeMap::new()),
             equivocations: AtomicU64::new(0),
+            proofs: AtomicU64::new(0),
             rejected: Mutex::new(BTreeMap::new()),
             writers,
             cancel,
@@ -252,20 +267,27 @@ impl Replication {
             .await;
     }
 
-    /// Registers the connection, or closes it when one with the same peer is already up: of
-    /// two connections between a pair, both sides keep the one dialled by the lower node id.
+    /// Registers the connection, or closes it when one with the same peer is already up.
+    ///
+    /// A node dials a peer only while it has no connection with it. So two connections that
+    /// come up within [`SIMULTANEOUS_DIAL`] of each other, dialled by different sides, are the
+    /// two sides dialling at once: both sides keep the one dialled by the lower node id.
+    /// Otherwise the new connection replaces the old one, which its dialler has lost (a peer
+    /// killed and restarted leaves this side with a connection that looks alive until the
+    /// idle timeout; refusing the new one would keep the pair apart until then).
     fn register(&self, peer: NodeId, conn: &quinn::Connection, dialer: NodeId) -> bool {
         let mut state = self.state.lock().expect("peer state lock");
         let s = state.entry(peer).or_default();
-        if let Some((old, old_dialer)) = &s.conn
+        if let Some((old, old_dialer, since)) = &s.conn
             && old.close_reason().is_none()
         {
-            if *old_dialer <= dialer {
+            let simultaneous = *old_dialer != dialer && since.elapsed() < SIMULTANEOUS_DIAL;
+            if simultaneous && *old_dialer < dialer {
                 return false;
             }
             old.close(close::DUPLICATE.into(), b"duplicate connection");
         }
-        s.conn = Some((conn.clone(), dialer));
+        s.conn = Some((conn.clone(), dialer, Instant::now()));
         s.connected = true;
         s.since_ms = now_ms();
         true
@@ -276,7 +298,7 @@ impl Replication {
         if let Some(s) = state.get_mut(&peer)
             && s.conn
                 .as_ref()
-                .is_some_and(|(c, _)| c.stable_id() == conn.stable_id())
+                .is_some_and(|(c, _, _)| c.stable_id() == conn.stable_id())
         {
             s.conn = None;
             s.connected = false;
@@ -487,6 +509,17 @@ impl Replication {
                         %author, seq, existing = ?existing, %other,
                         "equivocation: a peer sent a different entry for an (author, seq) this node has; refused"
                     );
+                    match self.store_equivocation(author, seq, existing, &run).await {
+                        Ok(Some(path)) => tracing::error!(
+                            %author, seq, path = %path.display(),
+                            "equivocation proof stored"
+                        ),
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(
+                            %author, seq, error = %e,
+                            "could not store the equivocation proof"
+                        ),
+                    }
                     return Ok(());
                 }
                 Classified::Gap {
@@ -503,6 +536,83 @@ impl Replication {
             }
         }
         Ok(())
+    }
+
+    /// Stores the proof of an equivocation in `DATA_DIR/equivocations/AUTHOR-SEQ.records`, in
+    /// the log record format: first the entry this node's log has at (`author`, `seq`), then
+    /// the entries of the received `run` from `seq` on. The run ends at a signed entry whose
+    /// signature covers, through the `prev` links, the conflicting entry, so the file can be
+    /// checked by anyone holding the author's id. Returns `None` when no file was written: one
+    /// already exists for that (author, seq), or [`PROOFS_MAX`] were written since start.
+    async fn store_equivocation(
+        &self,
+        author: NodeId,
+        seq: u64,
+        existing: Option<kappakv_protocol::EntryId>,
+        run: &[SignedEntry],
+    ) -> anyhow::Result<Option<PathBuf>> {
+        let dir = self.node.data_dir.path().join(EQUIVOCATIONS_DIR);
+        let path = dir.join(format!("{author}-{seq}.records"));
+        if path.exists() || self.proofs.load(Ordering::Relaxed) >= PROOFS_MAX {
+            return Ok(None);
+        }
+        // Ours is found by walking back from a known id (the one at `seq`, or the head) along
+        // `prev`, through the log lookup view: wait until it has caught up with the log.
+        let durable = *self.node.durable.borrow();
+        self.node
+            .indexed
+            .clone()
+            .wait_for(|&l| l >= durable)
+            .await?;
+        let Some(mut id) = existing.or_else(|| self.node.writer.head(&author).map(|h| h.id)) else {
+            anyhow::bail!("the log has no entry of {author}");
+        };
+        let mut bytes = Vec::new();
+        let received: Vec<Vec<u8>> = run
+            .iter()
+            .filter(|e| e.entry.seq >= seq)
+            .map(SignedEntry::encode_payload)
+            .collect();
+        let indexes = self.node.indexes.clone();
+        let log = self.node.data_dir.log();
+        let ours = tokio::task::spawn_blocking(move || -> anyhow::Result<SignedEntry> {
+            let snapshot = indexes.snapshot()?;
+            let reader = LogReader::open(&log)?;
+            for _ in 0..=PROOF_WALK_MAX {
+                let Some(lsn) = snapshot.entry_lsn(&id)? else {
+                    break;
+                };
+                let Some((_, e)) = reader.iter(lsn - 1, lsn)?.next().transpose()? else {
+                    break;
+                };
+                if e.entry.seq == seq {
+                    return Ok(e);
+                }
+                match e.entry.prev {
+                    Some(prev) if e.entry.seq > seq => id = prev,
+                    _ => break,
+                }
+            }
+            anyhow::bail!(
+                "entry {seq} of {author} not found within {PROOF_WALK_MAX} links of the head"
+            )
+        })
+        .await??;
+        encode_record(&ours.encode_payload(), &mut bytes);
+        for payload in &received {
+            encode_record(payload, &mut bytes);
+        }
+        // Counted before writing, so that failing writes cannot go on without bound either.
+        if self.proofs.fetch_add(1, Ordering::Relaxed) >= PROOFS_MAX {
+            return Ok(None);
+        }
+        let file = path.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            std::fs::create_dir_all(&dir)?;
+            crate::auth::write_private(&file, &bytes)
+        })
+        .await??;
+        Ok(Some(path))
     }
 
     /// Whether the log holds `id`, asked of the log lookup view once it has caught up.
@@ -540,7 +650,7 @@ impl Replication {
         let was = self.list.lock().expect("peer list lock").remove(id)?;
         if let Some(s) = self.state.lock().expect("peer state lock").remove(id) {
             s.cancel.cancel();
-            if let Some((conn, _)) = s.conn {
+            if let Some((conn, _, _)) = s.conn {
                 conn.close(close::NOT_A_PEER.into(), b"removed from the peer list");
             }
         }
