@@ -163,12 +163,26 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// The error and its causes on one line, each cause once: error types that name their cause in
+/// their own message would otherwise print it again as the next link of the chain.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("kappakv: {e:#}");
+            eprintln!("kappakv: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }

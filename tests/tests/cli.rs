@@ -252,7 +252,6 @@ fn occurrences(haystack: &str, needle: &str) -> usize {
 }
 
 #[tokio::test]
-#[ignore = "known bug: error causes are printed two or three times (Display includes the source, and `{:#}` prints the chain again)"]
 async fn a_failure_names_its_cause_once() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
 
