@@ -95,6 +95,11 @@ pub struct Config {
     pub watch_heartbeat_ms: u64,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace_ms: u64,
+    /// The admin HTTP address (`/metrics`, `/healthz`, `/readyz`), or `off`. Loopback by
+    /// default: it has no authentication.
+    pub admin_listen: String,
+    /// `/readyz` answers 200 while the views are at most this many entries behind the log.
+    pub ready_lag_entries_max: u64,
 }
 
 impl Default for Config {
@@ -121,9 +126,17 @@ impl Default for Config {
             watch_lag_entries_max: 1_000_000,
             watch_heartbeat_ms: 5_000,
             shutdown_grace_ms: 5_000,
+            admin_listen: DEFAULT_ADMIN_LISTEN.to_string(),
+            ready_lag_entries_max: 1_000,
         }
     }
 }
+
+/// Default of [`Config::admin_listen`].
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:7701";
+
+/// The value of [`Config::admin_listen`] that turns the admin listener off.
+pub const ADMIN_OFF: &str = "off";
 
 /// A configuration that cannot be used; names the setting, the value and what is allowed.
 #[derive(Debug, thiserror::Error)]
@@ -351,6 +364,13 @@ impl Config {
             10,
             "at least 10 ms",
         )?;
+        if self.admin_listen != ADMIN_OFF && self.admin_listen.parse::<SocketAddr>().is_err() {
+            return Err(ConfigError::Invalid {
+                setting: "admin_listen",
+                value: self.admin_listen.clone(),
+                allowed: "IP:PORT (such as 127.0.0.1:7701) or `off`",
+            });
+        }
         for p in &self.peers {
             if crate::net::peer_spec(p).is_none() {
                 return Err(ConfigError::Invalid {
@@ -370,6 +390,11 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The admin HTTP address, unless the admin listener is off.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listen.parse().ok()
     }
 
     /// The request timeout.
@@ -419,5 +444,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("no_such_setting"), "{err}");
+        let env = vec![("KAPPAKV_ADMIN_LISTEN".to_string(), "localhost".to_string())];
+        let err = Layered::load(None, env, vec![]).unwrap_err().to_string();
+        assert!(
+            err.contains("admin_listen = localhost") && err.contains("`off`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn admin_listener_defaults_to_loopback_and_turns_off() {
+        let l = Layered::load(None, vec![], vec![]).unwrap();
+        assert_eq!(
+            l.config.admin_addr(),
+            Some("127.0.0.1:7701".parse().unwrap())
+        );
+        let env = vec![("KAPPAKV_ADMIN_LISTEN".to_string(), "off".to_string())];
+        let l = Layered::load(None, env, vec![]).unwrap();
+        assert_eq!(l.config.admin_addr(), None);
+        assert!(
+            l.show().contains("admin_listen = \"off\"  # env"),
+            "{}",
+            l.show()
+        );
     }
 }

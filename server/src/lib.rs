@@ -10,19 +10,27 @@
 //! - [`server`]: start and graceful shutdown of a node with its endpoint.
 //! - [`config`], [`identity`], [`auth`]: settings, the node key, client tokens and tickets.
 //! - [`commands`]: offline commands run by the `kappakv` binary without a runtime.
+//! - [`admin`], [`health`], [`telemetry`]: the admin HTTP listener, liveness and readiness,
+//!   and every metric the node emits (through the `metrics` facade; only `main.rs` installs a
+//!   recorder).
+//! - [`systemd`]: readiness notifications to the service manager.
 //!
 //! This crate never installs a tracing subscriber: only `main.rs` does.
 
+pub mod admin;
 pub mod auth;
 pub mod commands;
 pub mod config;
 pub mod handlers;
+pub mod health;
 pub mod identity;
 pub mod log;
 pub mod net;
 pub mod node;
 pub mod server;
 pub mod service;
+pub mod systemd;
+pub mod telemetry;
 
 pub use config::Config;
 pub use server::Server;

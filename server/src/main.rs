@@ -43,11 +43,25 @@ struct ServeArgs {
     /// Log format [default: text; env KAPPAKV_LOG_FORMAT]
     #[arg(long, value_name = "text|json")]
     log_format: Option<String>,
+    /// Admin HTTP address for /metrics, /healthz and /readyz, or `off`
+    /// [default: 127.0.0.1:7701; env KAPPAKV_ADMIN_LISTEN]
+    #[arg(long, value_name = "ADDR|off")]
+    admin_listen: Option<String>,
+    /// No admin HTTP listener (same as `--admin-listen off`)
+    #[arg(long, conflicts_with = "admin_listen")]
+    no_admin: bool,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Runs the node: opens or creates the data dir and serves QUIC. Stop with Ctrl-C or SIGTERM.
+    ///
+    /// Under systemd (`Type=notify`), it sends READY=1 once it serves and STOPPING=1 when it
+    /// begins to shut down.
+    ///
+    /// Exit status: 0 stopped cleanly (SIGTERM or Ctrl-C); 1 failed while running (such as a
+    /// failed log write); 2 usage or configuration error; 3 the data dir is in use by another
+    /// process, or its log or node key is damaged; 4 cannot listen on the QUIC or admin address.
     Serve(ServeArgs),
     /// Checks the log offline: every CRC, signature and per-author chain. Exits 1 at the first
     /// problem, naming the segment and offset.
@@ -91,6 +105,30 @@ enum Command {
         #[arg(value_name = "FILE", required = true)]
         files: Vec<PathBuf>,
     },
+    /// Copies a consistent log, the node key, tokens and peers into a new directory, while the
+    /// node serves or not. Never the indexes: a restored node rebuilds them.
+    ///
+    /// The backup ends where every author's chain ends at a signed entry; `backup.json` in it
+    /// gives its LSN, version vector and time. Exit status: 0 done; 1 failed.
+    Backup {
+        #[command(flatten)]
+        data_dir: DataDirArg,
+        /// The backup directory to create (new or empty)
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Makes a new data dir from a backup, then verifies its log. Start the node on it
+    /// afterwards: it rebuilds its indexes and serves the backed-up data.
+    ///
+    /// Exit status: 0 done; 1 failed (the data dir is not empty, the backup is incomplete or
+    /// damaged).
+    Restore {
+        #[command(flatten)]
+        data_dir: DataDirArg,
+        /// The directory `kappakv backup --out` wrote
+        #[arg(value_name = "BACKUP_DIR")]
+        backup: PathBuf,
+    },
     /// Prints the node id, the address, and the client tickets.
     Id {
         #[command(flatten)]
@@ -133,6 +171,14 @@ fn layered(args: &ServeArgs) -> Result<Layered> {
     if let Some(f) = &args.log_format {
         flags.push(("log_format", toml::Value::String(f.clone())));
     }
+    if args.no_admin {
+        flags.push((
+            "admin_listen",
+            toml::Value::String(kappakv_server::config::ADMIN_OFF.into()),
+        ));
+    } else if let Some(a) = &args.admin_listen {
+        flags.push(("admin_listen", toml::Value::String(a.clone())));
+    }
     Ok(Layered::load(
         args.config.as_deref(),
         std::env::vars(),
@@ -147,6 +193,8 @@ fn data_dir_config(arg: &DataDirArg) -> Result<Config> {
         peers: vec![],
         config: None,
         log_format: None,
+        admin_listen: None,
+        no_admin: false,
     };
     Ok(layered(&args)?.config)
 }
@@ -191,13 +239,24 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => {
-            let layered = layered(&args)?;
+            let layered = match layered(&args) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("kappakv: {}", one_line(&e));
+                    return Ok(ExitCode::from(exit::USAGE));
+                }
+            };
             init_tracing(layered.config.log_format);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(serve(layered.config))?;
-            Ok(ExitCode::SUCCESS)
+            match runtime.block_on(serve(layered)) {
+                Ok(code) => Ok(code),
+                Err(e) => {
+                    eprintln!("kappakv: {}", one_line(&e));
+                    Ok(ExitCode::from(exit::of_serve_error(&e)))
+                }
+            }
         }
         Command::Verify(arg) => {
             init_tracing(LogFormat::Text);
@@ -233,6 +292,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             init_tracing(LogFormat::Text);
             let config = data_dir_config(&data_dir)?;
             Ok(import(&config.data_dir, &files))
+        }
+        Command::Backup { data_dir, out } => {
+            let config = data_dir_config(&data_dir)?;
+            let manifest = kappakv_server::commands::backup::run(&config.data_dir, &out)
+                .with_context(|| format!("backing up {}", config.data_dir.display()))?;
+            println!("{manifest}; written to {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Restore { data_dir, backup } => {
+            let config = data_dir_config(&data_dir)?;
+            let manifest = kappakv_server::commands::restore::run(&backup, &config.data_dir)
+                .with_context(|| format!("restoring {}", backup.display()))?;
+            println!(
+                "restored {manifest} into {}; start the node on it to rebuild its indexes",
+                config.data_dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Id { data_dir, listen } => {
             let mut config = data_dir_config(&data_dir)?;
@@ -317,9 +393,83 @@ fn print_id(config: &Config) -> Result<()> {
     Ok(())
 }
 
-async fn serve(config: Config) -> Result<()> {
+/// Exit statuses of `kappakv serve` (see its `--help`).
+mod exit {
+    use kappakv_server::log::OpenLogError;
+    use kappakv_server::node::StartError;
+    use kappakv_server::server::ServeError;
+
+    /// Failed while running.
+    pub const RUNTIME: u8 = 1;
+    /// Usage or configuration error (clap uses 2 for usage errors too).
+    pub const USAGE: u8 = 2;
+    /// The data dir is in use by another process, or its log or node key is damaged.
+    pub const DATA_DIR: u8 = 3;
+    /// Cannot listen on the QUIC or admin address.
+    pub const LISTEN: u8 = 4;
+
+    /// The exit status for an error that ended `serve`.
+    pub fn of_serve_error(e: &anyhow::Error) -> u8 {
+        for cause in e.chain() {
+            if cause.is::<kappakv_server::admin::AdminError>() {
+                return LISTEN;
+            }
+            if cause.is::<kappakv_server::config::ConfigError>() {
+                return USAGE;
+            }
+            if let Some(e) = cause.downcast_ref::<ServeError>() {
+                return match e {
+                    ServeError::Endpoint(_) => LISTEN,
+                    ServeError::Start(
+                        StartError::Identity(_)
+                        | StartError::Log(
+                            OpenLogError::Locked { .. }
+                            | OpenLogError::Corrupt { .. }
+                            | OpenLogError::SegmentBase { .. },
+                        ),
+                    ) => DATA_DIR,
+                    _ => RUNTIME,
+                };
+            }
+        }
+        RUNTIME
+    }
+}
+
+async fn serve(layered: Layered) -> Result<ExitCode> {
+    use kappakv_server::admin::AdminListener;
+    use kappakv_server::systemd::notify_logged;
+    let config = layered.config;
+    let health = kappakv_server::health::Health::new();
+    let admin_cancel = tokio_util::sync::CancellationToken::new();
+    let mut admin_task = None;
+    if let Some(addr) = config.admin_addr() {
+        match AdminListener::bind(addr).await {
+            Ok(listener) => {
+                let metrics = install_metrics()?;
+                tracing::info!(addr = %listener.local_addr()?, "admin HTTP: /metrics /healthz /readyz");
+                admin_task = Some(tokio::spawn(listener.serve(
+                    health.clone(),
+                    Some(metrics),
+                    config.ready_lag_entries_max,
+                    admin_cancel.clone(),
+                )));
+            }
+            // The built-in address may be taken by another node on this machine; an address
+            // the operator chose must work.
+            Err(e)
+                if layered.sources.get("admin_listen")
+                    == Some(&kappakv_server::config::Source::Default) =>
+            {
+                tracing::warn!(error = %e, "serving without the admin listener; set --admin-listen to choose another address, or `off`");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     let data_dir = config.data_dir.clone();
-    let server = Server::start(config).await.context("starting the node")?;
+    let server = Server::start_observed(config, health)
+        .await
+        .context("starting the node")?;
     tracing::info!(
         node_id = %server.node_id(),
         addr = %server.addr(),
@@ -334,9 +484,45 @@ async fn serve(config: Config) -> Result<()> {
         data_dir.display(),
         data_dir.join("client.ticket").display(),
     );
+    notify_logged(&format!(
+        "READY=1\nSTATUS=serving on {}\nMAINPID={}",
+        server.addr(),
+        std::process::id()
+    ));
     shutdown_signal().await;
+    notify_logged("STOPPING=1\nSTATUS=shutting down");
+    let failed = server.node().writer.is_stopped();
     server.shutdown().await;
-    Ok(())
+    admin_cancel.cancel();
+    if let Some(task) = admin_task {
+        let _ = task.await;
+    }
+    if failed {
+        eprintln!(
+            "kappakv: the log writer had stopped after a failed write; check the disk, then restart"
+        );
+        return Ok(ExitCode::from(exit::RUNTIME));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Installs the Prometheus recorder that `/metrics` renders: histograms with real buckets.
+fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle> {
+    use kappakv_server::telemetry;
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".into()),
+            telemetry::SECONDS_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(telemetry::GROUP_COMMIT_ENTRIES.into()),
+            telemetry::ENTRIES_BUCKETS,
+        )?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    telemetry::describe();
+    Ok(handle)
 }
 
 async fn shutdown_signal() {

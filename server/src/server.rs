@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{Role, write_ticket};
 use crate::config::Config;
+use crate::health::Health;
 use crate::net::endpoint::{EndpointError, accept_loop, bind};
 use crate::node::{Node, StartError};
 
@@ -35,12 +36,19 @@ pub struct Server {
     cancel: CancellationToken,
     tracker: TaskTracker,
     accept: tokio::task::JoinHandle<()>,
+    health: Arc<Health>,
 }
 
 impl Server {
     /// Opens the node and starts serving. Writes `client.ticket` into the data dir.
     pub async fn start(config: Config) -> Result<Self, ServeError> {
-        let node = Node::open(config).await?;
+        Self::start_observed(config, Health::new()).await
+    }
+
+    /// [`start`](Self::start), reporting the node's life into `health`: the start-up catch-up
+    /// of the views, serving once the endpoint is up, stopping at shutdown.
+    pub async fn start_observed(config: Config, health: Arc<Health>) -> Result<Self, ServeError> {
+        let node = Node::open_observed(config, &health).await?;
         let endpoint = bind(&node)?;
         let addr = endpoint
             .local_addr()
@@ -69,9 +77,11 @@ impl Server {
             addr,
             cancel,
             tracker,
+            health,
         };
         write_ticket(server.node.data_dir.path(), &server.ticket(Role::ReadWrite))
             .map_err(StartError::from)?;
+        server.health.serving(&server.node);
         Ok(server)
     }
 
@@ -102,6 +112,7 @@ impl Server {
     /// Stops gracefully.
     pub async fn shutdown(self) {
         tracing::info!("shutting down: no new connections");
+        self.health.stopping();
         self.cancel.cancel();
         let _ = self.accept.await;
         self.tracker.close();

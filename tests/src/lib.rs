@@ -223,7 +223,35 @@ impl ProcessNode {
         Ok(node)
     }
 
-    async fn wait_ready(&mut self) -> Result<()> {
+    /// Starts `kappakv serve` on `data_dir` at `addr` with its admin HTTP listener on
+    /// `admin`, waiting until it answers.
+    pub async fn start_with_admin(
+        data_dir: &Path,
+        addr: SocketAddr,
+        admin: SocketAddr,
+    ) -> Result<Self> {
+        let mut node = Self::spawn_unready(data_dir, addr, admin)?;
+        node.wait_ready().await?;
+        Ok(node)
+    }
+
+    /// Like [`ProcessNode::start_with_admin`], but returns as soon as the process is spawned,
+    /// before it opens its log or catches up its indexes; [`ProcessNode::wait_ready`] waits.
+    pub fn spawn_unready(data_dir: &Path, addr: SocketAddr, admin: SocketAddr) -> Result<Self> {
+        let mut cmd = serve_command(data_dir, addr)?;
+        cmd.env("RUST_LOG", "warn")
+            .env("KAPPAKV_ADMIN_LISTEN", admin.to_string())
+            .stderr(Stdio::inherit());
+        let child = cmd.stdout(Stdio::null()).spawn()?;
+        Ok(Self {
+            child: Some(child),
+            data_dir: data_dir.to_path_buf(),
+            addr,
+        })
+    }
+
+    /// Waits until a client can connect with the ticket the node wrote.
+    pub async fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self
@@ -300,4 +328,66 @@ impl Drop for ProcessNode {
             let _ = child.wait();
         }
     }
+}
+
+/// A free TCP port on loopback.
+pub fn free_tcp_port() -> Result<u16> {
+    let sock = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(sock.local_addr()?.port())
+}
+
+/// `GET path` over HTTP/1.1 on a fresh connection to `addr`: the status code and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await??;
+    let text = String::from_utf8(raw)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("HTTP response without a header end")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .context("HTTP response without a status")?
+        .parse()?;
+    let chunked = head
+        .lines()
+        .any(|l| l.eq_ignore_ascii_case("transfer-encoding: chunked"));
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+/// The body of a chunked HTTP/1.1 response.
+fn dechunk(mut rest: &str) -> Result<String> {
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").context("bad chunk header")?;
+        let size = usize::from_str_radix(size.trim(), 16)?;
+        if size == 0 {
+            return Ok(out);
+        }
+        out.push_str(after.get(..size).context("short chunk")?);
+        rest = after.get(size + 2..).context("short chunk end")?;
+    }
+}
+
+/// The value of the sample `series` (a metric name, with its labels as rendered, such as
+/// `kappakv_requests_total{type="write",outcome="ok"}`) in a Prometheus text page; 0 when
+/// absent (a counter never incremented is not rendered).
+pub fn metric(page: &str, series: &str) -> f64 {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|v| v.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
 }

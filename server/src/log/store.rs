@@ -162,7 +162,10 @@ impl LogStore {
                 source,
             });
         }
-        if let Err(source) = self.active.sync_data() {
+        let sync_started = std::time::Instant::now();
+        let synced = self.active.sync_data();
+        crate::telemetry::fsync(sync_started);
+        if let Err(source) = synced {
             self.stopped = true;
             return Err(AppendError::Sync {
                 segment: self.active_path(),

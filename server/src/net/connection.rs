@@ -17,6 +17,7 @@ use crate::auth::Role;
 use crate::handlers::Reply;
 use crate::node::Node;
 use crate::service::{Call, RequestService, stack_error};
+use crate::telemetry;
 
 /// Serves a client connection until it closes or `cancel` fires.
 pub async fn serve_client(
@@ -102,6 +103,7 @@ async fn serve_stream(
     role: &OnceLock<Role>,
     cancel: &CancellationToken,
 ) {
+    let _open = telemetry::OpenGuard::stream();
     let request = tokio::time::timeout(node.config.request_timeout(), read_request(&mut rx)).await;
     let request = match request {
         Ok(Ok(r)) => r,
@@ -147,10 +149,20 @@ async fn serve_stream(
                 code: ErrorCode::Unauthorized,
                 message: "authenticate first: send hello with a token from the ticket".into(),
             }),
-            Some(&role) => match service.oneshot(Call { request, role }).await {
-                Ok(reply) => reply,
-                Err(e) => Reply::One(stack_error(&e)),
-            },
+            Some(&role) => {
+                let kind = request.kind();
+                let started = std::time::Instant::now();
+                let reply = match service.oneshot(Call { request, role }).await {
+                    Ok(reply) => reply,
+                    Err(e) => Reply::One(stack_error(&e)),
+                };
+                let outcome = match &reply {
+                    Reply::One(Response::Error { code, .. }) => telemetry::outcome(*code),
+                    _ => "ok",
+                };
+                telemetry::request(kind, outcome, started.elapsed());
+                reply
+            }
         },
     };
     match reply {

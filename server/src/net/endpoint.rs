@@ -84,6 +84,7 @@ pub async fn accept_loop(
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::warn!(remote = %incoming.remote_address(), "connection limit reached; refusing");
             incoming.refuse();
+            crate::telemetry::connection_refused();
             continue;
         };
         let node = node.clone();
@@ -94,6 +95,7 @@ pub async fn accept_loop(
         tracker.spawn(
             async move {
                 let _permit = permit;
+                let _open = crate::telemetry::OpenGuard::connection();
                 let conn = match incoming.await {
                     Ok(c) => c,
                     Err(e) => {

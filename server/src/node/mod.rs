@@ -106,6 +106,14 @@ impl Node {
     /// Opens the data dir (creating it on first start), recovers the log, opens the views,
     /// catches them up with the log, and starts the writer and indexer threads.
     pub async fn open(config: Config) -> Result<Arc<Self>, StartError> {
+        Self::open_observed(config, &crate::health::Health::new()).await
+    }
+
+    /// [`open`](Self::open), reporting the start-up catch-up of the views into `health`.
+    pub async fn open_observed(
+        config: Config,
+        health: &Arc<crate::health::Health>,
+    ) -> Result<Arc<Self>, StartError> {
         let data_dir = DataDir(config.data_dir.clone());
         std::fs::create_dir_all(data_dir.log()).map_err(|source| StartError::DataDir {
             path: data_dir.0.clone(),
@@ -154,8 +162,12 @@ impl Node {
             let indexes = indexes.clone();
             let log_dir = data_dir.log();
             let batch = config.index_batch_entries_max;
+            let health = health.clone();
+            health.catching_up(from, log_lsn);
             tokio::task::spawn_blocking(move || {
-                catch_up_logged(&indexes, &log_dir, from, log_lsn, batch)
+                catch_up_logged(&indexes, &log_dir, from, log_lsn, batch, &mut |lsn| {
+                    health.caught_up_to(lsn);
+                })
             })
             .await
             .expect("catch-up task")?;
@@ -197,6 +209,12 @@ impl Node {
             replication: Mutex::new(None),
             indexer,
         }))
+    }
+
+    /// Each view's applied LSN as the indexer last published it, views built in the background
+    /// included.
+    pub fn view_lsns(&self) -> Vec<(String, Lsn)> {
+        self.indexer.views().borrow().clone()
     }
 
     /// Replication, once started.
@@ -243,13 +261,15 @@ impl Node {
     }
 }
 
-/// Catches the serving views up from `from` to `upto`, logging progress every few seconds.
+/// Catches the serving views up from `from` to `upto`, logging progress every few seconds and
+/// calling `progress` with the LSN applied after every batch.
 pub fn catch_up_logged(
     indexes: &Indexes,
     log_dir: &Path,
     from: Lsn,
     upto: Lsn,
     batch: usize,
+    progress: &mut dyn FnMut(Lsn),
 ) -> Result<Lsn, indexer::IndexError> {
     let reader = crate::log::LogReader::open(log_dir)?;
     let started = std::time::Instant::now();
@@ -259,6 +279,7 @@ pub fn catch_up_logged(
     // during a long catch-up keeps what was done.
     let select = &indexer::is_serving_view;
     let applied = indexer::catch_up(indexes, &reader, from, upto, batch, true, select, |lsn| {
+        progress(lsn);
         if last_report.elapsed() >= Duration::from_secs(2) {
             last_report = std::time::Instant::now();
             let done = (lsn - from) as f64 / (upto - from).max(1) as f64;

@@ -486,6 +486,11 @@ impl Writer {
                     }
                 }
                 self.durable.send_replace(last);
+                let local = pending
+                    .iter()
+                    .filter(|p| matches!(p, Pending::Local { .. }))
+                    .count() as u64;
+                crate::telemetry::group_commit(local, self.entries.len() as u64 - local);
                 for p in pending {
                     // A caller that went away still has its entry written.
                     let _ = match p {

@@ -290,6 +290,7 @@ impl Replication {
         s.conn = Some((conn.clone(), dialer, Instant::now()));
         s.connected = true;
         s.since_ms = now_ms();
+        crate::telemetry::peer_connected(&peer);
         true
     }
 
