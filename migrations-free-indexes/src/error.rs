@@ -113,6 +113,34 @@ pub enum ReadError {
     },
 }
 
+/// Querying a secondary index.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueryError {
+    /// The query does not fit the index (too many values for its fields, a cursor from
+    /// elsewhere).
+    #[error("invalid query: {reason}")]
+    Invalid {
+        /// What is wrong.
+        reason: String,
+    },
+    /// Reading failed.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+}
+
+impl From<redb::StorageError> for QueryError {
+    fn from(e: redb::StorageError) -> Self {
+        Self::Read(e.into())
+    }
+}
+
+impl From<CorruptRecord> for QueryError {
+    fn from(e: CorruptRecord) -> Self {
+        Self::Read(e.into())
+    }
+}
+
 /// Implements `From<redb sub-error>` for our enums through `redb::Error`.
 macro_rules! from_redb {
     ($($ours:ident),+) => {$(

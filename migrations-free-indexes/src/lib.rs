@@ -15,10 +15,12 @@
 //! - [`tables`]: every table definition with its key/value layout, and the views' names and
 //!   versions. `record` (private) encodes and decodes the multi-field values.
 //! - [`views`]: the built-in views: [`views::log_lookup`] (EntryId → LSN, version vector),
-//!   [`views::kv`] (the multi-value register) and [`views::history`].
+//!   [`views::kv`] (the multi-value register) and [`views::history`]; and the declared
+//!   secondary indexes, [`views::secondary`] (one view per [`IndexDef`], versioned by a hash
+//!   of the definition), with [`document`] for reading fields and encoding index keys.
 //! - [`mvr`]: the multi-value register rules with no storage. [`overlay`]: [`KvOverlay`], which
 //!   lets the server's writer resolve plain puts while the indexer lags.
-//! - [`snapshot`]: every query. [`error`]: one error enum per operation.
+//! - [`snapshot`]: every query (secondary index queries are in [`views::secondary`]). [`error`]: one error enum per operation.
 //!
 //! # Crash safety
 //!
@@ -35,6 +37,7 @@
 //! [`Snapshot::author_head`] and [`Snapshot::entry_lsn`].
 
 pub mod checkpoint;
+pub mod document;
 pub mod error;
 pub mod mvr;
 pub mod overlay;
@@ -46,12 +49,16 @@ pub mod view;
 pub mod views;
 
 pub use checkpoint::Checkpoint;
-pub use error::{ApplyError, CorruptRecord, OpenViewError, ReadError, RebuildError};
+pub use error::{ApplyError, CorruptRecord, OpenViewError, QueryError, ReadError, RebuildError};
 pub use overlay::KvOverlay;
 pub use runner::{DEFAULT_CACHE_BYTES, Indexes, OpenReport, ResetReason, ViewOpened};
 pub use snapshot::Snapshot;
 pub use view::{Batch, View};
-pub use views::{SERVING_VIEWS, default_views};
+pub use views::secondary::{IndexStats, QueryPage};
+pub use views::{
+    IndexDef, IndexDefError, IndexKind, SERVING_VIEWS, SecondaryIndexView, configured_views,
+    default_views,
+};
 
 // The server moves these across threads: the indexer owns `Indexes`, readers take snapshots.
 const _: fn() = || {

@@ -234,7 +234,7 @@ fn lower_bound(range: &KeyRange) -> Option<(&[u8], bool)> {
 }
 
 /// The answer for one key, from its current versions (ascending by id).
-fn key_versions(key: &[u8], set: &[CurrentVersion<'_>]) -> KeyVersions {
+pub(crate) fn key_versions(key: &[u8], set: &[CurrentVersion<'_>]) -> KeyVersions {
     let mut values: Vec<Version> = set
         .iter()
         .filter_map(|v| {

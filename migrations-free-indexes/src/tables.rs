@@ -96,3 +96,35 @@ pub const HISTORY_RECORDS: TableDefinition<(u64, u32), &[u8]> =
     TableDefinition::new(HISTORY_RECORDS_NAME);
 /// Name of [`HISTORY_RECORDS`].
 pub const HISTORY_RECORDS_NAME: &str = "history.records";
+
+// ---- Secondary index views (declared at run time) ------------------------------------------
+
+/// Prefix of the name of every secondary index view and of its tables, so that a declared
+/// index never shares a name with a built-in view.
+pub const SECONDARY_VIEW_PREFIX: &str = "idx.";
+
+/// Name of the view of the secondary index declared as `index`.
+pub fn secondary_view_name(index: &str) -> String {
+    format!("{SECONDARY_VIEW_PREFIX}{index}")
+}
+
+/// The postings of a secondary index: one row per (index value, key). Key: `(encoded value,
+/// key)`, the value a tuple of one component per field, each encoded so that byte order is
+/// value order (layout in `document`). Value: `()`. Named `idx.NAME.postings`.
+pub fn secondary_postings(table: &str) -> TableDefinition<'_, (&'static [u8], &'static [u8]), ()> {
+    TableDefinition::new(table)
+}
+
+/// What each key is posted under, to remove its postings when it changes. Key: the key.
+/// Value: `flags u8 (bit 0: a current value was skipped)` then per posted value `length u32 LE
+/// | encoded value`, ascending. A key has a row only when it has postings or is skipped. Named
+/// `idx.NAME.by_key`.
+pub fn secondary_by_key(table: &str) -> TableDefinition<'_, &'static [u8], &'static [u8]> {
+    TableDefinition::new(table)
+}
+
+/// Counters of a secondary index. Key: `documents`, `postings` or `skipped`. Value: the count.
+/// Named `idx.NAME.stats`.
+pub fn secondary_stats(table: &str) -> TableDefinition<'_, &'static str, u64> {
+    TableDefinition::new(table)
+}

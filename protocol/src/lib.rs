@@ -9,6 +9,7 @@
 //! - [`record`] and [`frame`]: `u32 len | u32 crc32c | bytes` log records and `u32 len | body`
 //!   stream frames, decoded as "need more", a whole item, or a typed error.
 //! - [`request`], [`response`], [`peer`]: the messages on client and peer streams.
+//! - [`index`]: secondary index values, queries and status.
 //! - [`ticket`]: the copy-pasteable string a client connects with.
 //! - [`limits`]: every size limit, checked before allocation.
 //! - `tls` (feature `tls`): TLS verifiers that pin node ids instead of trusting a CA.
@@ -21,6 +22,7 @@ pub mod entry;
 pub mod error;
 pub mod frame;
 pub mod ids;
+pub mod index;
 pub mod limits;
 pub mod peer;
 pub mod record;
@@ -35,6 +37,7 @@ pub mod verify;
 pub use entry::{Entry, HlcClock, Op, SignedEntry, Timestamp};
 pub use error::{DecodeError, FramingError, InvalidEntry, ParseIdError, VerifyError};
 pub use ids::{Context, EntryId, NodeId, Signature};
+pub use index::{IndexQuery, IndexStatus, IndexValue};
 pub use request::{KeyRange, Lsn, Request, WriteOp};
 pub use response::{Change, ErrorCode, KeyVersions, PeerStatus, Response, Status, Version};
 pub use sign::Keypair;

@@ -16,6 +16,8 @@ pub const MAX_RECORD_BYTES: usize = MAX_ENTRY_BYTES + 128;
 pub const MAX_FRAME_BYTES: usize = MAX_ENTRY_BYTES + 64 * 1024;
 /// Most keys a scan returns in one request.
 pub const MAX_SCAN_LIMIT: u32 = 10_000;
+/// Most entries a secondary index query returns in one request.
+pub const MAX_QUERY_LIMIT: u32 = MAX_SCAN_LIMIT;
 /// Most versions a history request returns.
 pub const MAX_HISTORY_LIMIT: u32 = 10_000;
 
