@@ -312,6 +312,7 @@ pub(crate) fn response_kind(response: &Response) -> &'static str {
         Response::Written { .. } => "written",
         Response::Versions(_) => "versions",
         Response::ScanEnd { .. } => "scan_end",
+        Response::QueryEnd { .. } => "query_end",
         Response::History { .. } => "history",
         Response::Change(_) => "change",
         Response::Heartbeat { .. } => "heartbeat",

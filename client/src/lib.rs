@@ -28,6 +28,8 @@
 //! - [`client`]: [`Client`], the requests, [`Batch`] and [`Written`]; read-your-writes (the
 //!   highest LSN written is sent as `min_lsn` with every read) and reconnects.
 //! - [`config`]: [`ClientBuilder`] and the timeouts.
+//! - [`query`]: [`QueryOptions`] and [`QueryPage`], for [`Client::query`] on a node's declared
+//!   secondary indexes.
 //! - `connection`: dialling with the node id pinned, the hello, frames on streams.
 //! - [`scan`] and [`watch`]: the [`Scan`] and [`Watch`] streams.
 //! - [`value`]: [`GetResult`] and typed JSON / MessagePack values.
@@ -49,6 +51,7 @@ pub mod client;
 pub mod config;
 mod connection;
 pub mod error;
+pub mod query;
 pub mod scan;
 pub mod value;
 pub mod watch;
@@ -57,9 +60,10 @@ pub use client::{Batch, Client, Written};
 pub use config::ClientBuilder;
 pub use error::{ConnectError, InvalidRequest, ProtocolError, RequestError, Result, ValueError};
 pub use kappakv_protocol::{
-    Change, Context, EntryId, ErrorCode, KeyRange, KeyVersions, Lsn, NodeId, PeerStatus, Status,
-    Ticket, Timestamp, Version, WriteOp,
+    Change, Context, EntryId, ErrorCode, IndexQuery, IndexStatus, IndexValue, KeyRange,
+    KeyVersions, Lsn, NodeId, PeerStatus, Status, Ticket, Timestamp, Version, WriteOp,
 };
+pub use query::{QueryCursor, QueryOptions, QueryPage};
 pub use scan::{Scan, ScanOptions};
 pub use value::{GetResult, Typed, TypedVersion};
 pub use watch::Watch;

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{EntryId, NodeId};
+use crate::index::IndexQuery;
 
 /// A log sequence number: the 1-based position of a record in a node's log. `0` means "none".
 pub type Lsn = u64;
@@ -116,6 +117,25 @@ pub enum Request {
     },
     /// Lists peers. Answered with `Status` (its peer list).
     PeerList,
+    /// Reads a declared secondary index: the keys whose current values match `query`, each
+    /// with its current versions, in index order. Answered with a stream of `Versions` frames,
+    /// then `QueryEnd`; or `Error` with `IndexBuilding` while the index is being built.
+    Query {
+        /// The index's declared name.
+        index: String,
+        /// Which entries.
+        query: IndexQuery,
+        /// At most this many entries.
+        limit: u32,
+        /// Resume after this cursor: the `resume_after` of a previous page.
+        #[serde(with = "serde_bytes")]
+        start_after: Option<Vec<u8>>,
+        /// Wait until the node has indexed at least this LSN.
+        min_lsn: Lsn,
+        /// While the index is being built, wait up to this many milliseconds for it instead of
+        /// answering `IndexBuilding` at once.
+        wait_ms: u64,
+    },
 }
 
 impl Request {
@@ -140,6 +160,7 @@ impl Request {
             Request::PeerAdd { .. } => "peer_add",
             Request::PeerRemove { .. } => "peer_remove",
             Request::PeerList => "peer_list",
+            Request::Query { .. } => "query",
         }
     }
 }

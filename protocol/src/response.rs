@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::entry::Timestamp;
 use crate::ids::{EntryId, NodeId};
+use crate::index::IndexStatus;
 use crate::request::Lsn;
 
 /// One version of a key.
@@ -87,6 +88,9 @@ pub struct Status {
     pub writable: bool,
     /// Equivocations detected.
     pub equivocations: u64,
+    /// The declared secondary indexes.
+    #[serde(default)]
+    pub indexes: Vec<IndexStatus>,
 }
 
 /// What went wrong, as a client sees it.
@@ -117,6 +121,9 @@ pub enum ErrorCode {
     ShuttingDown,
     /// A bug or an unexpected failure on the node.
     Internal,
+    /// The secondary index asked for is still being built from the log; the message says how
+    /// far it has come. Retry later, or ask the node to wait.
+    IndexBuilding,
 }
 
 impl ErrorCode {
@@ -129,6 +136,7 @@ impl ErrorCode {
                 | ErrorCode::Unavailable
                 | ErrorCode::SlowConsumer
                 | ErrorCode::ShuttingDown
+                | ErrorCode::IndexBuilding
         )
     }
 }
@@ -156,6 +164,12 @@ pub enum Response {
     /// The end of a scan.
     ScanEnd {
         /// The last key sent, if the limit cut the scan short: pass it as `start_after`.
+        resume_after: Option<serde_bytes::ByteBuf>,
+    },
+    /// The end of a query page.
+    QueryEnd {
+        /// Where the next page starts, if the limit cut the query short: pass it as
+        /// `start_after`. Opaque to clients.
         resume_after: Option<serde_bytes::ByteBuf>,
     },
     /// A key's history, newest first.

@@ -100,6 +100,9 @@ pub struct Config {
     pub admin_listen: String,
     /// `/readyz` answers 200 while the views are at most this many entries behind the log.
     pub ready_lag_entries_max: u64,
+    /// Declared secondary indexes, one `[[index]]` table each. Changing, adding or removing one
+    /// rebuilds or drops that index at the next start, in the background.
+    pub index: Vec<kappakv_indexes::IndexDef>,
 }
 
 impl Default for Config {
@@ -128,6 +131,7 @@ impl Default for Config {
             shutdown_grace_ms: 5_000,
             admin_listen: DEFAULT_ADMIN_LISTEN.to_string(),
             ready_lag_entries_max: 1_000,
+            index: Vec::new(),
         }
     }
 }
@@ -153,6 +157,9 @@ pub enum ConfigError {
     /// The file is not valid TOML, or a setting has the wrong type or an unknown name.
     #[error("config: {0}")]
     Parse(String),
+    /// A secondary index definition that cannot be used.
+    #[error("config: [[index]]: {0}")]
+    Index(String),
     /// A value outside what is allowed.
     #[error("config: {setting} = {value} is invalid: {allowed}")]
     Invalid {
@@ -380,6 +387,18 @@ impl Config {
                 });
             }
         }
+        let mut names = std::collections::BTreeSet::new();
+        for def in &self.index {
+            if let Err(e) = def.validate() {
+                return Err(ConfigError::Index(e.to_string()));
+            }
+            if !names.insert(def.name.as_str()) {
+                return Err(ConfigError::Index(format!(
+                    "two indexes are named {:?}; index names must be unique",
+                    def.name
+                )));
+            }
+        }
         for w in &self.writers {
             if w.parse::<kappakv_protocol::NodeId>().is_err() {
                 return Err(ConfigError::Invalid {
@@ -450,6 +469,48 @@ mod tests {
             err.contains("admin_listen = localhost") && err.contains("`off`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn indexes_are_declared_as_index_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("k.toml");
+        std::fs::write(
+            &file,
+            "[[index]]\nname = \"posts_by_tag\"\nprefix = \"posts/\"\nfield = \"tags\"\nkind = \"multi\"\n\n\
+             [[index]]\nname = \"by_date\"\nprefix = \"posts/\"\nfields = [\"meta.date\"]\nkind = \"range\"\ndescending = true\n",
+        )
+        .unwrap();
+        let l = Layered::load(Some(&file), vec![], vec![]).unwrap();
+        assert_eq!(l.config.index.len(), 2);
+        assert_eq!(l.config.index[0].fields, ["tags"]);
+        assert_eq!(
+            l.config.index[1].kind,
+            kappakv_indexes::IndexKind::Range { descending: true }
+        );
+        assert!(l.show().contains("posts_by_tag"), "{}", l.show());
+
+        for (text, needle) in [
+            (
+                "[[index]]\nname = \"a\"\nprefix = \"\"\nfield = \"x\"\nkind = \"fuzzy\"\n",
+                "fuzzy",
+            ),
+            (
+                "[[index]]\nname = \"a\"\nprefix = \"\"\nkind = \"exact\"\n",
+                "fields",
+            ),
+            (
+                "[[index]]\nname = \"a\"\nprefix = \"\"\nfield = \"x\"\nkind = \"exact\"\n\
+                 [[index]]\nname = \"a\"\nprefix = \"\"\nfield = \"y\"\nkind = \"exact\"\n",
+                "unique",
+            ),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            let err = Layered::load(Some(&file), vec![], vec![])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{err}");
+        }
     }
 
     #[test]

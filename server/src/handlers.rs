@@ -3,10 +3,14 @@
 
 use std::time::Duration;
 
+use kappakv_indexes::{QueryError, SecondaryIndexView, View as _};
 use kappakv_protocol::limits::{
-    MAX_HISTORY_LIMIT, MAX_KEY_BYTES, MAX_OPS_PER_ENTRY, MAX_SCAN_LIMIT, MAX_VALUE_BYTES,
+    MAX_HISTORY_LIMIT, MAX_KEY_BYTES, MAX_OPS_PER_ENTRY, MAX_QUERY_LIMIT, MAX_SCAN_LIMIT,
+    MAX_VALUE_BYTES,
 };
-use kappakv_protocol::{ErrorCode, KeyRange, Lsn, Request, Response, Status, WriteOp};
+use kappakv_protocol::{
+    ErrorCode, IndexQuery, IndexStatus, KeyRange, Lsn, Request, Response, Status, WriteOp,
+};
 use serde_bytes::ByteBuf;
 
 use crate::auth::Role;
@@ -83,6 +87,17 @@ pub async fn handle(node: &Node, request: Request, role: Role) -> Reply {
                     .map(|versions| vec![Response::History { versions }])
             })
             .await
+        }
+        Request::Query {
+            index,
+            query: q,
+            limit,
+            start_after,
+            min_lsn,
+            wait_ms,
+        } => {
+            let wait = Duration::from_millis(wait_ms);
+            query(node, &index, q, limit, start_after, min_lsn, wait).await
         }
         Request::Watch { prefix, from_lsn } => Reply::Watch { prefix, from_lsn },
         Request::Status | Request::PeerList => Reply::One(Response::Status(Box::new(status(node)))),
@@ -227,6 +242,136 @@ where
     }
 }
 
+/// Reads a declared secondary index. Waits for the serving views like any read, then answers
+/// from one snapshot in which the index has applied at least as much; while the index is being
+/// built, answers `IndexBuilding` with how far it has come, or waits up to `wait` for it
+/// (bounded by the request timeout).
+async fn query(
+    node: &Node,
+    name: &str,
+    q: IndexQuery,
+    limit: u32,
+    start_after: Option<Vec<u8>>,
+    min_lsn: Lsn,
+    wait: Duration,
+) -> Reply {
+    let Some(view) = node.secondary_index(name) else {
+        let declared: Vec<&str> = node.config.index.iter().map(|d| d.name.as_str()).collect();
+        let declared = if declared.is_empty() {
+            "none; declare one with an [[index]] table in the node's config".to_string()
+        } else {
+            declared.join(", ")
+        };
+        return error(
+            ErrorCode::BadRequest,
+            format!("no index named {name:?}; declared: {declared}"),
+        );
+    };
+    let limit = limit.clamp(1, MAX_QUERY_LIMIT) as usize;
+    // What the read must see: every write acknowledged before it arrived, and the client's own.
+    let target = min_lsn.max(*node.durable.borrow());
+    let wait = wait.min(
+        node.config
+            .request_timeout()
+            .saturating_sub(Duration::from_millis(250)),
+    );
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let (v, q, after) = (view.clone(), q.clone(), start_after.clone());
+        let reply = read(node, min_lsn, move |snap| {
+            let applied = snap.applied_lsn(v.name())?;
+            if applied < target {
+                return Ok(vec![index_building(&v, applied, target)]);
+            }
+            match snap.query(&v, &q, limit, after.as_deref()) {
+                Ok(page) => {
+                    let mut out: Vec<Response> =
+                        page.items.into_iter().map(Response::Versions).collect();
+                    out.push(Response::QueryEnd {
+                        resume_after: page.resume_after.map(ByteBuf::from),
+                    });
+                    Ok(out)
+                }
+                Err(QueryError::Invalid { reason }) => Ok(vec![Response::Error {
+                    code: ErrorCode::BadRequest,
+                    message: reason,
+                }]),
+                Err(QueryError::Read(e)) => Err(e),
+                Err(e) => Ok(vec![Response::Error {
+                    code: ErrorCode::Internal,
+                    message: e.to_string(),
+                }]),
+            }
+        })
+        .await;
+        let building = matches!(
+            &reply,
+            Reply::One(Response::Error {
+                code: ErrorCode::IndexBuilding,
+                ..
+            })
+        );
+        if !building || tokio::time::Instant::now() >= deadline {
+            return reply;
+        }
+        let mut views = node.view_lsns_watch();
+        let view_name = view.name().to_string();
+        let caught_up = views.wait_for(|lsns| {
+            lsns.iter()
+                .any(|(n, lsn)| *n == view_name && *lsn >= target)
+        });
+        // On a timeout, one more read answers with the progress at the deadline.
+        if let Ok(Err(_)) = tokio::time::timeout_at(deadline, caught_up).await {
+            return error(
+                ErrorCode::Unavailable,
+                "the indexer has stopped; check the node's log",
+            );
+        }
+    }
+}
+
+fn index_building(view: &SecondaryIndexView, applied: Lsn, target: Lsn) -> Response {
+    let percent = (u128::from(applied) * 100 / u128::from(target.max(1))).min(99);
+    Response::Error {
+        code: ErrorCode::IndexBuilding,
+        message: format!(
+            "index {:?} is building: {percent}% done (LSN {applied} of {target}); retry later, or let the query wait for it (kappactl query --wait SECONDS)",
+            view.def().name
+        ),
+    }
+}
+
+/// The state of every declared secondary index.
+fn index_statuses(node: &Node) -> Vec<IndexStatus> {
+    let lsns = node.view_lsns();
+    let indexed = *node.indexed.borrow();
+    let snapshot = node.indexes.snapshot().ok();
+    node.config
+        .index
+        .iter()
+        .filter_map(|def| SecondaryIndexView::new(def.clone()).ok())
+        .map(|view| {
+            let applied_lsn = lsns
+                .iter()
+                .find(|(n, _)| n == view.name())
+                .map_or(0, |(_, lsn)| *lsn);
+            let stats = snapshot
+                .as_ref()
+                .and_then(|s| s.index_stats(&view).ok())
+                .unwrap_or_default();
+            IndexStatus {
+                name: view.def().name.clone(),
+                kind: view.def().kind.label().to_string(),
+                applied_lsn,
+                building: applied_lsn < indexed,
+                documents: stats.documents,
+                postings: stats.postings,
+                skipped: stats.skipped,
+            }
+        })
+        .collect()
+}
+
 /// The node's state.
 pub fn status(node: &Node) -> Status {
     let replication = node.replication();
@@ -239,6 +384,7 @@ pub fn status(node: &Node) -> Status {
         peers: replication.as_ref().map(|r| r.status()).unwrap_or_default(),
         writable: !node.writer.is_stopped(),
         equivocations: replication.map_or(0, |r| r.equivocations()),
+        indexes: index_statuses(node),
     }
 }
 

@@ -70,9 +70,12 @@ enum Command {
     RebuildIndexes {
         #[command(flatten)]
         data_dir: DataDirArg,
-        /// Rebuild only this view (default: all)
+        /// Rebuild only this view (default: all): a built-in view or a declared index
         #[arg(long, value_name = "NAME")]
         index: Option<String>,
+        /// The node's config file, for its declared indexes ([[index]] tables)
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Writes log entries, in the log's record format, for `kappakv import` on another node.
     ///
@@ -187,7 +190,12 @@ fn layered(args: &ServeArgs) -> Result<Layered> {
 }
 
 fn data_dir_config(arg: &DataDirArg) -> Result<Config> {
-    let args = ServeArgs {
+    Ok(layered(&serve_args(arg))?.config)
+}
+
+/// The settings of `serve` with only a data dir given.
+fn serve_args(arg: &DataDirArg) -> ServeArgs {
+    ServeArgs {
         data_dir: arg.clone(),
         listen: None,
         peers: vec![],
@@ -195,8 +203,7 @@ fn data_dir_config(arg: &DataDirArg) -> Result<Config> {
         log_format: None,
         admin_listen: None,
         no_admin: false,
-    };
-    Ok(layered(&args)?.config)
+    }
 }
 
 fn init_tracing(format: LogFormat) {
@@ -272,9 +279,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Command::RebuildIndexes { data_dir, index } => {
+        Command::RebuildIndexes {
+            data_dir,
+            index,
+            config,
+        } => {
             init_tracing(LogFormat::Text);
-            let config = data_dir_config(&data_dir)?;
+            let config = layered(&ServeArgs {
+                config,
+                ..serve_args(&data_dir)
+            })?
+            .config;
             let summary =
                 kappakv_server::commands::rebuild_indexes::run(&config, index.as_deref())?;
             println!("{summary}");

@@ -52,6 +52,9 @@ pub enum RebuildError {
     /// Opening the indexes.
     #[error("indexes: {0}")]
     Open(#[from] kappakv_indexes::OpenViewError),
+    /// A declared secondary index.
+    #[error("index definition: {0}")]
+    IndexDef(#[from] kappakv_indexes::IndexDefError),
     /// Applying.
     #[error(transparent)]
     Index(#[from] IndexError),
@@ -70,9 +73,11 @@ pub fn run(config: &Config, only: Option<&str>) -> Result<RebuildSummary, Rebuil
     let data_dir = DataDir(config.data_dir.clone());
     let reader = crate::log::LogReader::open(&data_dir.log()).map_err(IndexError::from)?;
     let upto = reader.last_lsn().map_err(IndexError::from)?;
+    // The same views as the node: the declared secondary indexes of the same config, so
+    // `--index` takes their names and a rebuild never drops them as undeclared.
     let (indexes, _) = Indexes::open_with_cache(
         data_dir.indexes(),
-        kappakv_indexes::default_views(),
+        kappakv_indexes::configured_views(&config.index)?,
         config.index_cache_bytes,
     )?;
     let names: Vec<String> = indexes
@@ -80,6 +85,16 @@ pub fn run(config: &Config, only: Option<&str>) -> Result<RebuildSummary, Rebuil
         .into_iter()
         .map(str::to_string)
         .collect();
+    // A declared index is named as in the config (`posts_by_tag`) or as its view
+    // (`idx.posts_by_tag`).
+    let only = only.map(|name| {
+        if config.index.iter().any(|d| d.name == name) {
+            kappakv_indexes::tables::secondary_view_name(name)
+        } else {
+            name.to_string()
+        }
+    });
+    let only = only.as_deref();
     if let Some(name) = only
         && !names.iter().any(|n| n == name)
     {

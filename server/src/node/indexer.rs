@@ -89,7 +89,8 @@ fn apply(
 
 /// The views that serve reads: reads wait until these have applied the log. Any other view (a
 /// declared secondary index) is built in the background, a batch at a time between the serving
-/// views' batches, so a rebuild never holds reads back.
+/// views' batches, so a rebuild never holds reads back; once it has caught up it follows the
+/// log together with them.
 pub fn is_serving_view(name: &str) -> bool {
     kappakv_indexes::SERVING_VIEWS.contains(&name)
 }
@@ -148,6 +149,19 @@ fn lagging_background_view(
         .min_by_key(|(_, lsn)| *lsn))
 }
 
+/// Views built in the background that have caught up with the serving views (applied `at`
+/// or beyond). From then on they follow the log in the serving views' transactions, so a
+/// declared index is as fresh as the key/value view it reads, and one write transaction per
+/// batch serves them all.
+fn caught_up_background_views(indexes: &Indexes, at: Lsn) -> Result<Vec<String>, IndexError> {
+    Ok(indexes
+        .applied_lsns()?
+        .into_iter()
+        .filter(|(name, lsn)| !is_serving_view(name) && *lsn >= at)
+        .map(|(name, _)| name)
+        .collect())
+}
+
 /// The running indexer thread.
 pub struct IndexerHandle {
     indexed: watch::Receiver<Lsn>,
@@ -181,20 +195,29 @@ impl IndexerHandle {
                     let mut applied = start;
                     let mut dirty = false;
                     let mut last_durable = Instant::now();
+                    let mut last_background = Instant::now();
                     loop {
                         let target = *durable.borrow_and_update();
                         let mut worked = false;
                         if applied < target {
                             // The serving views first: reads wait for them.
                             let upto = target.min(applied + batch as u64);
-                            applied = catch_up(&indexes, &reader, applied, upto, batch, false, &is_serving_view, |_| {})?;
+                            let follow = caught_up_background_views(&indexes, applied)?;
+                            let select = |n: &str| is_serving_view(n) || follow.iter().any(|f| f == n);
+                            applied = catch_up(&indexes, &reader, applied, upto, batch, false, &select, |_| {})?;
                             indexed_tx.send_replace(applied);
                             worked = true;
-                        } else if let Some((name, from)) = lagging_background_view(&indexes, target)? {
-                            // Then one step of a view being built in the background.
-                            let upto = target.min(from + batch as u64);
+                        }
+                        // Then one step of a view being built in the background: whenever the
+                        // serving views are idle, and at least every `durable_interval` under a
+                        // steady stream of writes, so a rebuild cannot starve. It never passes
+                        // what the serving views (the key/value view it reads) have applied.
+                        let background_due = !worked || last_background.elapsed() >= durable_interval;
+                        if background_due && let Some((name, from)) = lagging_background_view(&indexes, applied)? {
+                            let upto = applied.min(from + batch as u64);
                             let only = |n: &str| n == name;
                             catch_up(&indexes, &reader, from, upto, batch, false, &only, |_| {})?;
+                            last_background = Instant::now();
                             worked = true;
                         }
                         if worked {

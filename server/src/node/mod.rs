@@ -44,6 +44,9 @@ pub enum StartError {
     /// The indexes.
     #[error("indexes: {0}")]
     Indexes(#[from] kappakv_indexes::OpenViewError),
+    /// A declared secondary index.
+    #[error("index definition: {0}")]
+    IndexDef(#[from] kappakv_indexes::IndexDefError),
     /// Catching the indexes up.
     #[error(transparent)]
     Index(#[from] indexer::IndexError),
@@ -133,7 +136,7 @@ impl Node {
 
         let (indexes, report) = Indexes::open_with_cache(
             data_dir.indexes(),
-            kappakv_indexes::default_views(),
+            kappakv_indexes::configured_views(&config.index)?,
             config.index_cache_bytes,
         )?;
         for view in &report.views {
@@ -215,6 +218,18 @@ impl Node {
     /// included.
     pub fn view_lsns(&self) -> Vec<(String, Lsn)> {
         self.indexer.views().borrow().clone()
+    }
+
+    /// Each view's applied LSN, updated by the indexer after every batch.
+    pub fn view_lsns_watch(&self) -> watch::Receiver<Vec<(String, Lsn)>> {
+        self.indexer.views()
+    }
+
+    /// The view of the declared secondary index named `name`.
+    pub fn secondary_index(&self, name: &str) -> Option<kappakv_indexes::SecondaryIndexView> {
+        let def = self.config.index.iter().find(|d| d.name == name)?;
+        // The configuration was validated at start, so this cannot fail.
+        kappakv_indexes::SecondaryIndexView::new(def.clone()).ok()
     }
 
     /// Replication, once started.

@@ -4,7 +4,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use data_encoding::BASE64;
-use kappakv_client::{Batch, Context, NodeId, Ticket, WriteOp};
+use kappakv_client::{Batch, Context, IndexQuery, IndexValue, NodeId, Ticket, WriteOp};
 use kappakv_protocol::limits::MAX_OPS_PER_ENTRY;
 use serde_json::Value;
 
@@ -102,6 +102,58 @@ pub(crate) fn parse_node_id(text: &str) -> Result<NodeId, Failure> {
 /// Parses a batch file: JSON Lines of `{"key": K, "value": V}` or `{"key": K, "delete": true}`,
 /// each optionally with `"supersedes": CONTEXT`. Keys and values are strings, or
 /// `{"base64": "..."}` for binary. Blank lines are skipped.
+/// A query value: JSON when it parses (a JSON array gives the values of a compound index's
+/// fields), else the text as a string.
+pub(crate) fn parse_index_value(text: &str) -> Result<Vec<IndexValue>, Failure> {
+    let Ok(value) = serde_json::from_str::<Value>(text) else {
+        return Ok(vec![IndexValue::String(text.to_string())]);
+    };
+    let scalar = |v: &Value| match v {
+        Value::Null => Ok(IndexValue::Null),
+        Value::Bool(b) => Ok(IndexValue::Bool(*b)),
+        Value::Number(n) => n
+            .as_f64()
+            .map(IndexValue::Number)
+            .ok_or_else(|| Failure::usage(format!("{n} is not a number an index holds"))),
+        Value::String(s) => Ok(IndexValue::String(s.clone())),
+        Value::Array(_) | Value::Object(_) => Err(Failure::usage(format!(
+            "{text}: an index holds null, booleans, numbers and strings"
+        ))),
+    };
+    match &value {
+        Value::Array(items) if items.is_empty() => {
+            Err(Failure::usage("an empty array matches no index value"))
+        }
+        Value::Array(items) => items.iter().map(scalar).collect(),
+        other => Ok(vec![scalar(other)?]),
+    }
+}
+
+/// `A..B` (B excluded), `A..=B`, `A..`, `..B`: each side a query value.
+pub(crate) fn parse_range(text: &str) -> Result<IndexQuery, Failure> {
+    let (start, end, end_inclusive) = if let Some((a, b)) = text.split_once("..=") {
+        (a, b, true)
+    } else if let Some((a, b)) = text.split_once("..") {
+        (a, b, false)
+    } else {
+        return Err(Failure::usage(format!(
+            "--range {text}: expected A..B, A..=B, A.. or ..B"
+        )));
+    };
+    let side = |s: &str| {
+        if s.is_empty() {
+            Ok(None)
+        } else {
+            parse_index_value(s).map(Some)
+        }
+    };
+    Ok(IndexQuery::Range {
+        start: side(start)?,
+        end: side(end)?,
+        end_inclusive,
+    })
+}
+
 pub(crate) fn parse_batch(text: &str) -> Result<Batch, Failure> {
     let mut batch = Batch::new();
     for (n, line) in text.lines().enumerate() {
@@ -182,6 +234,42 @@ mod tests {
     use super::*;
     use crate::ExitCode;
     use kappakv_client::EntryId;
+
+    #[test]
+    fn query_values_and_ranges() {
+        assert_eq!(
+            parse_index_value("cats").unwrap(),
+            [IndexValue::from("cats")]
+        );
+        assert_eq!(parse_index_value("\"3\"").unwrap(), [IndexValue::from("3")]);
+        assert_eq!(parse_index_value("-2.5").unwrap(), [IndexValue::from(-2.5)]);
+        assert_eq!(
+            parse_index_value("[\"ada\", 2020, null]").unwrap(),
+            [
+                IndexValue::from("ada"),
+                IndexValue::from(2020i64),
+                IndexValue::Null
+            ]
+        );
+        assert!(parse_index_value("{\"a\": 1}").is_err());
+        assert_eq!(
+            parse_range("10..=20").unwrap(),
+            IndexQuery::Range {
+                start: Some(vec![IndexValue::from(10i64)]),
+                end: Some(vec![IndexValue::from(20i64)]),
+                end_inclusive: true
+            }
+        );
+        assert_eq!(
+            parse_range("..b").unwrap(),
+            IndexQuery::Range {
+                start: None,
+                end: Some(vec![IndexValue::from("b")]),
+                end_inclusive: false
+            }
+        );
+        assert!(parse_range("10-20").is_err());
+    }
 
     #[test]
     fn batch_lines() {

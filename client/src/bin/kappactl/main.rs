@@ -13,7 +13,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use futures_util::TryStreamExt;
 use kappakv_client::{
-    Client, ClientBuilder, ConnectError, ErrorCode, RequestError, ScanOptions, Ticket,
+    Client, ClientBuilder, ConnectError, ErrorCode, QueryCursor, QueryOptions, RequestError,
+    ScanOptions, Ticket,
 };
 
 const EXIT_CODES: &str = "\
@@ -124,6 +125,38 @@ enum Command {
         #[arg(long, value_name = "N")]
         count: Option<u64>,
         /// JSON Lines: {"lsn", "key", "id", "value", "author", "timestamp", "supersedes"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Keys whose values a declared index finds, with their current values, in index order.
+    ///
+    /// VALUE is read as JSON when it parses (`3`, `true`, `"3"`), else as a string; a JSON array
+    /// gives the values of a compound index's fields, in order (a prefix of them is enough).
+    Query {
+        /// The index's declared name.
+        index: String,
+        /// Keys whose indexed value equals VALUE.
+        #[arg(allow_hyphen_values = true, required_unless_present = "range")]
+        value: Option<String>,
+        /// Keys whose indexed value is in A..B (B excluded) or A..=B; either side may be left
+        /// out (`10..`, `..=20`).
+        #[arg(
+            long,
+            value_name = "A..B",
+            allow_hyphen_values = true,
+            conflicts_with = "value"
+        )]
+        range: Option<String>,
+        /// At most N keys.
+        #[arg(long, default_value_t = 100, value_name = "N")]
+        limit: u64,
+        /// Start after CURSOR, as a previous query printed it.
+        #[arg(long, value_name = "CURSOR")]
+        after: Option<String>,
+        /// While the index is being built, wait up to SECONDS for it instead of failing.
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<f64>,
+        /// JSON Lines, one `get --json` object per key.
         #[arg(long)]
         json: bool,
     },
@@ -419,6 +452,59 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => {
             watch(&client, prefix, from_lsn, count, json).await?;
+        }
+        Command::Query {
+            index,
+            value,
+            range,
+            limit,
+            after,
+            wait,
+            json,
+        } => {
+            let query = match (value, range) {
+                (_, Some(range)) => input::parse_range(&range)?,
+                (Some(value), None) => {
+                    kappakv_client::IndexQuery::Exact(input::parse_index_value(&value)?)
+                }
+                (None, None) => return Err(Failure::usage("give a VALUE or --range A..B").into()),
+            };
+            let mut options = QueryOptions::new(query);
+            if let Some(w) = wait {
+                options = options.wait(seconds("--wait", w)?);
+            }
+            let mut cursor = after
+                .map(|c| c.parse::<QueryCursor>())
+                .transpose()
+                .map_err(|e| {
+                    Failure::usage(format!("--after: not a cursor a query printed: {e}"))
+                })?;
+            let mut left = limit;
+            while left > 0 {
+                let mut page_options = options
+                    .clone()
+                    .limit(u32::try_from(left).unwrap_or(u32::MAX));
+                if let Some(c) = cursor.take() {
+                    page_options = page_options.start_after(c);
+                }
+                let page = client.query(&index, &page_options).await?;
+                left -= (page.items.len() as u64).min(left);
+                for item in &page.items {
+                    if json {
+                        writeln!(out, "{}", output::get_json(item))?;
+                    } else {
+                        out.write_all(output::query_human(item).as_bytes())?;
+                    }
+                }
+                cursor = page.next;
+                if cursor.is_none() {
+                    break;
+                }
+            }
+            if let Some(c) = cursor {
+                out.flush()?;
+                eprintln!("more: --after {c}");
+            }
         }
         Command::Status { json } => {
             let status = client.status().await?;

@@ -94,6 +94,15 @@ pub(crate) fn status_json(s: &Status) -> Value {
         "equivocations": s.equivocations,
         "version_vector": vv,
         "peers": peers_json(&s.peers),
+        "indexes": s.indexes.iter().map(|i| json!({
+            "name": i.name,
+            "kind": i.kind,
+            "applied_lsn": i.applied_lsn,
+            "building": i.building,
+            "documents": i.documents,
+            "postings": i.postings,
+            "skipped": i.skipped,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -185,6 +194,15 @@ pub(crate) fn get_human(got: &GetResult) -> String {
     out
 }
 
+/// One key of a query for a human, as [`scan_human`] shows it.
+pub(crate) fn query_human(got: &GetResult) -> String {
+    scan_human(&KeyVersions {
+        key: got.key.clone(),
+        values: got.values.clone(),
+        context: got.context.0.clone(),
+    })
+}
+
 /// One key of a scan for a human: `KEY<TAB>VALUE`, one line per sibling.
 pub(crate) fn scan_human(kv: &KeyVersions) -> String {
     let key = bytes_human(&kv.key);
@@ -273,6 +291,23 @@ pub(crate) fn status_human(s: &Status) -> String {
     let _ = writeln!(out, "peers:");
     for line in peers_human(&s.peers).lines() {
         let _ = writeln!(out, "  {line}");
+    }
+    if !s.indexes.is_empty() {
+        let _ = writeln!(out, "indexes:");
+        for i in &s.indexes {
+            let state = if i.building {
+                let percent =
+                    (u128::from(i.applied_lsn) * 100 / u128::from(s.log_lsn.max(1))).min(99);
+                format!("building {percent}%")
+            } else {
+                "ready".to_string()
+            };
+            let _ = writeln!(
+                out,
+                "  {}  {}  {state}  lsn {}  {} documents  {} postings  {} skipped",
+                i.name, i.kind, i.applied_lsn, i.documents, i.postings, i.skipped
+            );
+        }
     }
     out
 }
