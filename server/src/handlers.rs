@@ -343,18 +343,22 @@ fn index_building(view: &SecondaryIndexView, applied: Lsn, target: Lsn) -> Respo
 
 /// The state of every declared secondary index.
 fn index_statuses(node: &Node) -> Vec<IndexStatus> {
-    let lsns = node.view_lsns();
-    let indexed = *node.indexed.borrow();
+    // One snapshot: an index that follows the log commits with the key/value view, so it is
+    // building exactly when it has applied less than the key/value view in the same snapshot.
     let snapshot = node.indexes.snapshot().ok();
+    let kv_lsn = snapshot
+        .as_ref()
+        .and_then(|s| s.kv_applied_lsn().ok())
+        .unwrap_or(0);
     node.config
         .index
         .iter()
         .filter_map(|def| SecondaryIndexView::new(def.clone()).ok())
         .map(|view| {
-            let applied_lsn = lsns
-                .iter()
-                .find(|(n, _)| n == view.name())
-                .map_or(0, |(_, lsn)| *lsn);
+            let applied_lsn = snapshot
+                .as_ref()
+                .and_then(|s| s.applied_lsn(view.name()).ok())
+                .unwrap_or(0);
             let stats = snapshot
                 .as_ref()
                 .and_then(|s| s.index_stats(&view).ok())
@@ -363,7 +367,7 @@ fn index_statuses(node: &Node) -> Vec<IndexStatus> {
                 name: view.def().name.clone(),
                 kind: view.def().kind.label().to_string(),
                 applied_lsn,
-                building: applied_lsn < indexed,
+                building: applied_lsn < kv_lsn,
                 documents: stats.documents,
                 postings: stats.postings,
                 skipped: stats.skipped,
