@@ -89,6 +89,9 @@ pub struct Config {
     pub index_cache_bytes: usize,
     /// How often the indexer makes its checkpoint durable.
     pub index_durable_interval_ms: u64,
+    /// Most watches open at once; each holds a log file open, so this must stay well below the
+    /// process's file descriptor limit.
+    pub max_watches: usize,
     /// A watcher further behind the log than this many entries is ended with `SlowConsumer`.
     pub watch_lag_entries_max: u64,
     /// How often an idle watch gets a heartbeat.
@@ -126,6 +129,7 @@ impl Default for Config {
             index_batch_entries_max: 20_000,
             index_cache_bytes: kappakv_indexes::DEFAULT_CACHE_BYTES,
             index_durable_interval_ms: 2_000,
+            max_watches: 512,
             watch_lag_entries_max: 1_000_000,
             watch_heartbeat_ms: 5_000,
             shutdown_grace_ms: 5_000,
@@ -311,6 +315,7 @@ impl Config {
             1,
             "at least 1",
         )?;
+        at_least("max_watches", self.max_watches as u64, 1, "at least 1")?;
         at_least(
             "request_timeout_ms",
             self.request_timeout_ms,

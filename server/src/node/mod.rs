@@ -99,6 +99,8 @@ pub struct Node {
     pub indexed: watch::Receiver<Lsn>,
     /// Bounds blocking index reads so they cannot take every blocking thread.
     pub reads: Semaphore,
+    /// Bounds open watches: each holds a log file open and a stream.
+    pub watches: Semaphore,
     /// Replication with peers, set once the endpoint is up and taken at shutdown (it holds
     /// the node, so it must be let go of for the node to be dropped).
     replication: Mutex<Option<Arc<replication::Replication>>>,
@@ -202,6 +204,7 @@ impl Node {
             node_id,
             keypair,
             reads: Semaphore::new(config.max_concurrent_reads),
+            watches: Semaphore::new(config.max_watches),
             config,
             data_dir,
             tokens,

@@ -71,4 +71,21 @@ impl SupersedeResolver for KvResolver {
     fn appended(&mut self, lsn: Lsn, entry: &SignedEntry) {
         self.overlay.record(lsn, entry);
     }
+
+    /// Forgets what the kv view has applied and lets go of the snapshot, so that neither the
+    /// overlay nor an open read transaction (which keeps redb from reusing freed pages) outlives
+    /// the batch. Every op is recorded, remote ones and those with a context included, so this
+    /// runs after every batch, not only when a plain write needs a snapshot.
+    fn batch_done(&mut self) {
+        self.snapshot = None;
+        if self.overlay.is_empty() {
+            return;
+        }
+        match self.indexes.snapshot().and_then(|s| s.kv_applied_lsn()) {
+            Ok(applied) => self.overlay.prune(applied),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the kv view's checkpoint to prune the overlay")
+            }
+        }
+    }
 }

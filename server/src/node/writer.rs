@@ -126,6 +126,10 @@ pub trait SupersedeResolver: Send + 'static {
     /// `signature: None`; supersession never depends on signatures. If the batch then fails
     /// to reach the disk, the writer stops, so no later write is resolved against it.
     fn appended(&mut self, lsn: Lsn, entry: &SignedEntry);
+
+    /// Called after every batch is durable and answered: a place to drop what only the batch
+    /// needed (such as an open read snapshot) and to forget what the views have caught up with.
+    fn batch_done(&mut self) {}
 }
 
 /// A resolver that knows no versions: a write without a context supersedes nothing. For tests
@@ -177,6 +181,19 @@ impl Command {
     }
 }
 
+/// How far ahead of this node's wall clock a received timestamp may be and still move its
+/// clock forward.
+const CLOCK_SKEW_MAX_MS: u64 = 10 * 60 * 1000;
+
+/// Takes in a timestamp seen in the log or on a received entry, unless it is further in the
+/// future than any honest clock could be: a peer cannot push this node's clock to the end of
+/// its range. The entry itself is still accepted; timestamps only order siblings for display.
+fn observe_bounded(clock: &mut HlcClock, seen: kappakv_protocol::Timestamp) {
+    if seen.millis() <= wall_millis().saturating_add(CLOCK_SKEW_MAX_MS) {
+        clock.observe(seen);
+    }
+}
+
 /// Chain heads shared by the writer thread with the readers of its handle.
 type SharedHeads = Arc<RwLock<HashMap<NodeId, ChainHead>>>;
 
@@ -224,7 +241,7 @@ impl WriterHandle {
         let failed = Arc::new(AtomicBool::new(false));
         let (exit_tx, exited) = oneshot::channel();
         let mut clock = HlcClock::default();
-        clock.observe(store.max_timestamp_at_open());
+        observe_bounded(&mut clock, store.max_timestamp_at_open());
         let writer = Writer {
             store,
             heads,
@@ -443,7 +460,7 @@ impl Writer {
                 Command::Remote { entries, reply } => match self.check_remote(&entries) {
                     Ok(()) => {
                         for entry in entries {
-                            self.clock.observe(entry.entry.timestamp);
+                            observe_bounded(&mut self.clock, entry.entry.timestamp);
                             self.push(base, entry);
                         }
                         pending.push(Pending::Remote {
@@ -500,6 +517,7 @@ impl Writer {
                         Pending::Remote { reply, lsn } => reply.send(Ok(lsn)).map_err(drop),
                     };
                 }
+                self.resolver.batch_done();
                 Ok(())
             }
             Err(e) => {

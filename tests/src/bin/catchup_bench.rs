@@ -14,7 +14,9 @@
 //! cargo run --release -p kappakv-tests --bin catchup-bench -- --entries 1000000 --runs 3
 //! ```
 //!
-//! The `kappakv` binary is built next to this one (same profile) by `cargo build` first.
+//! The `kappakv` binary is built next to this one (same profile) by `cargo build` first, unless
+//! `--kappakv PATH` names one. `--dir DIR` puts the data dirs under `DIR` (default: the system
+//! temp dir).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -44,6 +46,7 @@ struct Args {
     value_bytes: usize,
     runs: usize,
     dir: Option<PathBuf>,
+    kappakv: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -53,6 +56,7 @@ fn parse_args() -> Result<Args> {
         value_bytes: 100,
         runs: 3,
         dir: None,
+        kappakv: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -63,9 +67,10 @@ fn parse_args() -> Result<Args> {
             "--value-bytes" => args.value_bytes = value()?.parse()?,
             "--runs" => args.runs = value()?.parse()?,
             "--dir" => args.dir = Some(value()?.into()),
+            "--kappakv" => args.kappakv = Some(value()?.into()),
             "-h" | "--help" => {
                 println!(
-                    "catchup-bench [--entries N] [--keys N] [--value-bytes N] [--runs N] [--dir DIR]"
+                    "catchup-bench [--entries N] [--keys N] [--value-bytes N] [--runs N] [--dir DIR] [--kappakv PATH]"
                 );
                 std::process::exit(0);
             }
@@ -331,7 +336,10 @@ fn mib(bytes: u64) -> f64 {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = parse_args()?;
-    let exe = kappakv_exe()?;
+    let exe = match &args.kappakv {
+        Some(path) => path.clone(),
+        None => kappakv_exe()?,
+    };
     let tmp = match &args.dir {
         Some(d) => tempfile::tempdir_in(d)?,
         None => tempfile::tempdir()?,
