@@ -204,6 +204,28 @@ impl Node {
         Some(kb * 1024)
     }
 
+    /// CPU seconds (user + system) used so far: the whole process, and its live threads summed
+    /// by name (tokio workers, the writer, the indexer…).
+    fn cpu(&self) -> (f64, BTreeMap<String, f64>) {
+        let pid = self.child.id();
+        let total = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| cpu_of_stat(&s))
+            .map_or(0.0, |(_, secs)| secs);
+        let mut threads = BTreeMap::new();
+        if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for task in dir.flatten() {
+                if let Some((name, secs)) = std::fs::read_to_string(task.path().join("stat"))
+                    .ok()
+                    .and_then(|s| cpu_of_stat(&s))
+                {
+                    *threads.entry(name).or_insert(0.0) += secs;
+                }
+            }
+        }
+        (total, threads)
+    }
+
     /// SIGTERM, then wait for the exit.
     fn stop(mut self) -> Result<()> {
         let status = Command::new("kill")
@@ -215,6 +237,29 @@ impl Node {
         self.child.wait()?;
         Ok(())
     }
+}
+
+/// The name and CPU seconds of a `/proc/…/stat` line (utime and stime, at 100 ticks a second,
+/// Linux's `USER_HZ` on every common architecture).
+fn cpu_of_stat(stat: &str) -> Option<(String, f64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let name = stat[open + 1..close].to_string();
+    let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((name, (utime + stime) as f64 / 100.0))
+}
+
+fn cpu_summary(total: f64, threads: &BTreeMap<String, f64>) -> String {
+    let mut parts: Vec<(f64, &String)> = threads.iter().map(|(n, s)| (*s, n)).collect();
+    parts.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let parts: Vec<String> = parts
+        .iter()
+        .filter(|(s, _)| *s >= 0.05)
+        .map(|(s, n)| format!("{n} {s:.1}"))
+        .collect();
+    format!("{total:.1} s CPU ({})", parts.join(", "))
 }
 
 async fn wait_client(node: &mut Node) -> Result<Client> {
@@ -239,12 +284,16 @@ type Sample = (f64, u64, u64);
 
 struct RunResult {
     secs: f64,
+    /// B's CPU at the end, and A's CPU during the run.
+    b_cpu: String,
+    a_cpu: f64,
     log_complete_secs: f64,
     peak_rss: Option<u64>,
     samples: Vec<Sample>,
 }
 
 async fn run_once(
+    a: &Node,
     exe: &Path,
     b_dir: &Path,
     b_addr: SocketAddr,
@@ -253,6 +302,7 @@ async fn run_once(
 ) -> Result<RunResult> {
     let total = target.log_lsn;
     let want = vv(target);
+    let a_cpu_before = a.cpu().0;
     let started = Instant::now();
     let mut b = Node::spawn(exe, b_dir, b_addr, &[a_peer.to_string()])?;
     let mut client = None;
@@ -279,9 +329,13 @@ async fn run_once(
         tokio::time::sleep(SAMPLE_EVERY).await;
     };
     let peak_rss = b.peak_rss();
+    let (b_total, b_threads) = b.cpu();
+    let a_cpu = a.cpu().0 - a_cpu_before;
     b.stop()?;
     Ok(RunResult {
         secs,
+        b_cpu: cpu_summary(b_total, &b_threads),
+        a_cpu,
         log_complete_secs: log_complete_secs.unwrap_or(secs),
         peak_rss,
         samples,
@@ -393,7 +447,7 @@ async fn main() -> Result<()> {
 
     let mut results = Vec::new();
     for (i, (dir, _, addr)) in bs.iter().enumerate() {
-        let r = run_once(&exe, dir, *addr, &a_peer, &target).await?;
+        let r = run_once(&a, &exe, dir, *addr, &a_peer, &target).await?;
         println!(
             "run {}: {:.2} s, {:.0} entries/s; log complete at {:.2} s; B peak RSS {}",
             i + 1,
@@ -403,6 +457,7 @@ async fn main() -> Result<()> {
             r.peak_rss
                 .map_or("?".into(), |b| format!("{:.0} MiB", mib(b)))
         );
+        println!("  B: {}; A: {:.1} s CPU", r.b_cpu, r.a_cpu);
         // Progress about once a second: seconds, B's log LSN, B's indexed LSN.
         let mut next = 0.0;
         for &(t, log, indexed) in &r.samples {
