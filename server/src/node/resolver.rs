@@ -84,7 +84,7 @@ impl SupersedeResolver for KvResolver {
         match self.indexes.snapshot().and_then(|s| s.kv_applied_lsn()) {
             Ok(applied) => self.overlay.prune(applied),
             Err(e) => {
-                tracing::error!(error = %e, "cannot read the kv view's checkpoint to prune the overlay")
+                tracing::error!(error = %e, "cannot read the kv view's checkpoint to prune the overlay");
             }
         }
     }
