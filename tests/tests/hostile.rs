@@ -133,3 +133,31 @@ async fn a_client_pinning_another_node_id_is_refused() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn an_unauthenticated_connection_is_closed_and_reads_only_small_frames() -> anyhow::Result<()>
+{
+    let node = TestNode::start_with(|c| c.request_timeout_ms = 300).await?;
+    let conn = raw_connection(&node).await?;
+
+    // Before hello, a frame larger than a hello could be is refused without being read.
+    let big_hello = encode_frame(&Request::Hello {
+        token: "x".repeat(8 * 1024),
+    });
+    assert_eq!(
+        code(&exchange(&conn, &big_hello).await?),
+        Some(ErrorCode::TooLarge)
+    );
+
+    // Keep-alives alone do not keep the slot: the node closes the connection.
+    let reason = tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed()).await?;
+    assert!(
+        matches!(&reason, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == 4u32.into()),
+        "{reason:?}"
+    );
+    // An authenticated client is not affected.
+    let c = node.client().await?;
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    c.put("k", "v").await?;
+    Ok(())
+}

@@ -29,10 +29,18 @@ pub async fn serve_client(
 ) {
     let role: Arc<OnceLock<Role>> = Arc::new(OnceLock::new());
     tracing::debug!("client connected");
+    // A connection that has not authenticated in time gives its slot back: keep-alives alone
+    // would otherwise hold it forever.
+    let auth_deadline = tokio::time::Instant::now() + node.config.request_timeout();
     loop {
         let (send, recv) = tokio::select! {
             () = cancel.cancelled() => {
                 conn.close(close::SHUTDOWN.into(), b"node shutting down");
+                break;
+            }
+            () = tokio::time::sleep_until(auth_deadline), if role.get().is_none() => {
+                tracing::info!("closing a client connection that did not authenticate in time");
+                conn.close(close::AUTH_TIMEOUT.into(), b"authenticate with hello first");
                 break;
             }
             s = conn.accept_bi() => match s {
@@ -60,21 +68,30 @@ enum ReadRequest {
     Gone,
 }
 
-async fn read_request(recv: &mut RecvStream) -> Result<Request, ReadRequest> {
+/// Largest request frame before the connection has authenticated: a hello is tiny, and nothing
+/// larger is read from a stranger.
+const PRE_AUTH_FRAME_BYTES: usize = 4 * 1024;
+
+/// Reads one request frame of at most `max_len` bytes. The body buffer grows as bytes arrive,
+/// so a length prefix alone never makes the node allocate.
+async fn read_request(recv: &mut RecvStream, max_len: usize) -> Result<Request, ReadRequest> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     recv.read_exact(&mut header)
         .await
         .map_err(|_| ReadRequest::Gone)?;
-    let len = frame_len(header, MAX_FRAME_BYTES).map_err(|e| {
+    let len = frame_len(header, max_len).map_err(|e| {
         ReadRequest::Frame(Response::Error {
             code: ErrorCode::TooLarge,
             message: format!("request frame: {e}"),
         })
     })?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|_| ReadRequest::Gone)?;
+    let mut body = Vec::with_capacity(len.min(64 * 1024));
+    while body.len() < len {
+        match recv.read_chunk(len - body.len(), true).await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+            _ => return Err(ReadRequest::Gone),
+        }
+    }
     decode_body::<Request>(&body).map_err(|e| {
         let DecodeError::Malformed(msg) = &e else {
             unreachable!("decode_body only reports malformed input")
@@ -104,7 +121,18 @@ async fn serve_stream(
     cancel: &CancellationToken,
 ) {
     let _open = telemetry::OpenGuard::stream();
-    let request = tokio::time::timeout(node.config.request_timeout(), read_request(&mut rx)).await;
+    let request = tokio::time::timeout(
+        node.config.request_timeout(),
+        read_request(
+            &mut rx,
+            if role.get().is_some() {
+                MAX_FRAME_BYTES
+            } else {
+                PRE_AUTH_FRAME_BYTES
+            },
+        ),
+    )
+    .await;
     let request = match request {
         Ok(Ok(r)) => r,
         Ok(Err(ReadRequest::Frame(response))) => {

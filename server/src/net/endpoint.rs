@@ -33,6 +33,11 @@ pub enum EndpointError {
     },
 }
 
+/// Receive window of one stream: room for the largest request frame.
+const STREAM_WINDOW_BYTES: u32 = (kappakv_protocol::limits::MAX_FRAME_BYTES + 4) as u32;
+/// Receive window of one connection, over all its streams.
+const CONNECTION_WINDOW_BYTES: u32 = 4 * STREAM_WINDOW_BYTES;
+
 /// Builds the quinn server configuration: TLS from the node key, stream and idle limits.
 pub fn server_config(
     node: &Node,
@@ -51,7 +56,11 @@ pub fn server_config(
                 .try_into()
                 .expect("idle timeout fits QUIC's range"),
         ))
-        .keep_alive_interval(None);
+        .keep_alive_interval(None)
+        // Flow control bounds what a connection can make the node buffer: one stream may carry
+        // a whole largest request, the connection a few of them.
+        .stream_receive_window(STREAM_WINDOW_BYTES.into())
+        .receive_window(CONNECTION_WINDOW_BYTES.into());
     config.transport_config(Arc::new(transport));
     Ok(config)
 }

@@ -34,4 +34,6 @@ pub mod close {
     pub const BAD_PROTOCOL: u32 = 2;
     /// A second connection between the same pair of nodes.
     pub const DUPLICATE: u32 = 3;
+    /// A client that did not authenticate within the request timeout.
+    pub const AUTH_TIMEOUT: u32 = 4;
 }

@@ -58,6 +58,27 @@ pub enum StartError {
     Replication(String),
 }
 
+/// Creates `dir` and any missing parents, and fsyncs the directory entries of what it created,
+/// so that the first acknowledged writes of a new data dir do not depend on the file system's
+/// journal order to be found after a crash.
+fn create_durably(dir: &Path) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(d) = at.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        missing.push(d.to_path_buf());
+        at = d.parent();
+    }
+    std::fs::create_dir_all(dir)?;
+    for d in missing.iter().rev() {
+        let parent = d
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Paths inside a data dir.
 #[derive(Clone, Debug)]
 pub struct DataDir(pub PathBuf);
@@ -120,7 +141,7 @@ impl Node {
         health: &Arc<crate::health::Health>,
     ) -> Result<Arc<Self>, StartError> {
         let data_dir = DataDir(config.data_dir.clone());
-        std::fs::create_dir_all(data_dir.log()).map_err(|source| StartError::DataDir {
+        create_durably(&data_dir.log()).map_err(|source| StartError::DataDir {
             path: data_dir.0.clone(),
             source,
         })?;
