@@ -16,7 +16,7 @@
 //!
 //! The `kappakv` binary is built next to this one (same profile) by `cargo build` first, unless
 //! `--kappakv PATH` names one. `--dir DIR` puts the data dirs under `DIR` (default: the system
-//! temp dir).
+//! temp dir). `--b-env KAPPAKV_SETTING=VALUE` (repeatable) gives B a setting.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -47,6 +47,8 @@ struct Args {
     runs: usize,
     dir: Option<PathBuf>,
     kappakv: Option<PathBuf>,
+    /// `KAPPAKV_*` settings for B, such as `KAPPAKV_INDEX_BATCH_ENTRIES_MAX=100000`.
+    b_env: Vec<(String, String)>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -57,6 +59,7 @@ fn parse_args() -> Result<Args> {
         runs: 3,
         dir: None,
         kappakv: None,
+        b_env: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -68,9 +71,14 @@ fn parse_args() -> Result<Args> {
             "--runs" => args.runs = value()?.parse()?,
             "--dir" => args.dir = Some(value()?.into()),
             "--kappakv" => args.kappakv = Some(value()?.into()),
+            "--b-env" => {
+                let v = value()?;
+                let (k, v) = v.split_once('=').context("--b-env takes KEY=VALUE")?;
+                args.b_env.push((k.to_string(), v.to_string()));
+            }
             "-h" | "--help" => {
                 println!(
-                    "catchup-bench [--entries N] [--keys N] [--value-bytes N] [--runs N] [--dir DIR] [--kappakv PATH]"
+                    "catchup-bench [--entries N] [--keys N] [--value-bytes N] [--runs N] [--dir DIR] [--kappakv PATH] [--b-env KAPPAKV_SETTING=VALUE]..."
                 );
                 std::process::exit(0);
             }
@@ -156,7 +164,13 @@ struct Node {
 }
 
 impl Node {
-    fn spawn(exe: &Path, data_dir: &Path, listen: SocketAddr, peers: &[String]) -> Result<Self> {
+    fn spawn(
+        exe: &Path,
+        data_dir: &Path,
+        listen: SocketAddr,
+        peers: &[String],
+        env: &[(String, String)],
+    ) -> Result<Self> {
         let log = std::fs::File::create(data_dir.with_extension("stderr"))?;
         let mut cmd = Command::new(exe);
         cmd.args(["serve", "--data-dir"])
@@ -170,6 +184,7 @@ impl Node {
                 cmd.env_remove(key);
             }
         }
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         let child = cmd
             .env("KAPPAKV_ADMIN_LISTEN", "off")
             .env("RUST_LOG", "warn")
@@ -299,12 +314,13 @@ async fn run_once(
     b_addr: SocketAddr,
     a_peer: &str,
     target: &Status,
+    b_env: &[(String, String)],
 ) -> Result<RunResult> {
     let total = target.log_lsn;
     let want = vv(target);
     let a_cpu_before = a.cpu().0;
     let started = Instant::now();
-    let mut b = Node::spawn(exe, b_dir, b_addr, &[a_peer.to_string()])?;
+    let mut b = Node::spawn(exe, b_dir, b_addr, &[a_peer.to_string()], b_env)?;
     let mut client = None;
     let mut samples = Vec::new();
     let mut log_complete_secs = None;
@@ -428,7 +444,7 @@ async fn main() -> Result<()> {
         .map(|(_, id, addr)| format!("{id}@{addr}"))
         .collect();
     let t = Instant::now();
-    let mut a = Node::spawn(&exe, &a_dir, a_addr, &peers)?;
+    let mut a = Node::spawn(&exe, &a_dir, a_addr, &peers, &[])?;
     let a_client = wait_client(&mut a).await?;
     let target = a_client.status().await?;
     if target.log_lsn != args.entries || target.indexed_lsn != args.entries {
@@ -447,7 +463,7 @@ async fn main() -> Result<()> {
 
     let mut results = Vec::new();
     for (i, (dir, _, addr)) in bs.iter().enumerate() {
-        let r = run_once(&a, &exe, dir, *addr, &a_peer, &target).await?;
+        let r = run_once(&a, &exe, dir, *addr, &a_peer, &target, &args.b_env).await?;
         println!(
             "run {}: {:.2} s, {:.0} entries/s; log complete at {:.2} s; B peak RSS {}",
             i + 1,
