@@ -84,7 +84,19 @@ impl Snapshot {
         range: &KeyRange,
         limit: usize,
     ) -> Result<(Vec<KeyVersions>, Option<Vec<u8>>), ReadError> {
+        self.scan_within(range, limit, usize::MAX)
+    }
+
+    /// Like [`Snapshot::scan`], but the page also ends, with a resume key, once the keys and
+    /// values it holds reach `bytes_max` (it always holds at least one key).
+    pub fn scan_within(
+        &self,
+        range: &KeyRange,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<(Vec<KeyVersions>, Option<Vec<u8>>), ReadError> {
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         let Some(table) = self.table(KV_CURRENT)? else {
             return Ok((out, None));
         };
@@ -122,12 +134,18 @@ impl Snapshot {
             if set.iter().all(|v| v.value.is_none()) {
                 continue;
             }
-            if out.len() == limit {
+            if out.len() == limit || bytes >= bytes_max {
                 // Another visible key follows the page.
                 let resume = out.last().map(|kv: &KeyVersions| kv.key.clone());
                 return Ok((out, resume));
             }
-            out.push(key_versions(key, &set));
+            let kv = key_versions(key, &set);
+            bytes += kv.key.len()
+                + kv.values
+                    .iter()
+                    .map(|v| v.value.as_ref().map_or(0, Vec::len))
+                    .sum::<usize>();
+            out.push(kv);
         }
         Ok((out, None))
     }
@@ -135,6 +153,17 @@ impl Snapshot {
     /// Up to `limit` versions of `key` ever written, tombstones included, newest (highest LSN)
     /// first.
     pub fn history(&self, key: &[u8], limit: usize) -> Result<Vec<Version>, ReadError> {
+        self.history_within(key, limit, usize::MAX)
+    }
+
+    /// Like [`Snapshot::history`], but stops once the values read reach `bytes_max` (it always
+    /// returns at least one version if there is one).
+    pub fn history_within(
+        &self,
+        key: &[u8],
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<Vec<Version>, ReadError> {
         let Some(by_key) = self.table(HISTORY_BY_KEY)? else {
             return Ok(Vec::new());
         };
@@ -142,11 +171,15 @@ impl Snapshot {
             return Ok(Vec::new());
         };
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         for row in by_key
             .range((key, 0u64)..=(key, u64::MAX))?
             .rev()
             .take(limit)
         {
+            if bytes >= bytes_max {
+                break;
+            }
             let (k, index) = row?;
             let at = (k.value().1, index.value());
             let record = records.get(at)?.ok_or(CorruptRecord {
@@ -160,6 +193,10 @@ impl Snapshot {
                 timestamp: rec.timestamp,
                 value: rec.value.map(<[u8]>::to_vec),
             });
+            bytes += out
+                .last()
+                .and_then(|v| v.value.as_ref())
+                .map_or(0, Vec::len);
         }
         Ok(out)
     }

@@ -9,7 +9,8 @@ use kappakv_protocol::limits::{
     MAX_VALUE_BYTES,
 };
 use kappakv_protocol::{
-    ErrorCode, IndexQuery, IndexStatus, KeyRange, Lsn, Request, Response, Status, WriteOp,
+    ErrorCode, IndexQuery, IndexStatus, KeyRange, KeyVersions, Lsn, Request, Response, Status,
+    WriteOp,
 };
 use serde_bytes::ByteBuf;
 
@@ -56,7 +57,7 @@ pub async fn handle(node: &Node, request: Request, role: Role) -> Reply {
                 return key_too_large(key.len());
             }
             read(node, min_lsn, move |snap| {
-                snap.get(&key).map(|kv| vec![Response::Versions(kv)])
+                snap.get(&key).map(|kv| vec![versions_frame(kv)])
             })
             .await
         }
@@ -67,8 +68,9 @@ pub async fn handle(node: &Node, request: Request, role: Role) -> Reply {
         } => {
             let limit = limit.clamp(1, MAX_SCAN_LIMIT);
             read(node, min_lsn, move |snap| {
-                let (page, resume) = snap.scan(&range_checked(range), limit as usize)?;
-                let mut out: Vec<Response> = page.into_iter().map(Response::Versions).collect();
+                let (page, resume) =
+                    snap.scan_within(&range_checked(range), limit as usize, REPLY_BYTES_MAX)?;
+                let mut out: Vec<Response> = page.into_iter().map(versions_frame).collect();
                 out.push(Response::ScanEnd {
                     resume_after: resume.map(ByteBuf::from),
                 });
@@ -83,7 +85,7 @@ pub async fn handle(node: &Node, request: Request, role: Role) -> Reply {
         } => {
             let limit = limit.clamp(1, MAX_HISTORY_LIMIT);
             read(node, min_lsn, move |snap| {
-                snap.history(&key, limit as usize)
+                snap.history_within(&key, limit as usize, REPLY_BYTES_MAX)
                     .map(|versions| vec![Response::History { versions }])
             })
             .await
@@ -134,6 +136,33 @@ pub async fn handle(node: &Node, request: Request, role: Role) -> Reply {
             "this node does not know that request",
         ),
     }
+}
+
+/// Keys and values one history response or one scan page holds at most, besides the one
+/// item that crosses the line; with values of at most 1 MiB, a history frame stays well under
+/// the frame limit and a scan page's memory stays bounded.
+const REPLY_BYTES_MAX: usize = 2 * 1024 * 1024;
+
+/// A key's versions as one frame, or a typed error when its siblings together are too large for
+/// one frame.
+fn versions_frame(kv: KeyVersions) -> Response {
+    let bytes: usize = kv.key.len()
+        + kv.values
+            .iter()
+            .map(|v| v.value.as_ref().map_or(0, Vec::len))
+            .sum::<usize>();
+    if bytes + 64 * 1024 > kappakv_protocol::limits::MAX_FRAME_BYTES {
+        let key = String::from_utf8_lossy(&kv.key).into_owned();
+        return Response::Error {
+            code: ErrorCode::TooLarge,
+            message: format!(
+                "key `{key}` has {} siblings holding {bytes} bytes, more than one response can carry; merge them with a put that supersedes the context {}",
+                kv.values.len(),
+                kappakv_protocol::Context(kv.context.clone()),
+            ),
+        };
+    }
+    Response::Versions(kv)
 }
 
 fn range_checked(range: KeyRange) -> KeyRange {

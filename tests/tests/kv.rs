@@ -183,3 +183,46 @@ async fn typed_errors_for_bad_requests_while_others_are_served() -> anyhow::Resu
     assert_eq!(good.get("stale").await?.values.len(), 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn large_values_come_back_in_bounded_replies() -> anyhow::Result<()> {
+    let node = TestNode::start().await?;
+    let c = node.client().await?;
+    let mib = vec![7u8; kappakv_protocol::limits::MAX_VALUE_BYTES];
+
+    // Eight 1 MiB versions of one key: history returns the newest that fit in one reply.
+    for _ in 0..8 {
+        c.put("big", &mib).await?;
+    }
+    let history = c.history("big", 100).await?;
+    assert!(
+        (1..8).contains(&history.len()),
+        "{} versions",
+        history.len()
+    );
+
+    // A scan over many large keys pages by size and still returns every key.
+    for i in 0..6 {
+        c.put(format!("many/{i}"), &mib).await?;
+    }
+    let keys: Vec<_> = c.scan(ScanOptions::prefix("many/")).collect().await;
+    assert_eq!(keys.len(), 6);
+
+    // Siblings that together exceed a reply are a typed error, and merging them fixes it.
+    c.put("wide", "base").await?;
+    let ctx = c.get("wide").await?.context;
+    let mut siblings = Vec::new();
+    for _ in 0..5 {
+        siblings.push(c.put_with("wide", &mib, &ctx).await?.id);
+    }
+    let err = c.get("wide").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::TooLarge), "{err}");
+    let context = Context(siblings).normalized();
+    assert!(
+        err.to_string().contains(&context.to_string()),
+        "the error names the context to merge: {err}"
+    );
+    c.put_with("wide", "merged", &context).await?;
+    assert_eq!(c.get("wide").await?.values.len(), 1);
+    Ok(())
+}
