@@ -138,17 +138,26 @@ impl SyncSession {
                 id: p.id,
             })
             .or_else(|| self.released.get(&author).copied());
-        if let Some(tail) = tail {
-            if e.entry.seq > tail.seq + 1 {
-                // An entry past the next one: the peer skipped entries it learned, mid-session,
-                // that this node has (this node sent them to it), so its stream of an author
-                // may jump forward. A new run starts here. What waited unsigned is older than
-                // what was skipped, so the log already holds it; [`classify`] checks where the
-                // new run meets the log.
+        match tail {
+            // An entry at or before what this session already has of the author: an honest peer
+            // never sends one (it sends each entry once, in log order). It is a repeat or a
+            // second entry for an (author, seq), an equivocation, which only the log can tell:
+            // the author's run starts over from it (dropping what waited unsigned, which was
+            // never appended) and [`classify`] decides once a signature covers it.
+            Some(tail) if e.entry.seq <= tail.seq => {
                 self.pending.remove(&author);
-            } else {
-                kappakv_protocol::verify::check_link(Some(&tail), &e.entry)?;
+                self.released.remove(&author);
             }
+            // An entry past the next one: the peer skipped entries it learned, mid-session,
+            // that this node has (this node sent them to it), so its stream of an author may
+            // jump forward. A new run starts here. What waited unsigned is older than what was
+            // skipped, so the log already holds it; [`classify`] checks where the new run meets
+            // the log.
+            Some(tail) if e.entry.seq > tail.seq + 1 => {
+                self.pending.remove(&author);
+            }
+            Some(tail) => kappakv_protocol::verify::check_link(Some(&tail), &e.entry)?,
+            None => {}
         }
         let Some(sig) = &e.signature else {
             let pending = self.pending.entry(author).or_default();
@@ -273,5 +282,68 @@ pub fn classify(
         Classified::Duplicate
     } else {
         Classified::Append(rest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kappakv_protocol::{Entry, Keypair, Op, Timestamp};
+
+    use super::*;
+
+    fn signed(kp: &Keypair, seq: u64, prev: Option<EntryId>, value: &[u8]) -> SignedEntry {
+        let entry = Entry {
+            author: kp.node_id(),
+            seq,
+            prev,
+            timestamp: Timestamp(seq),
+            ops: vec![Op::Put {
+                key: b"k".to_vec(),
+                value: value.to_vec(),
+                supersedes: vec![],
+            }],
+        };
+        let id = entry.id();
+        SignedEntry {
+            id,
+            entry,
+            signature: Some(kp.sign(&id)),
+        }
+    }
+
+    #[test]
+    fn a_second_entry_for_a_seq_already_released_is_classified_as_an_equivocation() {
+        let kp = Keypair::from_secret([5; 32]);
+        let peer = Keypair::from_secret([6; 32]).node_id();
+        let mut session = SyncSession::new(peer, 16, None);
+        let e1 = signed(&kp, 1, None, b"1");
+        let e2 = signed(&kp, 2, Some(e1.id), b"2");
+        let e3 = signed(&kp, 3, Some(e2.id), b"3");
+        for e in [&e1, &e2, &e3] {
+            assert_eq!(session.receive(e.clone()), Ok(Some(vec![e.clone()])));
+        }
+        let head = Some(ChainHead { seq: 3, id: e3.id });
+
+        // Below the session's tail: a run of its own, which the log tells apart.
+        let fork2 = signed(&kp, 2, Some(e1.id), b"forked");
+        let run = session
+            .receive(fork2.clone())
+            .expect("verifies")
+            .expect("signed");
+        assert_eq!(
+            classify(run, head, |_| false),
+            Classified::Equivocation {
+                author: kp.node_id(),
+                seq: 2,
+                existing: None,
+                other: fork2.id,
+            }
+        );
+        // A repeat of what the log has is a duplicate.
+        let run = session
+            .receive(e2.clone())
+            .expect("verifies")
+            .expect("signed");
+        assert_eq!(classify(run, head, |_| true), Classified::Duplicate);
     }
 }
