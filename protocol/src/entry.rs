@@ -434,4 +434,3 @@ pub(crate) mod tests {
         assert!(c.now(150) > Timestamp(200 << 16));
     }
 }
-

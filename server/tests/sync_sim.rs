@@ -38,10 +38,12 @@ use kappakv_server::node::replication::session::{Classified, SyncSession, classi
 const DEFAULT_SEEDS: u64 = 200;
 /// Distinct keys written: few, so that concurrent writes conflict.
 const KEYS: u64 = 4;
-/// Unsigned entries a session buffers per author.
-const PENDING_MAX: usize = 256;
-/// Appends of one run tried before the receive side gives up on it, as `driver.rs` `ingest`.
-const INGEST_ATTEMPTS: u32 = 3;
+/// Bytes of unsigned entries a session buffers, over all authors.
+const PENDING_MAX: usize = 4 * 1024 * 1024;
+/// Appends of one run tried before the receive side gives up on it. `driver.rs` `ingest` tries
+/// until classification settles, which every refusal brings closer; this bound only keeps a bug
+/// from hanging the simulation.
+const INGEST_ATTEMPTS: u32 = 1_000;
 /// Most entries one send step reads from the log.
 const SEND_CHUNK_MAX: u64 = 6;
 /// Bound on the rounds of the final run to quiescence.

@@ -28,8 +28,8 @@ use crate::node::{Node, StartError};
 
 /// Entries read from the log per blocking read on the send side.
 const SEND_CHUNK: u64 = 2048;
-/// Most unsigned entries of one author buffered per session.
-const PENDING_MAX: usize = 65_536;
+/// Bytes of entries read from the log per send step, besides the entry that crosses the line.
+const SEND_CHUNK_BYTES: usize = 8 * 1024 * 1024;
 /// Folder of the data dir where equivocation proofs are stored.
 pub const EQUIVOCATIONS_DIR: &str = "equivocations";
 /// Most equivocation proofs written since start: a hostile author could otherwise fill the disk.
@@ -315,7 +315,11 @@ impl Replication {
         }
         tracing::info!(remote = %conn.remote_address(), "peer connected");
         let writers = self.writers.clone();
-        let session = Arc::new(Mutex::new(SyncSession::new(peer, PENDING_MAX, writers)));
+        let session = Arc::new(Mutex::new(SyncSession::new(
+            peer,
+            2 * self.node.config.batch_bytes_max,
+            writers,
+        )));
         let (hello_tx, hello_rx) = watch::channel(false);
         let send = self
             .clone()
@@ -363,13 +367,28 @@ impl Replication {
             }
             let upto = head.min(at + SEND_CHUNK);
             let r = reader.clone();
-            let entries: Vec<SignedEntry> = tokio::task::spawn_blocking(move || {
-                r.iter(at, upto)?
-                    .map(|i| i.map(|(_, e)| e))
-                    .collect::<Result<Vec<_>, _>>()
+            let (entries, read_to) = tokio::task::spawn_blocking(move || {
+                let mut entries: Vec<SignedEntry> = Vec::new();
+                let mut bytes = 0;
+                let mut read_to = at;
+                for item in r.iter(at, upto)? {
+                    let (lsn, e) = item?;
+                    bytes += e
+                        .entry
+                        .ops
+                        .iter()
+                        .map(|op| op.key().len() + op.value().map_or(0, <[u8]>::len))
+                        .sum::<usize>();
+                    read_to = lsn;
+                    entries.push(e);
+                    if bytes >= SEND_CHUNK_BYTES {
+                        break;
+                    }
+                }
+                Ok::<_, crate::log::ReadLogError>((entries, read_to))
             })
             .await??;
-            at = upto;
+            at = read_to;
             let mut frame: Vec<ByteBuf> = Vec::new();
             let mut bytes = 0usize;
             let mut sent = 0u64;
@@ -423,6 +442,9 @@ impl Replication {
             rx.read_exact(&mut body).await?;
             match decode_body::<PeerMessage>(&body)? {
                 PeerMessage::Hello { version_vector } => {
+                    if *hello.borrow() {
+                        anyhow::bail!("the peer sent a second hello");
+                    }
                     let mut s = session.lock().expect("session lock");
                     s.on_hello(&version_vector);
                     let theirs = s.their_version_vector().clone();
@@ -469,7 +491,9 @@ impl Replication {
 
     /// Appends a verified run through the writer, after classifying it against the log.
     async fn ingest(&self, peer: NodeId, run: Vec<SignedEntry>) -> anyhow::Result<()> {
-        for _ in 0..3 {
+        // Each `Link` refusal means another session moved this author's head forward, so
+        // classifying again ends: at the latest when the whole run is a duplicate.
+        loop {
             let Some(last) = run.last() else {
                 return Ok(());
             };
@@ -536,7 +560,6 @@ impl Replication {
                 }
             }
         }
-        Ok(())
     }
 
     /// Stores the proof of an equivocation in `DATA_DIR/equivocations/AUTHOR-SEQ.records`, in

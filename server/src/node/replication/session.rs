@@ -29,8 +29,8 @@ pub enum Refusal {
     /// The entry does not link to the one before it, or its signature is bad.
     #[error(transparent)]
     Invalid(#[from] VerifyError),
-    /// Too many unsigned entries of one author waiting for a signature.
-    #[error("author {author}: more than {max} unsigned entries in a row")]
+    /// Too many bytes of unsigned entries waiting for a signature.
+    #[error("author {author}: more than {max} bytes of unsigned entries waiting for a signature")]
     BufferFull {
         /// The author.
         author: NodeId,
@@ -65,20 +65,24 @@ pub struct SyncSession {
     released: HashMap<NodeId, ChainHead>,
     /// Per author, unsigned entries waiting for a signature, in chain order.
     pending: HashMap<NodeId, Vec<SignedEntry>>,
-    pending_max: usize,
+    /// Bytes of entries in `pending`, over all authors, and their bound.
+    pending_bytes: usize,
+    pending_bytes_max: usize,
     writers: Option<HashSet<NodeId>>,
 }
 
 impl SyncSession {
-    /// A session with `peer`. `pending_max` bounds the unsigned run buffered per author;
+    /// A session with `peer`. `pending_bytes_max` bounds the unsigned entries buffered, over all
+    /// authors (an honest peer's unsigned runs are at most one of its group commits);
     /// `writers`, when given, is the allow-list of authors accepted.
-    pub fn new(peer: NodeId, pending_max: usize, writers: Option<HashSet<NodeId>>) -> Self {
+    pub fn new(peer: NodeId, pending_bytes_max: usize, writers: Option<HashSet<NodeId>>) -> Self {
         Self {
             peer,
             theirs: HashMap::new(),
             released: HashMap::new(),
             pending: HashMap::new(),
-            pending_max,
+            pending_bytes: 0,
+            pending_bytes_max,
             writers,
         }
     }
@@ -145,7 +149,7 @@ impl SyncSession {
             // the author's run starts over from it (dropping what waited unsigned, which was
             // never appended) and [`classify`] decides once a signature covers it.
             Some(tail) if e.entry.seq <= tail.seq => {
-                self.pending.remove(&author);
+                self.take_pending(&author);
                 self.released.remove(&author);
             }
             // An entry past the next one: the peer skipped entries it learned, mid-session,
@@ -154,29 +158,30 @@ impl SyncSession {
             // skipped, so the log already holds it; [`classify`] checks where the new run meets
             // the log.
             Some(tail) if e.entry.seq > tail.seq + 1 => {
-                self.pending.remove(&author);
+                self.take_pending(&author);
             }
             Some(tail) => kappakv_protocol::verify::check_link(Some(&tail), &e.entry)?,
             None => {}
         }
         let Some(sig) = &e.signature else {
-            let pending = self.pending.entry(author).or_default();
-            if pending.len() >= self.pending_max {
-                self.pending.remove(&author);
+            let size = entry_size(&e);
+            if self.pending_bytes + size > self.pending_bytes_max {
+                self.take_pending(&author);
                 return Err(Refusal::BufferFull {
                     author,
-                    max: self.pending_max,
+                    max: self.pending_bytes_max,
                 });
             }
-            pending.push(e);
+            self.pending_bytes += size;
+            self.pending.entry(author).or_default().push(e);
             return Ok(None);
         };
         if let Err(err) = verify_signature(&author, e.entry.seq, &e.id, sig) {
             // The run cannot be trusted; later entries of it will not link either.
-            self.pending.remove(&author);
+            self.take_pending(&author);
             return Err(err.into());
         }
-        let mut run = self.pending.remove(&author).unwrap_or_default();
+        let mut run = self.take_pending(&author);
         self.released.insert(
             author,
             ChainHead {
@@ -188,10 +193,27 @@ impl SyncSession {
         Ok(Some(run))
     }
 
+    /// Removes and returns `author`'s unsigned entries.
+    fn take_pending(&mut self, author: &NodeId) -> Vec<SignedEntry> {
+        let run = self.pending.remove(author).unwrap_or_default();
+        self.pending_bytes -= run.iter().map(entry_size).sum::<usize>();
+        run
+    }
+
     /// Unsigned entries buffered, over all authors.
     pub fn pending_len(&self) -> usize {
         self.pending.values().map(Vec::len).sum()
     }
+}
+
+/// What an entry costs in memory, near enough: its keys and values plus a fixed overhead.
+fn entry_size(e: &SignedEntry) -> usize {
+    256 + e
+        .entry
+        .ops
+        .iter()
+        .map(|op| op.key().len() + op.value().map_or(0, <[u8]>::len) + 33 * op.supersedes().len())
+        .sum::<usize>()
 }
 
 /// Where a verified run meets this node's log.
@@ -315,7 +337,7 @@ mod tests {
     fn a_second_entry_for_a_seq_already_released_is_classified_as_an_equivocation() {
         let kp = Keypair::from_secret([5; 32]);
         let peer = Keypair::from_secret([6; 32]).node_id();
-        let mut session = SyncSession::new(peer, 16, None);
+        let mut session = SyncSession::new(peer, 1 << 20, None);
         let e1 = signed(&kp, 1, None, b"1");
         let e2 = signed(&kp, 2, Some(e1.id), b"2");
         let e3 = signed(&kp, 3, Some(e2.id), b"3");
