@@ -33,9 +33,12 @@ pub enum EndpointError {
     },
 }
 
-/// Receive window of one stream: room for the largest request frame.
-const STREAM_WINDOW_BYTES: u32 = (kappakv_protocol::limits::MAX_FRAME_BYTES + 4) as u32;
-/// Receive window of one connection, over all its streams.
+/// Receive window of one stream. Frames are read as they arrive, so a frame larger than the
+/// window still flows; the window only bounds what a sender may have in flight, which is also
+/// what it may still push into a connection whose reader has gone.
+const STREAM_WINDOW_BYTES: u32 = 1024 * 1024;
+/// Receive window of one connection, over all its streams: what one connection can make the
+/// node buffer.
 const CONNECTION_WINDOW_BYTES: u32 = 4 * STREAM_WINDOW_BYTES;
 
 /// Builds the quinn server configuration: TLS from the node key, stream and idle limits.
@@ -57,8 +60,7 @@ pub fn server_config(
                 .expect("idle timeout fits QUIC's range"),
         ))
         .keep_alive_interval(None)
-        // Flow control bounds what a connection can make the node buffer: one stream may carry
-        // a whole largest request, the connection a few of them.
+        // Flow control bounds what a connection can make the node buffer.
         .stream_receive_window(STREAM_WINDOW_BYTES.into())
         .receive_window(CONNECTION_WINDOW_BYTES.into());
     config.transport_config(Arc::new(transport));
