@@ -391,3 +391,22 @@ pub fn metric(page: &str, series: &str) -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+/// Polls `check` every 20 ms until it holds, failing after 20 s with `what` in the message. An
+/// error from `check` counts as "not yet".
+pub async fn eventually<F, Fut>(what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if check().await.unwrap_or(false) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -4,7 +4,7 @@
 //! refused, counted and stored as proof; strangers and plain clients cannot speak the protocol.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kappakv_protocol::frame::encode_frame;
 use kappakv_protocol::peer::PeerMessage;
@@ -12,25 +12,7 @@ use kappakv_protocol::record::{RecordDecode, decode_record};
 use kappakv_protocol::{ALPN_CLIENT, Entry, EntryId, Keypair, NodeId, Op, SignedEntry, Timestamp};
 use kappakv_server::net::tls::TlsIdentity;
 use kappakv_server::node::replication::driver::{EQUIVOCATIONS_DIR, peer_transport};
-use kappakv_tests::{TestNode, free_udp_port};
-
-/// Polls `check` until it holds or 20 s pass.
-async fn eventually<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<bool>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if check().await.unwrap_or(false) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            anyhow::bail!("timed out waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use kappakv_tests::{TestNode, eventually, free_udp_port};
 
 /// One author's chain, built by hand.
 struct Author {

@@ -7,25 +7,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt as _;
 use kappakv_client::{Client, ScanOptions};
 use kappakv_protocol::KeyVersions;
-use kappakv_tests::{TestNode, free_udp_port};
-
-/// Polls `check` until it holds or 20 s pass.
-async fn eventually<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<bool>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if check().await.unwrap_or(false) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            anyhow::bail!("timed out waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use kappakv_tests::{TestNode, eventually, free_udp_port};
 
 async fn values(c: &Client, key: &str) -> anyhow::Result<BTreeSet<Vec<u8>>> {
     Ok(c.get(key)

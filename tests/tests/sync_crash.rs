@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt as _;
 use kappakv_client::{Client, ScanOptions};
 use kappakv_protocol::{KeyVersions, NodeId, PeerStatus};
-use kappakv_tests::{ProcessNode, TestNode, free_udp_port, run};
+use kappakv_tests::{ProcessNode, TestNode, eventually, free_udp_port, run};
 
 /// Entries on A before B starts catching up.
 const ENTRIES: u64 = 20_000;
@@ -21,24 +21,6 @@ const SEND_CHUNK: u64 = 2048;
 /// stream's flow-control window on the node (1 MiB, `net/endpoint.rs`) over the smallest
 /// payload of this test's entries (about 150 bytes). They count as sent, never as received.
 const IN_FLIGHT_MAX: u64 = (1024 * 1024) / 150;
-
-/// Polls `check` until it holds or `secs` pass.
-async fn eventually<F, Fut>(what: &str, secs: u64, mut check: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<bool>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if check().await.unwrap_or(false) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            anyhow::bail!("timed out waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 async fn scan_all(c: &Client) -> anyhow::Result<Vec<KeyVersions>> {
     let items: Vec<_> = c.scan(ScanOptions::all()).collect().await;
@@ -117,7 +99,7 @@ async fn a_node_killed_mid_catch_up_resumes_without_duplicates() -> anyhow::Resu
         restarted_with >= had,
         "B lost durable entries: {restarted_with} < {had}"
     );
-    eventually("B catches up after the restart", 20, || async {
+    eventually("B catches up after the restart", || async {
         let (sa, sb) = (ca.status().await?, cb.status().await?);
         Ok(sa.version_vector == sb.version_vector)
     })
