@@ -191,6 +191,9 @@ impl IndexerHandle {
             .name("kappakv-indexer".into())
             .spawn(move || {
                 let _span = tracing::error_span!("indexer").entered();
+                // The views are fixed for the node's life; without background views, the
+                // checkpoint reads that schedule them are skipped on every batch.
+                let has_background = indexes.view_names().iter().any(|n| !is_serving_view(n));
                 let result = (|| {
                     let mut applied = start;
                     let mut dirty = false;
@@ -202,7 +205,11 @@ impl IndexerHandle {
                         if applied < target {
                             // The serving views first: reads wait for them.
                             let upto = target.min(applied + batch as u64);
-                            let follow = caught_up_background_views(&indexes, applied)?;
+                            let follow = if has_background {
+                                caught_up_background_views(&indexes, applied)?
+                            } else {
+                                Vec::new()
+                            };
                             let select = |n: &str| is_serving_view(n) || follow.iter().any(|f| f == n);
                             applied = catch_up(&indexes, &reader, applied, upto, batch, false, &select, |_| {})?;
                             indexed_tx.send_replace(applied);
@@ -212,7 +219,8 @@ impl IndexerHandle {
                         // serving views are idle, and at least every `durable_interval` under a
                         // steady stream of writes, so a rebuild cannot starve. It never passes
                         // what the serving views (the key/value view it reads) have applied.
-                        let background_due = !worked || last_background.elapsed() >= durable_interval;
+                        let background_due =
+                            has_background && (!worked || last_background.elapsed() >= durable_interval);
                         if background_due && let Some((name, from)) = lagging_background_view(&indexes, applied)? {
                             let upto = applied.min(from + batch as u64);
                             let only = |n: &str| n == name;
