@@ -60,6 +60,13 @@ fn verify_ed25519(
     verify_tls13_signature(message, cert, dss, &algorithms())
 }
 
+/// QUIC runs TLS 1.3 only; a TLS 1.2 signature is never accepted.
+fn refuse_tls12() -> Result<HandshakeSignatureValid, Error> {
+    Err(Error::PeerIncompatible(
+        rustls::PeerIncompatible::Tls13RequiredForQuic,
+    ))
+}
+
 /// Accepts a server only if its certificate carries the expected node id.
 #[derive(Debug)]
 pub struct PinnedServerVerifier {
@@ -97,9 +104,7 @@ impl ServerCertVerifier for PinnedServerVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        Err(Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls13RequiredForQuic,
-        ))
+        refuse_tls12()
     }
 
     fn verify_tls13_signature(
@@ -150,9 +155,7 @@ impl ClientCertVerifier for NodeClientVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        Err(Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls13RequiredForQuic,
-        ))
+        refuse_tls12()
     }
 
     fn verify_tls13_signature(
