@@ -4,10 +4,7 @@
 use std::time::Duration;
 
 use kappakv_indexes::{QueryError, SecondaryIndexView, View as _};
-use kappakv_protocol::limits::{
-    MAX_HISTORY_LIMIT, MAX_KEY_BYTES, MAX_OPS_PER_ENTRY, MAX_QUERY_LIMIT, MAX_SCAN_LIMIT,
-    MAX_VALUE_BYTES,
-};
+use kappakv_protocol::limits::{MAX_HISTORY_LIMIT, MAX_KEY_BYTES, MAX_QUERY_LIMIT, MAX_SCAN_LIMIT};
 use kappakv_protocol::{
     ErrorCode, IndexQuery, IndexStatus, KeyRange, KeyVersions, Lsn, Request, Response, Status,
     WriteOp,
@@ -176,35 +173,9 @@ fn key_too_large(len: usize) -> Reply {
     )
 }
 
+/// A local write. The writer checks the ops against the entry format (`Entry::validate`), so
+/// the limits live in one place; its typed error picks the wire code.
 async fn write(node: &Node, ops: Vec<WriteOp>) -> Reply {
-    if ops.is_empty() {
-        return error(ErrorCode::BadRequest, "a write needs at least one op");
-    }
-    if ops.len() > MAX_OPS_PER_ENTRY {
-        return error(
-            ErrorCode::TooLarge,
-            format!(
-                "{} ops in one write; the most is {MAX_OPS_PER_ENTRY}",
-                ops.len()
-            ),
-        );
-    }
-    for op in &ops {
-        if op.key.len() > MAX_KEY_BYTES {
-            return key_too_large(op.key.len());
-        }
-        if let Some(v) = &op.value
-            && v.len() > MAX_VALUE_BYTES
-        {
-            return error(
-                ErrorCode::TooLarge,
-                format!(
-                    "value of {} bytes is over the limit of {MAX_VALUE_BYTES}",
-                    v.len()
-                ),
-            );
-        }
-    }
     match node.writer.write(ops).await {
         Ok(w) => Reply::One(Response::Written {
             lsn: w.lsn,
@@ -215,7 +186,14 @@ async fn write(node: &Node, ops: Vec<WriteOp>) -> Reply {
 }
 
 fn write_error(e: &WriteError) -> Reply {
+    use kappakv_protocol::InvalidEntry;
     let code = match e {
+        WriteError::Invalid(
+            InvalidEntry::KeyTooLarge { .. }
+            | InvalidEntry::ValueTooLarge { .. }
+            | InvalidEntry::TooManyOps { .. }
+            | InvalidEntry::TooLarge { .. },
+        ) => ErrorCode::TooLarge,
         WriteError::Invalid(_) => ErrorCode::BadRequest,
         WriteError::ShuttingDown => ErrorCode::ShuttingDown,
         _ => ErrorCode::Unavailable,
