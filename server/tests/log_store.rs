@@ -274,6 +274,78 @@ fn a_flipped_byte_before_the_tail_is_an_error_naming_segment_and_offset() {
     verify::run(dir.path()).unwrap();
 }
 
+/// Every byte of the last three records flipped in turn: a flip in the last record is a torn
+/// tail, cut back to the last signed batch; a flip in any record before it is refused with its
+/// segment, offset and LSN, and the file is left as it was.
+#[test]
+fn every_flipped_byte_in_the_last_records_is_truncated_in_the_tail_and_refused_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = ChainBuilder::new(1);
+    let batches: Vec<_> = (0..8).map(|_| a.batch(2, 30)).collect();
+    let ends = write_log(dir.path(), &batches);
+    let original = fs::read(first_segment(dir.path())).unwrap();
+    let n = ends.len();
+    let start_of = |i: usize| if i == 0 { 0 } else { ends[i - 1] };
+    let (mut truncated, mut refused) = (0, 0);
+    for at in start_of(n - 3)..ends[n - 1] {
+        let record = ends.iter().position(|&end| at < end).unwrap();
+        let case = tempfile::tempdir().unwrap();
+        fs::create_dir(log_dir(case.path())).unwrap();
+        let seg = first_segment(case.path());
+        let mut bytes = original.clone();
+        bytes[at as usize] ^= 0x5a;
+        fs::write(&seg, &bytes).unwrap();
+        let opened = LogStore::open(&log_dir(case.path()), &LogConfig::default());
+        if record == n - 1 {
+            // The last record is damaged; the one before it is the unsigned half of its batch.
+            let (_store, recovery) = opened.unwrap_or_else(|e| panic!("flip at {at}: {e}"));
+            assert_eq!(recovery.last_lsn, n as u64 - 2, "flip at {at}");
+            let t = recovery.truncated.expect("the tail was cut");
+            assert_eq!(t.torn.map(|(offset, _)| offset), Some(start_of(n - 1)));
+            assert_eq!(
+                fs::metadata(&seg).unwrap().len(),
+                ends[n - 3],
+                "flip at {at}"
+            );
+            verify::run(case.path()).unwrap();
+            truncated += 1;
+        } else {
+            match opened {
+                Err(OpenLogError::Corrupt {
+                    segment,
+                    offset,
+                    lsn,
+                    next_good,
+                    ..
+                }) => assert_eq!(
+                    (segment, offset, lsn, next_good),
+                    (
+                        seg.clone(),
+                        start_of(record),
+                        record as u64 + 1,
+                        Some(ends[record])
+                    ),
+                    "flip at {at}"
+                ),
+                Err(other) => panic!("flip at {at}: {other}"),
+                Ok(_) => panic!("flip at {at} before the tail was accepted"),
+            }
+            assert!(
+                matches!(verify::run(case.path()), Err(VerifyLogError::Corrupt { offset, .. }) if offset == start_of(record)),
+                "flip at {at}"
+            );
+            assert_eq!(
+                fs::read(&seg).unwrap(),
+                bytes,
+                "flip at {at}: the file changed"
+            );
+            refused += 1;
+        }
+    }
+    assert_eq!(truncated, ends[n - 1] - start_of(n - 1));
+    assert_eq!(refused, ends[n - 2] - start_of(n - 3));
+}
+
 #[test]
 fn damage_at_the_end_of_a_segment_that_is_not_the_last_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
