@@ -89,6 +89,9 @@ pub struct Config {
     pub index_cache_bytes: usize,
     /// How often the indexer makes its checkpoint durable.
     pub index_durable_interval_ms: u64,
+    /// While no read waits for the views, how long new entries may gather before the indexer
+    /// applies them in one transaction; 0 applies every group commit at once.
+    pub index_linger_ms: u64,
     /// Most watches open at once; each holds a log file open, so this must stay well below the
     /// process's file descriptor limit.
     pub max_watches: usize,
@@ -129,12 +132,13 @@ impl Default for Config {
             index_batch_entries_max: 20_000,
             index_cache_bytes: kappakv_indexes::DEFAULT_CACHE_BYTES,
             index_durable_interval_ms: 2_000,
+            index_linger_ms: 50,
             max_watches: 512,
             watch_lag_entries_max: 1_000_000,
             watch_heartbeat_ms: 5_000,
             shutdown_grace_ms: 5_000,
             admin_listen: DEFAULT_ADMIN_LISTEN.to_string(),
-            ready_lag_entries_max: 1_000,
+            ready_lag_entries_max: 10_000,
             index: Vec::new(),
         }
     }

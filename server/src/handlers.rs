@@ -222,8 +222,7 @@ where
     // Every write acknowledged before this read arrived is visible to it, whichever client
     // made it: the read waits until the views cover the log as it stands now.
     let wait_for = min_lsn.max(log_lsn);
-    let mut indexed = node.indexed.clone();
-    if indexed.wait_for(|&lsn| lsn >= wait_for).await.is_err() {
+    if !node.wait_indexed(wait_for).await {
         return error(
             ErrorCode::Unavailable,
             "the indexer has stopped; check the node's log",

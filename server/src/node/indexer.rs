@@ -4,10 +4,15 @@
 //! Index commits are not durable one by one: every `index_durable_interval_ms`, and at
 //! shutdown, a durable commit persists everything before it. After a crash the views resume
 //! from their last durable checkpoint and replay the log from there.
+//!
+//! Each redb commit copies every page it touches, so a transaction per group commit costs
+//! several times what one per thousand entries does. While no read waits for the views, the
+//! indexer lets new entries gather for up to `index_linger_ms` before it applies them; a read
+//! that must wait wakes it at once (see [`IndexerHandle::wait_indexed`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -162,11 +167,26 @@ fn caught_up_background_views(indexes: &Indexes, at: Lsn) -> Result<Vec<String>,
         .collect())
 }
 
+/// How the indexer thread batches its work.
+#[derive(Debug, Clone, Copy)]
+pub struct IndexerConfig {
+    /// Most entries in one transaction.
+    pub batch: usize,
+    /// How often the views' checkpoint is made durable.
+    pub durable_interval: Duration,
+    /// How long new entries may gather before they are applied, while no read waits.
+    pub linger: Duration,
+    /// How many may gather: the indexer stops lingering once this many wait.
+    pub linger_entries: u64,
+}
+
 /// The running indexer thread.
 pub struct IndexerHandle {
     indexed: watch::Receiver<Lsn>,
     views: watch::Receiver<Vec<(String, Lsn)>>,
     stop: Arc<AtomicBool>,
+    /// Reads waiting for the serving views; the indexer never lingers while there are any.
+    waiting: Arc<AtomicUsize>,
     durable_tx_wake: watch::Sender<()>,
     thread: Option<JoinHandle<Result<(), IndexError>>>,
 }
@@ -177,15 +197,22 @@ impl IndexerHandle {
         indexes: Arc<Indexes>,
         log_dir: PathBuf,
         mut durable: watch::Receiver<Lsn>,
-        batch: usize,
-        durable_interval: Duration,
+        config: IndexerConfig,
     ) -> Result<Self, IndexError> {
+        let IndexerConfig {
+            batch,
+            durable_interval,
+            linger,
+            linger_entries,
+        } = config;
         let start = applied_lsn(&indexes, &is_serving_view)?;
         let (indexed_tx, indexed) = watch::channel(start);
         let (views_tx, views) = watch::channel(indexes.applied_lsns()?);
         let stop = Arc::new(AtomicBool::new(false));
         let (wake_tx, mut wake_rx) = watch::channel(());
         let stop2 = stop.clone();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let waiting2 = waiting.clone();
         let reader = LogReader::open(&log_dir)?;
         let thread = std::thread::Builder::new()
             .name("kappakv-indexer".into())
@@ -199,10 +226,23 @@ impl IndexerHandle {
                     let mut dirty = false;
                     let mut last_durable = Instant::now();
                     let mut last_background = Instant::now();
+                    // When the oldest entry not yet applied became durable (as first seen).
+                    let mut pending_since: Option<Instant> = None;
                     loop {
                         let target = *durable.borrow_and_update();
                         let mut worked = false;
                         if applied < target {
+                            let since = *pending_since.get_or_insert_with(Instant::now);
+                            let lingered = since.elapsed();
+                            if lingered < linger
+                                && target - applied < linger_entries
+                                && waiting2.load(Ordering::Acquire) == 0
+                                && !stop2.load(Ordering::Acquire)
+                            {
+                                wait_either(&mut durable, &mut wake_rx, linger.saturating_sub(lingered));
+                                continue;
+                            }
+                            pending_since = None;
                             // The serving views first: reads wait for them.
                             let upto = target.min(applied + batch as u64);
                             let follow = if has_background {
@@ -258,6 +298,7 @@ impl IndexerHandle {
             indexed,
             views,
             stop,
+            waiting,
             durable_tx_wake: wake_tx,
             thread: Some(thread),
         })
@@ -272,6 +313,26 @@ impl IndexerHandle {
     /// The LSN the views have applied, updated after every batch.
     pub fn indexed(&self) -> watch::Receiver<Lsn> {
         self.indexed.clone()
+    }
+
+    /// Waits until the serving views have applied `lsn`; `false` if the indexer has stopped
+    /// first. The indexer stops lingering while any caller waits here.
+    pub async fn wait_indexed(&self, lsn: Lsn) -> bool {
+        let mut indexed = self.indexed.clone();
+        if *indexed.borrow_and_update() >= lsn {
+            return true;
+        }
+        /// Counts one waiting read for as long as it lives.
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(&self.waiting);
+        self.durable_tx_wake.send_replace(());
+        indexed.wait_for(|&l| l >= lsn).await.is_ok()
     }
 
     /// Applies what is left of the durable log, makes the views durable, and joins the thread.

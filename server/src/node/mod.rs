@@ -217,8 +217,13 @@ impl Node {
             indexes.clone(),
             data_dir.log(),
             durable.clone(),
-            config.index_batch_entries_max,
-            Duration::from_millis(config.index_durable_interval_ms),
+            indexer::IndexerConfig {
+                batch: config.index_batch_entries_max,
+                durable_interval: Duration::from_millis(config.index_durable_interval_ms),
+                linger: Duration::from_millis(config.index_linger_ms),
+                // Lingering never makes the node look unready (`/readyz` judges the lag).
+                linger_entries: (config.ready_lag_entries_max / 2).max(1),
+            },
         )?;
         let indexed = indexer.indexed();
         Ok(Arc::new(Self {
@@ -236,6 +241,12 @@ impl Node {
             replication: Mutex::new(None),
             indexer,
         }))
+    }
+
+    /// Waits until the views that serve reads have applied `lsn`; `false` if the indexer has
+    /// stopped first.
+    pub async fn wait_indexed(&self, lsn: Lsn) -> bool {
+        self.indexer.wait_indexed(lsn).await
     }
 
     /// Each view's applied LSN as the indexer last published it, views built in the background

@@ -583,11 +583,10 @@ impl Replication {
         // Ours is found by walking back from a known id (the one at `seq`, or the head) along
         // `prev`, through the log lookup view: wait until it has caught up with the log.
         let durable = *self.node.durable.borrow();
-        self.node
-            .indexed
-            .clone()
-            .wait_for(|&l| l >= durable)
-            .await?;
+        anyhow::ensure!(
+            self.node.wait_indexed(durable).await,
+            "the indexer has stopped"
+        );
         let Some(mut id) = existing.or_else(|| self.node.writer.head(&author).map(|h| h.id)) else {
             anyhow::bail!("the log has no entry of {author}");
         };
@@ -642,11 +641,10 @@ impl Replication {
     /// Whether the log holds `id`, asked of the log lookup view once it has caught up.
     async fn contains(&self, id: &kappakv_protocol::EntryId) -> anyhow::Result<bool> {
         let durable = *self.node.durable.borrow();
-        self.node
-            .indexed
-            .clone()
-            .wait_for(|&l| l >= durable)
-            .await?;
+        anyhow::ensure!(
+            self.node.wait_indexed(durable).await,
+            "the indexer has stopped"
+        );
         let indexes = self.node.indexes.clone();
         let id = *id;
         Ok(
