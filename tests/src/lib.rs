@@ -70,10 +70,16 @@ impl TestNode {
 pub fn binary(name: &str) -> Result<PathBuf> {
     static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test-binary> → target/<profile>/<name>
+    // target/<profile>/deps/<test-binary> or target/<profile>/<bin> → target/<profile>/<name>
     let profile_dir = exe
         .parent()
-        .and_then(Path::parent)
+        .and_then(|dir| {
+            if dir.file_name().is_some_and(|n| n == "deps") {
+                dir.parent()
+            } else {
+                Some(dir)
+            }
+        })
         .context("test binary has no target dir")?;
     let path = profile_dir.join(name);
     let mut built = BUILT
@@ -410,3 +416,6 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+pub mod crash;
+pub mod crash_loop;
