@@ -53,7 +53,7 @@ pub async fn handle(node: &Node, request: Request, role: Role) -> Reply {
             if key.len() > MAX_KEY_BYTES {
                 return key_too_large(key.len());
             }
-            read(node, min_lsn, move |snap| {
+            read(node, min_lsn, ReadSize::Point, move |snap| {
                 snap.get(&key).map(|kv| vec![versions_frame(kv)])
             })
             .await
@@ -64,7 +64,7 @@ pub async fn handle(node: &Node, request: Request, role: Role) -> Reply {
             min_lsn,
         } => {
             let limit = limit.clamp(1, MAX_SCAN_LIMIT);
-            read(node, min_lsn, move |snap| {
+            read(node, min_lsn, ReadSize::Range, move |snap| {
                 let (page, resume) =
                     snap.scan_within(&range_checked(range), limit as usize, REPLY_BYTES_MAX)?;
                 let mut out: Vec<Response> = page.into_iter().map(versions_frame).collect();
@@ -81,7 +81,7 @@ pub async fn handle(node: &Node, request: Request, role: Role) -> Reply {
             min_lsn,
         } => {
             let limit = limit.clamp(1, MAX_HISTORY_LIMIT);
-            read(node, min_lsn, move |snap| {
+            read(node, min_lsn, ReadSize::Range, move |snap| {
                 snap.history_within(&key, limit as usize, REPLY_BYTES_MAX)
                     .map(|versions| vec![Response::History { versions }])
             })
@@ -201,10 +201,20 @@ fn write_error(e: &WriteError) -> Reply {
     error(code, e.to_string())
 }
 
+/// How much a read may touch, which decides where it runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ReadSize {
+    /// One key's current versions: a few page reads from the cache, cheaper than a hop to a
+    /// blocking thread and back, so it runs on the request's own task.
+    Point,
+    /// A page of a scan, history or query, up to `REPLY_BYTES_MAX`: in a blocking thread,
+    /// bounded by the node's read semaphore.
+    Range,
+}
+
 /// Waits until the views have applied everything durable when the read arrived (and at least
-/// `min_lsn`), then runs `f` on a snapshot in a blocking thread, bounded by the node's read
-/// semaphore.
-async fn read<F>(node: &Node, min_lsn: Lsn, f: F) -> Reply
+/// `min_lsn`), then runs `f` on a snapshot, where `size` says.
+async fn read<F>(node: &Node, min_lsn: Lsn, size: ReadSize, f: F) -> Reply
 where
     F: FnOnce(&kappakv_indexes::Snapshot) -> Result<Vec<Response>, kappakv_indexes::ReadError>
         + Send
@@ -228,12 +238,15 @@ where
             "the indexer has stopped; check the node's log",
         );
     }
-    let Ok(_permit) = node.reads.acquire().await else {
-        return error(ErrorCode::ShuttingDown, "node is shutting down");
+    let result = if size == ReadSize::Point {
+        Ok(node.indexes.snapshot().and_then(|snap| f(&snap)))
+    } else {
+        let Ok(_permit) = node.reads.acquire().await else {
+            return error(ErrorCode::ShuttingDown, "node is shutting down");
+        };
+        let indexes = node.indexes.clone();
+        tokio::task::spawn_blocking(move || indexes.snapshot().and_then(|snap| f(&snap))).await
     };
-    let indexes = node.indexes.clone();
-    let result =
-        tokio::task::spawn_blocking(move || indexes.snapshot().and_then(|snap| f(&snap))).await;
     match result {
         Ok(Ok(mut frames)) if frames.len() == 1 => Reply::One(frames.pop().expect("one frame")),
         Ok(Ok(frames)) => Reply::Many(frames),
@@ -284,7 +297,7 @@ async fn query(
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let (v, q, after) = (view.clone(), q.clone(), start_after.clone());
-        let reply = read(node, min_lsn, move |snap| {
+        let reply = read(node, min_lsn, ReadSize::Range, move |snap| {
             let applied = snap.applied_lsn(v.name())?;
             if applied < target {
                 return Ok(vec![index_building(&v, applied, target)]);
