@@ -109,9 +109,9 @@ pub enum OpenLogError {
     },
 }
 
-/// [`LogStore::append`](super::LogStore::append) failed. After any of these but `TooLarge`, the
-/// store refuses every later append ([`AppendError::Stopped`]): what reached the disk is unknown
-/// until the log is reopened and recovered.
+/// [`LogStore::append`](super::LogStore::append) failed. After any of these but `TooLarge` and
+/// `DiskFull`, the store refuses every later append ([`AppendError::Stopped`]): what reached the
+/// disk is unknown until the log is reopened and recovered.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AppendError {
@@ -134,6 +134,39 @@ pub enum AppendError {
         /// Bytes in the batch.
         len: usize,
         /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The file system is full (ENOSPC or EDQUOT): writing the batch, or creating the segment
+    /// it needed, failed. The segment was cut back to where the batch started, so nothing of
+    /// it is in the log, and the store takes appends again.
+    #[error(
+        "the disk is full: no space to write {len} bytes to segment {segment} at offset {offset} ({source}); nothing of the batch was kept"
+    )]
+    DiskFull {
+        /// The segment file (the one that could not be created, at a rollover).
+        segment: PathBuf,
+        /// Where the batch would have started.
+        offset: u64,
+        /// Bytes in the batch.
+        len: usize,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The file system was full while writing the batch, and cutting the segment back to where
+    /// the batch started (or syncing the cut) failed as well.
+    #[error(
+        "the disk is full ({full}), and cutting segment {segment} back to offset {offset} failed: {source}"
+    )]
+    CutBack {
+        /// The segment file.
+        segment: PathBuf,
+        /// The durable length it was being cut back to.
+        offset: u64,
+        /// The error of the write.
+        full: io::Error,
+        /// The error of the cut.
         #[source]
         source: io::Error,
     },

@@ -2,6 +2,7 @@
 //!
 //! - [`segment`]: segment names (the number of records before them) and the record cursor.
 //! - [`file`]: the I/O boundary, [`LogDir`] and [`LogFile`], with the real implementation.
+//! - [`fault`]: a [`LogDir`] that fails chosen calls with EIO or ENOSPC, for tests.
 //! - [`store`]: [`LogStore`], owned by the writer thread: one write and one `fdatasync` per batch.
 //! - [`recovery`]: what [`LogStore::open`] checks and truncates; defines the torn tail.
 //! - [`reader`]: [`LogReader`], reading `(after, upto]` by LSN next to the writer.
@@ -18,6 +19,7 @@
 //! lock on `log/LOCK` (see [`LOCK_FILE_NAME`]). Readers take no lock.
 
 pub mod error;
+pub mod fault;
 pub mod file;
 pub mod reader;
 pub mod recovery;

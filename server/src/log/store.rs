@@ -34,7 +34,8 @@ pub struct LogStore {
     max_timestamp: Timestamp,
     /// Reused for each batch's bytes.
     buf: Vec<u8>,
-    /// Set by the first failed write, sync or rollover (fail-stop).
+    /// Set by the first failed write, sync or rollover that leaves the segment in a state the
+    /// store cannot vouch for (fail-stop). A full disk does not set it: see [`append`](Self::append).
     stopped: bool,
     /// The exclusive lock on `log/LOCK`, released when the store is dropped (or the process
     /// dies). `None` for stores opened with [`open_in`](Self::open_in).
@@ -61,6 +62,18 @@ impl LogStore {
     /// Fails with [`OpenLogError::Locked`] while another store holds the lock, in this process
     /// or another.
     pub fn open(log_dir: &Path, cfg: &LogConfig) -> Result<(Self, Recovery), OpenLogError> {
+        Self::open_locked(Arc::new(FsLogDir::new(log_dir)), cfg)
+    }
+
+    /// [`open`](Self::open) through `dir`, a [`LogDir`] over the real directory `dir.path()`
+    /// (which it creates if needed, and whose lock it takes): how a node runs on a
+    /// fault-injecting directory in tests.
+    pub fn open_locked(
+        dir: Arc<dyn LogDir>,
+        cfg: &LogConfig,
+    ) -> Result<(Self, Recovery), OpenLogError> {
+        let log_dir = dir.path().to_path_buf();
+        let log_dir = log_dir.as_path();
         if !log_dir.is_dir() {
             let dir_err = |source| OpenLogError::Dir {
                 path: log_dir.to_path_buf(),
@@ -76,7 +89,7 @@ impl LogStore {
         }
         // Locked before recovery, which may truncate the tail another appender is writing.
         let lock = lock_log_dir(log_dir)?;
-        let (mut store, recovery) = Self::open_in(Arc::new(FsLogDir::new(log_dir)), cfg)?;
+        let (mut store, recovery) = Self::open_in(dir, cfg)?;
         store.lock = Some(lock);
         Ok((store, recovery))
     }
@@ -123,8 +136,16 @@ impl LogStore {
     /// the LSN of the last one. The batch goes into one segment: if the active segment already
     /// holds `segment_bytes_max` bytes or more, a new one is started first.
     ///
-    /// An empty batch writes nothing and returns the last LSN. After an error (other than
-    /// [`AppendError::TooLarge`]) every later call fails with [`AppendError::Stopped`].
+    /// An empty batch writes nothing and returns the last LSN.
+    ///
+    /// A full file system (ENOSPC or EDQUOT) on the write, or on creating the next segment, is
+    /// [`AppendError::DiskFull`]: the segment is cut back to its durable length and the cut
+    /// synced, so nothing of the batch stays in the log, and the store takes appends again
+    /// (they fail the same way until there is space). Every other error, and any failed
+    /// `fsync`, stops the store: every later call fails with [`AppendError::Stopped`], since what
+    /// reached the disk is unknown until the log is reopened and recovered. An error on a sync
+    /// is never retried: after a failed `fsync` the kernel may have dropped the dirty pages and
+    /// a second `fsync` would report success for data that is gone (PostgreSQL's "fsyncgate").
     pub fn append<P: AsRef<[u8]>>(&mut self, payloads: &[P]) -> Result<Lsn, AppendError> {
         if self.stopped {
             return Err(AppendError::Stopped);
@@ -144,7 +165,11 @@ impl LogStore {
             total += RECORD_HEADER_LEN + len;
         }
         if self.active_len >= self.cfg.segment_bytes_max {
-            self.roll_over().inspect_err(|_| self.stopped = true)?;
+            self.roll_over(total).inspect_err(|e| {
+                if !matches!(e, AppendError::DiskFull { .. }) {
+                    self.stopped = true;
+                }
+            })?;
         }
         self.buf.clear();
         self.buf.reserve(total);
@@ -154,6 +179,9 @@ impl LogStore {
         assert_eq!(self.buf.len(), total);
         let offset = self.active_len;
         if let Err(source) = self.active.write_all_at(&self.buf, offset) {
+            if is_disk_full(&source) {
+                return Err(self.cut_back(total, source));
+            }
             self.stopped = true;
             return Err(AppendError::Write {
                 segment: self.active_path(),
@@ -178,8 +206,40 @@ impl LogStore {
         Ok(self.last_lsn)
     }
 
-    /// Starts a new segment after the last record: creates it, syncs it and the directory.
-    fn roll_over(&mut self) -> Result<(), AppendError> {
+    /// After a write of `len` bytes that found the file system full: cuts the active segment
+    /// back to its durable length and syncs the cut, so that no byte of the failed batch can
+    /// be found in the log, even after a crash. If that fails too, the store stops.
+    fn cut_back(&mut self, len: usize, full: std::io::Error) -> AppendError {
+        let offset = self.active_len;
+        let segment = self.active_path();
+        match self
+            .active
+            .set_len(offset)
+            .and_then(|()| self.active.sync_all())
+        {
+            Ok(()) => AppendError::DiskFull {
+                segment,
+                offset,
+                len,
+                source: full,
+            },
+            Err(source) => {
+                self.stopped = true;
+                AppendError::CutBack {
+                    segment,
+                    offset,
+                    full,
+                    source,
+                }
+            }
+        }
+    }
+
+    /// Starts a new segment after the last record, before a batch of `len` bytes: creates it,
+    /// syncs it and the directory. A full file system at the create leaves nothing behind
+    /// (an exclusive create either makes the name or fails) and is [`AppendError::DiskFull`];
+    /// the next append tries again.
+    fn roll_over(&mut self, len: usize) -> Result<(), AppendError> {
         let base = self.last_lsn;
         let name = segment_name(base);
         let segment = self.dir.path().join(&name);
@@ -187,7 +247,21 @@ impl LogStore {
             segment: segment.clone(),
             source,
         };
-        let mut file = self.dir.open(&name, OpenMode::CreateNew).map_err(err)?;
+        let mut file = self
+            .dir
+            .open(&name, OpenMode::CreateNew)
+            .map_err(|source| {
+                if is_disk_full(&source) {
+                    AppendError::DiskFull {
+                        segment: segment.clone(),
+                        offset: 0,
+                        len,
+                        source,
+                    }
+                } else {
+                    err(source)
+                }
+            })?;
         file.sync_all().map_err(err)?;
         self.dir.sync().map_err(err)?;
         tracing::debug!(segment = %segment.display(), "started a new log segment");
@@ -200,6 +274,15 @@ impl LogStore {
     fn active_path(&self) -> PathBuf {
         self.dir.path().join(segment_name(self.active_base))
     }
+}
+
+/// Whether a write failed because the file system is full (or the user's quota is), which
+/// freeing space cures; any other failure may mean the device is failing.
+fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 /// How long [`LogStore::open`] retries a lock that looks held. A `flock` belongs to the open
