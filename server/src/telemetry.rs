@@ -28,6 +28,11 @@ pub const ENTRIES_APPENDED: &str = "kappakv_log_entries_appended_total";
 pub const GROUP_COMMIT_ENTRIES: &str = "kappakv_group_commit_entries";
 /// Time of the `fdatasync` of one group commit.
 pub const FSYNC_SECONDS: &str = "kappakv_log_fsync_duration_seconds";
+/// Batches the log refused, by `kind`: `disk_full` (the writes were refused and the node goes
+/// on) or `fatal` (a failed write or `fsync`: the node takes no more writes until restarted).
+pub const LOG_WRITE_FAILURES: &str = "kappakv_log_write_failures_total";
+/// 1 while the log takes writes; 0 once it failed and the node must be restarted.
+pub const LOG_WRITABLE: &str = "kappakv_log_writable";
 /// Bytes in the log's segment files.
 pub const LOG_BYTES: &str = "kappakv_log_bytes";
 /// Segment files in the log.
@@ -99,6 +104,14 @@ pub fn describe() {
         metrics::Unit::Seconds,
         "fdatasync time per group commit"
     );
+    describe_counter!(
+        LOG_WRITE_FAILURES,
+        "Batches the log refused, by kind (disk_full or fatal)"
+    );
+    describe_gauge!(
+        LOG_WRITABLE,
+        "1 while the log takes writes, 0 once it failed (restart the node)"
+    );
     describe_gauge!(LOG_BYTES, metrics::Unit::Bytes, "Bytes in log segments");
     describe_gauge!(LOG_SEGMENTS, "Log segment files");
     describe_gauge!(LOG_DURABLE_LSN, "LSN of the last durable log record");
@@ -157,6 +170,11 @@ pub fn group_commit(local: u64, remote: u64) {
     counter!(ENTRIES_APPENDED, "origin" => "local").increment(local);
     counter!(ENTRIES_APPENDED, "origin" => "remote").increment(remote);
     histogram!(GROUP_COMMIT_ENTRIES).record((local + remote) as f64);
+}
+
+/// The log refused a batch: `kind` is `disk_full` or `fatal`.
+pub fn log_write_failed(kind: &'static str) {
+    counter!(LOG_WRITE_FAILURES, "kind" => kind).increment(1);
 }
 
 /// One `fdatasync` of the log, started at `started`.
@@ -224,6 +242,7 @@ impl Drop for OpenGuard {
 pub fn refresh(node: &Node) {
     let durable = *node.durable.borrow();
     gauge!(LOG_DURABLE_LSN).set(durable as f64);
+    gauge!(LOG_WRITABLE).set(if node.writer.is_stopped() { 0.0 } else { 1.0 });
     gauge!(INDEXED_LSN).set(*node.indexed.borrow() as f64);
     let (bytes, segments) = log_size(&node.data_dir.log());
     gauge!(LOG_BYTES).set(bytes as f64);

@@ -4,16 +4,15 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::{ChainBuilder, read_all_checked};
 use kappakv_protocol::limits::MAX_VALUE_BYTES;
 use kappakv_protocol::{EntryId, InvalidEntry, Keypair, Lsn, SignedEntry, VerifyError, WriteOp};
 use kappakv_server::commands::verify;
-use kappakv_server::log::{FsLogDir, LogConfig, LogDir, LogFile, LogReader, LogStore, OpenMode};
+use kappakv_server::log::fault::{FaultEffect, FaultError, FaultOp, Faults, FaultyLogDir};
+use kappakv_server::log::{FsLogDir, LogConfig, LogReader, LogStore};
 use kappakv_server::node::writer::{
     NoResolver, SupersedeResolver, WriteError, WriterConfig, WriterHandle,
 };
@@ -41,10 +40,12 @@ fn spawn(data: &Path, resolver: Box<dyn SupersedeResolver>) -> WriterHandle {
     )
 }
 
-/// The multi-value register, minimally: current ids per key.
+/// The multi-value register, minimally: current ids per key, and what each appended op
+/// replaced, to forget discarded entries.
 #[derive(Default)]
 struct MapResolver {
     current: HashMap<Vec<u8>, Vec<EntryId>>,
+    undo: Vec<(Lsn, Vec<u8>, Vec<EntryId>)>,
 }
 
 impl SupersedeResolver for MapResolver {
@@ -52,11 +53,19 @@ impl SupersedeResolver for MapResolver {
         self.current.get(key).cloned().unwrap_or_default()
     }
 
-    fn appended(&mut self, _lsn: Lsn, e: &SignedEntry) {
+    fn appended(&mut self, lsn: Lsn, e: &SignedEntry) {
         for op in &e.entry.ops {
             let cur = self.current.entry(op.key().to_vec()).or_default();
+            self.undo.push((lsn, op.key().to_vec(), cur.clone()));
             cur.retain(|id| !op.supersedes().contains(id));
             cur.push(e.id);
+        }
+    }
+
+    fn discarded(&mut self, after: Lsn) {
+        while self.undo.last().is_some_and(|(lsn, _, _)| *lsn > after) {
+            let (_, key, before) = self.undo.pop().unwrap();
+            self.current.insert(key, before);
         }
     }
 }
@@ -300,87 +309,40 @@ async fn remote_entries_must_extend_chains_and_end_signed() {
     assert_eq!(all[6].1.entry.prev, Some(local.id));
 }
 
-/// A log directory whose files fail `fdatasync` once `fail` is set.
-struct FailingDir {
-    inner: FsLogDir,
-    fail: Arc<AtomicBool>,
-}
-
-struct FailingFile {
-    inner: Box<dyn LogFile>,
-    fail: Arc<AtomicBool>,
-}
-
-impl LogDir for FailingDir {
-    fn path(&self) -> &Path {
-        self.inner.path()
-    }
-    fn list(&self) -> io::Result<Vec<String>> {
-        self.inner.list()
-    }
-    fn open(&self, name: &str, mode: OpenMode) -> io::Result<Box<dyn LogFile>> {
-        Ok(Box::new(FailingFile {
-            inner: self.inner.open(name, mode)?,
-            fail: self.fail.clone(),
-        }))
-    }
-    fn sync(&self) -> io::Result<()> {
-        self.inner.sync()
-    }
-}
-
-impl LogFile for FailingFile {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.inner.write_all_at(buf, offset)
-    }
-    fn sync_data(&mut self) -> io::Result<()> {
-        if self.fail.load(Ordering::SeqCst) {
-            return Err(io::Error::from_raw_os_error(5));
-        }
-        self.inner.sync_data()
-    }
-    fn sync_all(&mut self) -> io::Result<()> {
-        self.inner.sync_all()
-    }
-    fn set_len(&mut self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
+/// A writer on a fault-injecting log directory in `data`.
+fn spawn_faulty(data: &Path, resolver: Box<dyn SupersedeResolver>) -> (WriterHandle, Arc<Faults>) {
+    std::fs::create_dir_all(log_dir(data)).unwrap();
+    let dir = FaultyLogDir::new(Arc::new(FsLogDir::new(log_dir(data))));
+    let faults = dir.faults();
+    let (store, recovery) = LogStore::open_in(Arc::new(dir), &LogConfig::default()).unwrap();
+    let writer = WriterHandle::spawn(
+        store,
+        recovery.heads,
+        Keypair::from_secret([7; 32]),
+        resolver,
+        WriterConfig::default(),
+    );
+    (writer, faults)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_fsync_stops_the_writer() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(log_dir(dir.path())).unwrap();
-    let fail = Arc::new(AtomicBool::new(false));
-    let failing = FailingDir {
-        inner: FsLogDir::new(log_dir(dir.path())),
-        fail: fail.clone(),
-    };
-    let (store, recovery) = LogStore::open_in(Arc::new(failing), &LogConfig::default()).unwrap();
-    let writer = WriterHandle::spawn(
-        store,
-        recovery.heads,
-        Keypair::from_secret([7; 32]),
-        Box::new(NoResolver),
-        WriterConfig::default(),
-    );
+    let (writer, faults) = spawn_faulty(dir.path(), Box::new(NoResolver));
     let first = writer.write(vec![put("a", b"1")]).await.unwrap();
     assert_eq!(first.lsn, 1);
-    fail.store(true, Ordering::SeqCst);
+    faults.fail_next(FaultOp::SyncData, FaultError::Eio, FaultEffect::Nothing);
     let err = writer.write(vec![put("b", b"2")]).await.unwrap_err();
     assert!(
         matches!(&err, WriteError::Failed(e) if e.to_string().contains("syncing segment")),
         "{err}"
     );
-    fail.store(false, Ordering::SeqCst);
+    assert!(err.to_string().contains("restarted"), "{err}");
+    // Nothing fails any more, but a sync is never retried: the writer has stopped.
     let err = writer.write(vec![put("c", b"3")]).await.unwrap_err();
     assert!(matches!(err, WriteError::Stopped), "{err}");
+    assert!(err.to_string().contains("restart the node"), "{err}");
+    assert_eq!(faults.count(FaultOp::SyncData), 2);
     assert!(writer.is_stopped());
     assert_eq!(*writer.durable_lsn().borrow(), 1);
     writer.shutdown().await;
@@ -389,6 +351,61 @@ async fn a_failed_fsync_stops_the_writer() {
     let (_, recovery) = LogStore::open(&log_dir(dir.path()), &LogConfig::default()).unwrap();
     assert!((1..=2).contains(&recovery.last_lsn));
     read_all_checked(&log_dir(dir.path()), recovery.last_lsn);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_until_there_is_space_and_the_chain_resumes_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, faults) = spawn_faulty(dir.path(), Box::new(MapResolver::default()));
+    let writer = Arc::new(writer);
+    let me = writer.node_id();
+    let mut peer = ChainBuilder::new(3);
+    let first = writer.write(vec![put("k", b"1")]).await.unwrap();
+    assert_eq!(writer.append_remote(peer.batch(2, 10)).await.unwrap(), 3);
+    let peer_head = peer.head;
+
+    faults.set_disk_full(true);
+    let mut tasks = Vec::new();
+    for i in 0..20u8 {
+        let writer = writer.clone();
+        tasks.push(tokio::spawn(async move {
+            writer.write(vec![put("k", &[i])]).await.map(drop)
+        }));
+    }
+    let remote = peer.batch(3, 10);
+    tasks.push(tokio::spawn({
+        let writer = writer.clone();
+        async move { writer.append_remote(remote).await.map(drop) }
+    }));
+    for t in tasks {
+        let err = t.await.unwrap().unwrap_err();
+        assert!(matches!(err, WriteError::DiskFull(_)), "{err}");
+        assert!(err.to_string().contains("disk is full"), "{err}");
+    }
+    assert!(!writer.is_stopped());
+    assert_eq!(*writer.durable_lsn().borrow(), 3);
+    assert_eq!(writer.head(&me).unwrap().id, first.id);
+    assert_eq!(writer.head(&peer.keypair.node_id()), peer_head);
+    assert!(faults.fired().iter().all(|f| f.op == FaultOp::Write));
+
+    // Space again: the next local entry links to the last durable one and supersedes only
+    // what the log holds; the peer's run is taken again from its durable head.
+    faults.set_disk_full(false);
+    let next = writer.write(vec![put("k", b"2")]).await.unwrap();
+    assert_eq!(next.lsn, 4);
+    peer.head = peer_head;
+    assert_eq!(writer.append_remote(peer.batch(3, 10)).await.unwrap(), 7);
+    Arc::try_unwrap(writer).unwrap().shutdown().await;
+
+    let (_, recovery) = LogStore::open(&log_dir(dir.path()), &LogConfig::default()).unwrap();
+    assert_eq!(recovery.last_lsn, 7);
+    assert!(recovery.truncated.is_none(), "{:?}", recovery.truncated);
+    let all = read_all_checked(&log_dir(dir.path()), 7);
+    let e = &all[3].1;
+    assert_eq!(e.id, next.id);
+    assert_eq!((e.entry.seq, e.entry.prev), (2, Some(first.id)));
+    assert_eq!(e.entry.ops[0].supersedes(), &[first.id]);
+    verify::run(dir.path()).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

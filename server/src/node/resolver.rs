@@ -72,6 +72,10 @@ impl SupersedeResolver for KvResolver {
         self.overlay.record(lsn, entry);
     }
 
+    fn discarded(&mut self, after: Lsn) {
+        self.overlay.discard_after(after);
+    }
+
     /// Forgets what the kv view has applied and lets go of the snapshot, so that neither the
     /// overlay nor an open read transaction (which keeps redb from reusing freed pages) outlives
     /// the batch. Every op is recorded, remote ones and those with a context included, so this

@@ -15,12 +15,20 @@
 //! batch is acknowledged, and the writer refuses everything after it: once `fsync` has failed,
 //! what is on disk is unknown until the log is reopened and recovered (PostgreSQL's
 //! "fsyncgate").
+//!
+//! **Invariant:** a full disk is not fatal. When the store reports
+//! [`AppendError::DiskFull`], it has cut the batch out of the log; the writer refuses every
+//! command of the batch and forgets the batch as if it had never been built: each author's chain
+//! head goes back to its last durable entry and the resolver drops what it was told of the batch
+//! ([`SupersedeResolver::discarded`]). The next batch reuses those seqs and LSNs, linked to the
+//! last durable entry. Nothing of a failed batch was ever visible: heads, the durable LSN and
+//! replies are published only after a batch's `fdatasync`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kappakv_protocol::limits::{MAX_ENTRY_BYTES, MAX_OPS_PER_ENTRY};
 use kappakv_protocol::verify::{ChainHead, check_link};
@@ -102,12 +110,22 @@ pub enum WriteError {
         /// The last seq of the author in the append.
         seq: u64,
     },
+    /// The disk is full: nothing of this batch was written, and the writer goes on. Retry once
+    /// there is space.
+    #[error(
+        "the write was not made because the node's disk is full; retry once space is freed: {0}"
+    )]
+    DiskFull(Arc<AppendError>),
     /// Writing or syncing this batch failed. Nothing of it is acknowledged, and the writer has
     /// stopped.
-    #[error("the log write failed and the writer stopped: {0}")]
+    #[error(
+        "the node's log failed ({0}): this write is not acknowledged (it may or may not be found after a restart), and the node takes no more writes until it is restarted, which recovers the log"
+    )]
     Failed(Arc<AppendError>),
     /// The writer stopped after an earlier failure; restart the node to recover the log.
-    #[error("the writer stopped after a log write failure; restart the node to recover the log")]
+    #[error(
+        "the node's log failed earlier and it takes no more writes; restart the node to recover the log"
+    )]
     Stopped,
     /// The writer is shutting down or has shut down.
     #[error("the writer is shutting down")]
@@ -127,8 +145,14 @@ pub trait SupersedeResolver: Send + 'static {
     /// to reach the disk, the writer stops, so no later write is resolved against it.
     fn appended(&mut self, lsn: Lsn, entry: &SignedEntry);
 
-    /// Called after every batch is durable and answered: a place to drop what only the batch
-    /// needed (such as an open read snapshot) and to forget what the views have caught up with.
+    /// Called when a batch did not reach the log (the disk was full) and the writer goes on:
+    /// forget every entry passed to [`appended`](Self::appended) with an LSN above `after`, the
+    /// last durable LSN. Those LSNs will be given to other entries.
+    fn discarded(&mut self, after: Lsn);
+
+    /// Called after every batch is durable and answered, or discarded: a place to drop what
+    /// only the batch needed (such as an open read snapshot) and to forget what the views have
+    /// caught up with.
     fn batch_done(&mut self) {}
 }
 
@@ -143,6 +167,8 @@ impl SupersedeResolver for NoResolver {
     }
 
     fn appended(&mut self, _lsn: Lsn, _entry: &SignedEntry) {}
+
+    fn discarded(&mut self, _after: Lsn) {}
 }
 
 enum Command {
@@ -254,6 +280,9 @@ impl WriterHandle {
             cfg,
             entries: Vec::new(),
             payloads: Vec::new(),
+            undo: Vec::new(),
+            disk_full: None,
+            disk_full_logged: None,
         };
         let guard = ExitGuard {
             failed: failed.clone(),
@@ -397,7 +426,24 @@ struct Writer {
     /// The batch being built, reused.
     entries: Vec<SignedEntry>,
     payloads: Vec<Vec<u8>>,
+    /// Each author's head before each entry of the batch changed it, to undo the batch.
+    undo: Vec<(NodeId, Option<ChainHead>)>,
+    /// Set while the disk is full: from the first refused batch to the next durable one.
+    disk_full: Option<DiskFull>,
+    /// When a full disk was last logged as an error.
+    disk_full_logged: Option<Instant>,
 }
+
+/// A time the disk was full, as the writer saw it.
+struct DiskFull {
+    /// Batches refused.
+    refused: u64,
+    /// Whether it was logged as an error (so its end is logged too).
+    logged: bool,
+}
+
+/// Least time between two errors logged for a full disk.
+const DISK_FULL_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Command>, failed: &AtomicBool) {
@@ -422,7 +468,14 @@ impl Writer {
                 }
             }
             if let Err(e) = self.batch(&mut commands) {
-                tracing::error!(error = %e, "log append failed; the writer stops and refuses every later write");
+                tracing::error!(
+                    error = %e,
+                    durable_lsn = self.store.last_lsn(),
+                    "the log could not be written or synced: this node takes no more writes \
+                     (reads go on) until it is restarted; check the disk (dmesg, SMART), then \
+                     restart kappakv, which recovers the log to its last durable record"
+                );
+                crate::telemetry::log_write_failed("fatal");
                 failed.store(true, Ordering::Release);
                 return;
             }
@@ -439,6 +492,7 @@ impl Writer {
     fn batch(&mut self, commands: &mut Vec<Command>) -> Result<(), Arc<AppendError>> {
         let base = self.store.last_lsn();
         self.entries.clear();
+        self.undo.clear();
         let mut pending = Vec::with_capacity(commands.len());
         let mut last_local = None;
         for cmd in commands.drain(..) {
@@ -518,6 +572,54 @@ impl Writer {
                     };
                 }
                 self.resolver.batch_done();
+                if let Some(full) = self.disk_full.take()
+                    && full.logged
+                {
+                    tracing::warn!(
+                        refused_batches = full.refused,
+                        lsn = last,
+                        "there is space on the disk again: writes resumed"
+                    );
+                }
+                Ok(())
+            }
+            Err(e @ AppendError::DiskFull { .. }) => {
+                let e = Arc::new(e);
+                self.discard(base);
+                let full = self.disk_full.get_or_insert(DiskFull {
+                    refused: 0,
+                    logged: false,
+                });
+                full.refused += 1;
+                // A nearly full disk can refuse one batch and take the next, smaller one: at
+                // most one error (and one line when it is over) per interval.
+                let log_now = self
+                    .disk_full_logged
+                    .is_none_or(|at| at.elapsed() >= DISK_FULL_LOG_INTERVAL);
+                if log_now {
+                    full.logged = true;
+                    self.disk_full_logged = Some(Instant::now());
+                    tracing::error!(
+                        error = %e,
+                        durable_lsn = base,
+                        "the disk is full: writes are refused until there is space, then resume \
+                         by themselves; nothing acknowledged is lost. Free space in the data dir's \
+                         file system"
+                    );
+                } else {
+                    tracing::debug!(error = %e, refused = full.refused, "the disk is still full");
+                }
+                crate::telemetry::log_write_failed("disk_full");
+                for p in pending {
+                    let _ = match p {
+                        Pending::Local { reply, .. } => reply
+                            .send(Err(WriteError::DiskFull(e.clone())))
+                            .map_err(drop),
+                        Pending::Remote { reply, .. } => reply
+                            .send(Err(WriteError::DiskFull(e.clone())))
+                            .map_err(drop),
+                    };
+                }
                 Ok(())
             }
             Err(e) => {
@@ -537,17 +639,37 @@ impl Writer {
         }
     }
 
+    /// Forgets the batch built on `base`, which did not reach the log: each author's head goes
+    /// back to where the log has it, and the resolver drops the batch's entries.
+    fn discard(&mut self, base: Lsn) {
+        for (author, head) in self.undo.drain(..).rev() {
+            match head {
+                Some(h) => self.heads.insert(author, h),
+                None => self.heads.remove(&author),
+            };
+        }
+        debug_assert_eq!(
+            self.heads,
+            *self.shared_heads.read().expect("heads lock"),
+            "after a discarded batch the heads are the durable ones"
+        );
+        self.entries.clear();
+        self.resolver.discarded(base);
+        self.resolver.batch_done();
+    }
+
     /// Places `entry` in the batch: assigns its LSN, advances its author's head and tells the
     /// resolver.
     fn push(&mut self, base: Lsn, entry: SignedEntry) -> Lsn {
         let lsn = base + self.entries.len() as u64 + 1;
-        self.heads.insert(
+        let before = self.heads.insert(
             entry.entry.author,
             ChainHead {
                 seq: entry.entry.seq,
                 id: entry.id,
             },
         );
+        self.undo.push((entry.entry.author, before));
         self.resolver.appended(lsn, &entry);
         self.entries.push(entry);
         lsn
