@@ -227,14 +227,15 @@ def binary_note(path: Path) -> str:
 class Kappakv:
     """A release `kappakv serve` on a fresh data dir, and `kappactl` pointed at it."""
 
-    def __init__(self, cleanup: Cleanup, bins: Path, parent: Path | None) -> None:
+    def __init__(self, cleanup: Cleanup, bins: Path, parent: Path | None,
+                 settings: dict[str, str] | None = None) -> None:
         self.cleanup = cleanup
         self.bins = bins
         self.dir = cleanup.mkdtemp("kappakv-bench-", parent)
         self.data = self.dir / "data"
         self.log_path = self.dir / "server.log"
         port = free_port(socket.SOCK_DGRAM)
-        env = dict(CHILD_ENV, RUST_LOG="warn", NO_COLOR="1")
+        env = dict(CHILD_ENV, RUST_LOG="warn", NO_COLOR="1", **(settings or {}))
         self.proc = cleanup.spawn(
             [bins / "kappakv", "serve", "--data-dir", self.data,
              "--listen", f"127.0.0.1:{port}", "--admin-listen", "off"],
@@ -274,12 +275,12 @@ class Kappakv:
             time.sleep(0.2)
 
     def proc_status(self) -> dict:
-        """VmRSS and VmHWM of the server, in kB, from /proc."""
+        """VmRSS, VmHWM, RssAnon and RssFile of the server, in kB, from /proc."""
         out = {}
         with open(f"/proc/{self.proc.pid}/status") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                     out[key] = int(value.split()[0])
         return out
 
