@@ -48,7 +48,18 @@ impl Server {
     /// [`start`](Self::start), reporting the node's life into `health`: the start-up catch-up
     /// of the views, serving once the endpoint is up, stopping at shutdown.
     pub async fn start_observed(config: Config, health: Arc<Health>) -> Result<Self, ServeError> {
-        let node = Node::open_observed(config, &health).await?;
+        Self::start_with_log_dir(config, health, None).await
+    }
+
+    /// [`start_observed`](Self::start_observed), with the node's writer appending through
+    /// `log_dir` when it is given (see [`Node::open_with_log_dir`]): how tests inject disk
+    /// faults into a running server.
+    pub async fn start_with_log_dir(
+        config: Config,
+        health: Arc<Health>,
+        log_dir: Option<Arc<dyn crate::log::LogDir>>,
+    ) -> Result<Self, ServeError> {
+        let node = Node::open_with_log_dir(config, &health, log_dir).await?;
         let endpoint = bind(&node)?;
         let addr = endpoint
             .local_addr()

@@ -19,7 +19,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::auth::Tokens;
 use crate::config::Config;
-use crate::log::{LogConfig, LogStore};
+use crate::log::{LogConfig, LogDir, LogStore};
 use indexer::IndexerHandle;
 use writer::{WriterConfig, WriterHandle};
 
@@ -140,6 +140,17 @@ impl Node {
         config: Config,
         health: &Arc<crate::health::Health>,
     ) -> Result<Arc<Self>, StartError> {
+        Self::open_with_log_dir(config, health, None).await
+    }
+
+    /// [`open_observed`](Self::open_observed), with the writer appending through `log_dir` when
+    /// it is given: a [`LogDir`] over the data dir's `log` directory, such as a fault-injecting
+    /// one in tests. Reads and the indexer use the files directly.
+    pub async fn open_with_log_dir(
+        config: Config,
+        health: &Arc<crate::health::Health>,
+        log_dir: Option<Arc<dyn LogDir>>,
+    ) -> Result<Arc<Self>, StartError> {
         let data_dir = DataDir(config.data_dir.clone());
         create_durably(&data_dir.log()).map_err(|source| StartError::DataDir {
             path: data_dir.0.clone(),
@@ -152,7 +163,13 @@ impl Node {
         let log_config = LogConfig {
             segment_bytes_max: config.segment_bytes_max,
         };
-        let (store, recovery) = LogStore::open(&data_dir.log(), &log_config)?;
+        let (store, recovery) = match log_dir {
+            Some(dir) => {
+                assert_eq!(dir.path(), data_dir.log(), "a log dir over another directory");
+                LogStore::open_locked(dir, &log_config)?
+            }
+            None => LogStore::open(&data_dir.log(), &log_config)?,
+        };
         let heads = recovery.heads.clone();
         let log_lsn = store.last_lsn();
         tracing::info!(log_lsn, authors = heads.len(), "log opened");
