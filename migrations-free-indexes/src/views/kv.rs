@@ -7,7 +7,10 @@
 //! A version that was current when superseded has been applied, and each LSN is applied once,
 //! so removing it from the current set is all it needs; skipping its mark keeps the table tiny
 //! in the common case (one writer superseding what it read), which is what keeps the
-//! per-version mark lookup cheap. Invariant: no mark names a current version.
+//! per-version mark lookup cheap. A batch replays each key's marks and versions in log order,
+//! so the rows stored are the same whether the log arrives entry by entry or in batches of any
+//! size (a rebuild equals the incremental view, row for row). Invariant: no mark names a
+//! current version.
 
 use redb::{ReadableTable, WriteTransaction};
 
@@ -46,12 +49,12 @@ impl View for KvView {
         // One key at a time, in key order: both lists are sorted by key.
         loop {
             let key = match (marks.first(), versions.first()) {
-                (Some(m), Some(v)) => m.0.min(v.key),
-                (Some(m), None) => m.0,
+                (Some(m), Some(v)) => m.key.min(v.key),
+                (Some(m), None) => m.key,
                 (None, Some(v)) => v.key,
                 (None, None) => break,
             };
-            let key_marks = take_while_key(&mut marks, |m| m.0 == key);
+            let key_marks = take_while_key(&mut marks, |m| m.key == key);
             let key_versions = take_while_key(&mut versions, |v| v.key == key);
 
             let stored = current.get(key)?.map(|g| g.value().to_vec());
@@ -59,37 +62,48 @@ impl View for KvView {
             if let Some(stored) = &stored {
                 decode_current(stored, &mut set)?;
             }
-            let before = set.len();
-            // Marks first: a superseded version leaves the current set for good; one that is
-            // not current may still arrive (or arrive later in this batch), so it is marked.
-            for &(_, id) in key_marks {
-                match set.binary_search_by(|v| v.id.cmp(&id)) {
-                    Ok(at) => {
-                        set.remove(at);
+            // Marks and versions in log order (a mark before the version of its own entry,
+            // which cannot name itself): a version current when superseded leaves the current
+            // set, one that is not (not arrived yet, or already superseded) is marked, and a
+            // version arrives unless marked (by this batch, just before, or earlier).
+            let mut changed = false;
+            let (mut m, mut v) = (0, 0);
+            while m < key_marks.len() || v < key_versions.len() {
+                let mark_next = match (key_marks.get(m), key_versions.get(v)) {
+                    (Some(mark), Some(version)) => mark.lsn <= version.lsn,
+                    (mark, _) => mark.is_some(),
+                };
+                if mark_next {
+                    let id = key_marks[m].id;
+                    m += 1;
+                    match set.binary_search_by(|c| c.id.cmp(&id)) {
+                        Ok(at) => {
+                            set.remove(at);
+                            changed = true;
+                        }
+                        Err(_) => {
+                            superseded.insert((key, &id.0), ())?;
+                        }
                     }
-                    Err(_) => {
-                        superseded.insert((key, &id.0), ())?;
-                    }
-                }
-            }
-            let mut changed = set.len() != before;
-            // Then versions, unless marked (by this batch, just above, or earlier).
-            for v in key_versions {
-                if superseded.get((key, &v.id.0))?.is_some() {
                     continue;
                 }
-                let Err(at) = set.binary_search_by(|c| c.id.cmp(&v.id)) else {
+                let version = &key_versions[v];
+                v += 1;
+                if superseded.get((key, &version.id.0))?.is_some() {
+                    continue;
+                }
+                let Err(at) = set.binary_search_by(|c| c.id.cmp(&version.id)) else {
                     // The same entry twice in the log: the version is already current.
                     continue;
                 };
                 set.insert(
                     at,
                     CurrentVersion {
-                        id: v.id,
-                        author: v.author,
-                        timestamp: v.timestamp,
-                        lsn: v.lsn,
-                        value: v.value,
+                        id: version.id,
+                        author: version.author,
+                        timestamp: version.timestamp,
+                        lsn: version.lsn,
+                        value: version.value,
                     },
                 );
                 changed = true;
