@@ -15,6 +15,8 @@ use kappakv_protocol::Ticket;
 use kappakv_server::auth::Role;
 use kappakv_server::{Config, Server};
 
+pub mod raw;
+
 /// A configuration for a test node: its data dir, an ephemeral loopback port.
 pub fn test_config(data_dir: &Path) -> Config {
     Config {
@@ -290,6 +292,36 @@ impl ProcessNode {
         Ok(Client::connect(&self.ticket()?).await?)
     }
 
+    /// The process id, while the process runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The process's resident memory now and at its peak, from `/proc/PID/status`.
+    pub fn memory(&self) -> Result<Memory> {
+        let pid = self.pid().context("the node is stopped")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kib = |field: &str| -> Result<u64> {
+            let line = status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
+            Ok(line.trim().trim_end_matches("kB").trim().parse()?)
+        };
+        Ok(Memory {
+            rss: kib("VmRSS:")? * 1024,
+            peak: kib("VmHWM:")? * 1024,
+        })
+    }
+
+    /// Resets the peak resident memory to the current one (`/proc/PID/clear_refs`), so that
+    /// [`Memory::peak`] measures from now on. Returns false where the kernel does not allow it;
+    /// the peak then counts from the start of the process, which still bounds it from above.
+    pub fn reset_peak_memory(&self) -> bool {
+        self.pid()
+            .is_some_and(|pid| std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok())
+    }
+
     /// Sends `signal` and waits for the process to exit; returns its exit code (None if killed).
     pub fn stop_with(&mut self, signal: i32) -> Result<Option<i32>> {
         let mut child = self.child.take().context("already stopped")?;
@@ -305,6 +337,20 @@ impl ProcessNode {
         let status = child.wait()?;
         Ok(status.code())
     }
+}
+
+/// Resident memory of a process, in bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct Memory {
+    /// Resident now (`VmRSS`).
+    pub rss: u64,
+    /// The highest resident since the start or the last reset (`VmHWM`).
+    pub peak: u64,
+}
+
+/// Bytes as MiB, for messages.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
 }
 
 /// `kappakv serve --data-dir DATA_DIR --listen ADDR`, without the admin HTTP listener (its

@@ -2,49 +2,17 @@
 //! types, huge length prefixes and unauthenticated requests each get a typed error on their
 //! stream, and the node keeps serving a well-behaved client meanwhile.
 
-use std::sync::Arc;
-
-use kappakv_protocol::frame::{FrameDecode, decode_body, decode_frame, encode_frame};
-use kappakv_protocol::limits::{MAX_FRAME_BYTES, MAX_VALUE_BYTES};
-use kappakv_protocol::{ALPN_CLIENT, ErrorCode, Request, Response, WriteOp};
+use kappakv_protocol::frame::encode_frame;
+use kappakv_protocol::limits::MAX_VALUE_BYTES;
+use kappakv_protocol::{ErrorCode, Request, Response, WriteOp};
 use kappakv_tests::TestNode;
-
-async fn raw_connection(node: &TestNode) -> anyhow::Result<quinn::Connection> {
-    let ticket = node.ticket();
-    let tls = kappakv_protocol::tls::client_config(ticket.node_id, ALPN_CLIENT, None)?;
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    let conn = endpoint
-        .connect(ticket.addrs[0], kappakv_protocol::tls::SERVER_NAME)?
-        .await?;
-    Ok(conn)
-}
-
-/// Sends raw bytes on a new stream and returns the one response frame.
-async fn exchange(conn: &quinn::Connection, bytes: &[u8]) -> anyhow::Result<Response> {
-    let (mut send, mut recv) = conn.open_bi().await?;
-    send.write_all(bytes).await?;
-    let _ = send.finish();
-    let buf = recv.read_to_end(MAX_FRAME_BYTES + 4).await?;
-    match decode_frame(&buf, MAX_FRAME_BYTES)? {
-        FrameDecode::Frame { body, .. } => Ok(decode_body(body)?),
-        FrameDecode::NeedMore { .. } => anyhow::bail!("incomplete response ({} bytes)", buf.len()),
-    }
-}
-
-fn code(r: &Response) -> Option<ErrorCode> {
-    match r {
-        Response::Error { code, .. } => Some(*code),
-        _ => None,
-    }
-}
+use kappakv_tests::raw::{code, exchange};
 
 #[tokio::test]
 async fn hostile_frames_get_typed_errors_and_honest_clients_are_served() -> anyhow::Result<()> {
     let node = TestNode::start().await?;
     let honest = node.client().await?;
-    let conn = raw_connection(&node).await?;
+    let conn = kappakv_tests::raw::connect(&node.ticket()).await?;
 
     // Nothing is served before authentication.
     let get = encode_frame(&Request::Get {
@@ -138,7 +106,7 @@ async fn a_client_pinning_another_node_id_is_refused() -> anyhow::Result<()> {
 async fn an_unauthenticated_connection_is_closed_and_reads_only_small_frames() -> anyhow::Result<()>
 {
     let node = TestNode::start_with(|c| c.request_timeout_ms = 300).await?;
-    let conn = raw_connection(&node).await?;
+    let conn = kappakv_tests::raw::connect(&node.ticket()).await?;
 
     // Before hello, a frame larger than a hello could be is refused without being read.
     let big_hello = encode_frame(&Request::Hello {

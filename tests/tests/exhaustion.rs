@@ -1,0 +1,299 @@
+//! Resource exhaustion against a real `kappakv serve` process, whose memory is its own: slowloris
+//! streams, huge length prefixes and stream floods. During each attack an
+//! honest client's put and get succeed and the node's peak resident memory stays under 512 MiB;
+//! after it, the node releases what the attack held.
+//!
+//! Figures are printed on lines starting with `figure:` (`cargo test … -- --nocapture`).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use kappakv_client::Client;
+use kappakv_protocol::frame::encode_frame;
+use kappakv_protocol::{ErrorCode, Request, Ticket};
+use kappakv_tests::raw::{self, code};
+use kappakv_tests::{ProcessNode, free_tcp_port, free_udp_port, http_get, metric, mib};
+
+/// The bound the node's resident memory must stay under during any attack.
+const MEMORY_BOUND: u64 = 512 * 1024 * 1024;
+/// What an honest request may take before the test gives up on it: generous, only so that a
+/// failure does not hang.
+const HONEST_DEADLINE: Duration = Duration::from_secs(30);
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A node under attack: a `kappakv serve` process with its admin listener.
+struct Target {
+    node: ProcessNode,
+    admin: SocketAddr,
+    ticket: Ticket,
+    _dir: tempfile::TempDir,
+}
+
+impl Target {
+    /// Starts a node with `settings` (`KAPPAKV_*` variables without the prefix).
+    async fn start(settings: &[(&str, &str)]) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let data_dir = dir.path().join("data");
+        let addr = loopback(free_udp_port()?);
+        let admin = loopback(free_tcp_port()?);
+        let mut cmd = kappakv_tests::command("kappakv")?;
+        cmd.args(["serve", "--data-dir"])
+            .arg(&data_dir)
+            .args(["--listen", &addr.to_string()])
+            .env("KAPPAKV_ADMIN_LISTEN", admin.to_string())
+            .env("RUST_LOG", "error")
+            .stderr(std::process::Stdio::inherit());
+        for (k, v) in settings {
+            cmd.env(format!("KAPPAKV_{}", k.to_uppercase()), v);
+        }
+        let node = ProcessNode::spawn(cmd, &data_dir, addr).await?;
+        let ticket = node.ticket()?;
+        Ok(Self {
+            node,
+            admin,
+            ticket,
+            _dir: dir,
+        })
+    }
+
+    async fn gauge(&self, name: &str) -> Result<f64> {
+        let (status, page) = http_get(self.admin, "/metrics").await?;
+        ensure!(status == 200, "/metrics answered {status}");
+        Ok(metric(&page, name))
+    }
+
+    /// Starts measuring the peak memory of an attack.
+    fn measure(&self) {
+        if !self.node.reset_peak_memory() {
+            eprintln!("cannot reset the peak resident memory; peaks count from the node's start");
+        }
+    }
+
+    /// Checks the peak since [`Target::measure`] against the bound and prints it.
+    fn peak(&self, attack: &str) -> Result<u64> {
+        let m = self.node.memory()?;
+        println!(
+            "figure: {attack}: peak RSS {:.1} MiB (now {:.1} MiB)",
+            mib(m.peak),
+            mib(m.rss)
+        );
+        ensure!(
+            m.peak < MEMORY_BOUND,
+            "{attack}: peak resident memory {:.1} MiB is over the bound",
+            mib(m.peak)
+        );
+        Ok(m.peak)
+    }
+
+    /// Waits until the node holds no client stream and at most `connections` connections.
+    async fn released(&self, connections: f64) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let streams = self.gauge("kappakv_streams_open").await?;
+            let conns = self.gauge("kappakv_connections_open").await?;
+            if streams == 0.0 && conns <= connections {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the node still holds {streams} streams and {conns} connections");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// One honest put and get of a fresh key on `client`; returns how long they took.
+async fn honest(client: &Client, tag: &str) -> Result<Duration> {
+    let started = Instant::now();
+    let key = format!("honest/{tag}");
+    tokio::time::timeout(HONEST_DEADLINE, async {
+        client.put(&key, tag).await?;
+        let got = client.get(&key).await?;
+        ensure!(got.values.len() == 1, "{key} read back {got:?}");
+        Ok(())
+    })
+    .await
+    .with_context(|| format!("honest put/get `{tag}` not answered"))??;
+    Ok(started.elapsed())
+}
+
+/// A stream that sent part of a frame and stalls.
+struct Stalled {
+    _send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+/// Opens `n` streams on `conn`, each sending `prefix` and then nothing.
+async fn stall(conn: &quinn::Connection, n: usize, prefix: &[u8]) -> Result<Vec<Stalled>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (mut send, recv) = conn.open_bi().await?;
+        send.write_all(prefix).await?;
+        out.push(Stalled { _send: send, recv });
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_streams_are_bounded_and_timed_out() -> Result<()> {
+    const CONNECTIONS: usize = 4;
+    const STREAMS_PER_CONNECTION: usize = 256;
+    let target = Target::start(&[
+        ("request_timeout_ms", "5000"),
+        (
+            "max_streams_per_connection",
+            &STREAMS_PER_CONNECTION.to_string(),
+        ),
+    ])
+    .await?;
+    let client = Client::connect(&target.ticket).await?;
+    honest(&client, "before").await?;
+    target.measure();
+
+    // Half a length prefix on some streams, a whole prefix and a few body bytes on others.
+    let mut partial = encode_frame(&Request::Get {
+        key: vec![b'k'; 1000],
+        min_lsn: 0,
+    });
+    partial.truncate(10);
+    let mut conns = Vec::new();
+    let mut stalled = Vec::new();
+    for i in 0..CONNECTIONS {
+        let conn = raw::authenticated(&target.ticket).await?;
+        let prefix: &[u8] = if i % 2 == 0 { &partial[..2] } else { &partial };
+        // The hello used one stream: closed, but QUIC grants credit again only in batches of
+        // an eighth of the limit. Every other stream stalls.
+        stalled.extend(stall(&conn, STREAMS_PER_CONNECTION - 1, prefix).await?);
+        conns.push(conn);
+    }
+    let n = stalled.len() as f64;
+    kappakv_tests::eventually("the node holds every stalled stream", || async {
+        Ok(target.gauge("kappakv_streams_open").await? >= n)
+    })
+    .await?;
+    println!("figure: slowloris: {n} streams stalled on {CONNECTIONS} connections");
+
+    // One stream more per connection is not buffered: the node grants no credit for it.
+    for conn in &conns {
+        let more = tokio::time::timeout(Duration::from_millis(300), conn.open_bi()).await;
+        ensure!(
+            more.is_err(),
+            "a stream past the per-connection limit was opened"
+        );
+    }
+
+    let took = honest(&client, "slowloris").await?;
+    println!("figure: slowloris: honest put+get {took:?}");
+    target.peak("slowloris")?;
+
+    // The node answers every stalled stream with `Timeout` and closes it.
+    let mut timed_out = 0;
+    for s in &mut stalled {
+        let r = tokio::time::timeout(Duration::from_secs(60), raw::read_response(&mut s.recv))
+            .await
+            .context("a stalled stream was never closed")??;
+        ensure!(code(&r) == Some(ErrorCode::Timeout), "{r:?}");
+        timed_out += 1;
+    }
+    println!("figure: slowloris: {timed_out} streams answered Timeout and closed");
+    // Once the attacker lets go of its halves too, the credit comes back: a new stream opens
+    // on every connection.
+    drop(stalled);
+    for conn in &conns {
+        tokio::time::timeout(Duration::from_secs(30), conn.open_bi())
+            .await
+            .context("no stream credit after the stalled streams closed")??;
+    }
+    drop(conns);
+    target.released(1.0).await?;
+    honest(&client, "after").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_length_prefixes_are_refused_before_allocation() -> Result<()> {
+    let target = Target::start(&[]).await?;
+    let client = Client::connect(&target.ticket).await?;
+    honest(&client, "before").await?;
+    target.measure();
+
+    // 4 GiB announced on 1,000 streams, half of them before authentication; the prefix is all
+    // that is sent.
+    let mut conns = Vec::new();
+    for i in 0..4 {
+        conns.push(if i < 2 {
+            raw::connect(&target.ticket).await?
+        } else {
+            raw::authenticated(&target.ticket).await?
+        });
+    }
+    let mut refused = 0;
+    for conn in &conns {
+        let streams = stall(conn, 250, &u32::MAX.to_le_bytes()).await?;
+        for mut s in streams {
+            let r = tokio::time::timeout(HONEST_DEADLINE, raw::read_response(&mut s.recv))
+                .await
+                .context("no answer to a 4 GiB prefix")??;
+            ensure!(code(&r) == Some(ErrorCode::TooLarge), "{r:?}");
+            refused += 1;
+        }
+    }
+    println!("figure: 4 GiB prefix: {refused} streams answered TooLarge");
+    let took = honest(&client, "prefix").await?;
+    println!("figure: 4 GiB prefix: honest put+get {took:?}");
+    target.peak("4 GiB prefix")?;
+    Ok(())
+}
+
+/// Opens streams on `conn` as fast as it can until `until`, sends a few bytes on each and
+/// abandons it; returns how many it opened.
+async fn abandon_streams(conn: quinn::Connection, until: Instant) -> Result<u64> {
+    let mut n = 0;
+    while Instant::now() < until {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(&[0x10, 0, 0, 0, 0x81]).await?;
+        let _ = send.reset(0u32.into());
+        let _ = recv.stop(0u32.into());
+        n += 1;
+    }
+    Ok(n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_flood_is_absorbed() -> Result<()> {
+    let target = Target::start(&[]).await?;
+    let client = Client::connect(&target.ticket).await?;
+    honest(&client, "before").await?;
+    target.measure();
+
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut flood = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let conn = if i % 2 == 0 {
+            raw::connect(&target.ticket).await?
+        } else {
+            raw::authenticated(&target.ticket).await?
+        };
+        flood.spawn(abandon_streams(conn, until));
+    }
+    let mut served = 0;
+    while Instant::now() < until {
+        honest(&client, &format!("flood-{served}")).await?;
+        served += 1;
+    }
+    let mut opened = 0;
+    while let Some(n) = flood.join_next().await {
+        opened += n??;
+    }
+    println!(
+        "figure: stream flood: {opened} streams opened and abandoned, {served} honest put+get"
+    );
+    target.peak("stream flood")?;
+    target.released(1.0).await?;
+    honest(&client, "after").await?;
+    Ok(())
+}
