@@ -237,10 +237,18 @@ pub(crate) async fn open(
         error: RequestError::ConnectionLost { source },
     })?;
     // Until `write_all` returns, the node cannot hold the whole frame, so it cannot act on it.
-    send.write_all(&frame).await.map_err(|e| SendFailure {
-        maybe_sent: false,
-        error: write_error(e, kind),
-    })?;
+    match send.write_all(&frame).await {
+        Ok(()) => {}
+        // The node refused the rest of the frame without acting on it (it is too large, or
+        // the node is busy); the answer on the stream says which.
+        Err(quinn::WriteError::Stopped(_)) => return Ok((send, recv)),
+        Err(e) => {
+            return Err(SendFailure {
+                maybe_sent: false,
+                error: write_error(e, kind),
+            });
+        }
+    }
     tracing::trace!(kind, bytes = frame.len(), "request sent");
     if finish {
         // Only fails if the stream is already closed, which a read will then report.

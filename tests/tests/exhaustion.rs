@@ -1,5 +1,5 @@
 //! Resource exhaustion against a real `kappakv serve` process, whose memory is its own: slowloris
-//! streams, huge length prefixes and stream floods. During each attack an
+//! streams, huge and half-sent frames, stream floods and connection floods. During each attack an
 //! honest client's put and get succeed and the node's peak resident memory stays under 512 MiB;
 //! after it, the node releases what the attack held.
 //!
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail, ensure};
 use kappakv_client::Client;
 use kappakv_protocol::frame::encode_frame;
+use kappakv_protocol::limits::MAX_FRAME_BYTES;
 use kappakv_protocol::{ErrorCode, Request, Ticket};
 use kappakv_tests::raw::{self, code};
 use kappakv_tests::{ProcessNode, free_tcp_port, free_udp_port, http_get, metric, mib};
@@ -214,6 +215,25 @@ async fn slowloris_streams_are_bounded_and_timed_out() -> Result<()> {
     Ok(())
 }
 
+/// Sends `bytes` on a new stream and holds it open. The node either takes the bytes (`Ok`, the
+/// stream stays open until the node answers) or answers before taking them all (`Err` with its
+/// answer, usually after stopping the stream).
+async fn push(
+    conn: quinn::Connection,
+    bytes: std::sync::Arc<Vec<u8>>,
+) -> Result<std::result::Result<Stalled, ErrorCode>> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    match send.write_all(&bytes).await {
+        Ok(()) => Ok(Ok(Stalled { _send: send, recv })),
+        Err(quinn::WriteError::Stopped(_)) => {
+            drop(send);
+            let r = raw::read_response(&mut recv).await?;
+            Ok(Err(code(&r).with_context(|| format!("{r:?}"))?))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_length_prefixes_are_refused_before_allocation() -> Result<()> {
     let target = Target::start(&[]).await?;
@@ -246,6 +266,104 @@ async fn huge_length_prefixes_are_refused_before_allocation() -> Result<()> {
     let took = honest(&client, "prefix").await?;
     println!("figure: 4 GiB prefix: honest put+get {took:?}");
     target.peak("4 GiB prefix")?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_large_frames_are_bounded() -> Result<()> {
+    const CONNECTIONS: usize = 4;
+    const STREAMS_PER_CONNECTION: usize = 32;
+    let target = Target::start(&[("request_timeout_ms", "10000")]).await?;
+    let client = Client::connect(&target.ticket).await?;
+    honest(&client, "before").await?;
+    target.measure();
+
+    // Each stream announces the largest frame the node reads and sends all of it but the last
+    // byte: 512 MiB announced in all.
+    let mut frame = (MAX_FRAME_BYTES as u32).to_le_bytes().to_vec();
+    frame.resize(4 + MAX_FRAME_BYTES - 1, 0x91);
+    let frame = std::sync::Arc::new(frame);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut conns = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let conn = raw::authenticated(&target.ticket).await?;
+        for _ in 0..STREAMS_PER_CONNECTION {
+            tasks.spawn(push(conn.clone(), frame.clone()));
+        }
+        conns.push(conn);
+    }
+    let (mut held, mut busy) = (Vec::new(), 0);
+    while let Some(done) = tasks.join_next().await {
+        match done?? {
+            Ok(stream) => held.push(stream),
+            Err(ErrorCode::Busy) => busy += 1,
+            Err(other) => bail!("a half-sent frame was answered {other:?}"),
+        }
+    }
+    println!(
+        "figure: half-sent 4 MiB frames: {} held by the node, {busy} answered Busy",
+        held.len()
+    );
+    let took = honest(&client, "half-sent").await?;
+    println!("figure: half-sent 4 MiB frames: honest put+get {took:?}");
+    target.peak("half-sent 4 MiB frames")?;
+    for s in &mut held {
+        let r = tokio::time::timeout(Duration::from_secs(60), raw::read_response(&mut s.recv))
+            .await
+            .context("a half-sent frame was never timed out")??;
+        ensure!(code(&r) == Some(ErrorCode::Timeout), "{r:?}");
+    }
+    drop(held);
+    drop(conns);
+    target.released(1.0).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_that_stop_reading_are_bounded() -> Result<()> {
+    const CONNECTIONS: usize = 4;
+    const STREAMS_PER_CONNECTION: usize = 128;
+    let target = Target::start(&[("request_timeout_ms", "5000")]).await?;
+    let client = Client::connect(&target.ticket).await?;
+    client
+        .put("big", vec![7u8; kappakv_protocol::limits::MAX_VALUE_BYTES])
+        .await?;
+    honest(&client, "before").await?;
+    target.measure();
+
+    // 512 gets of a 1 MiB value whose answers are never read; the attacker's own window is
+    // small so that it buffers little itself.
+    let get = encode_frame(&Request::Get {
+        key: b"big".to_vec(),
+        min_lsn: 0,
+    });
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .stream_receive_window(16_384u32.into())
+        .keep_alive_interval(Some(Duration::from_secs(1)));
+    let transport = std::sync::Arc::new(transport);
+    let mut conns = Vec::new();
+    let mut streams = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let endpoint = raw::endpoint_with(&target.ticket, transport.clone())?;
+        let conn = raw::dial(&endpoint, &target.ticket).await?;
+        raw::hello(&conn, &target.ticket).await?;
+        for _ in 0..STREAMS_PER_CONNECTION {
+            let (mut send, recv) = conn.open_bi().await?;
+            send.write_all(&get).await?;
+            send.finish()?;
+            streams.push((send, recv));
+        }
+        conns.push((endpoint, conn));
+    }
+    // Give the node the time to answer them all.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let took = honest(&client, "slow readers").await?;
+    println!("figure: slow readers: honest put+get {took:?}");
+    target.peak("slow readers")?;
+    drop(streams);
+    drop(conns);
+    target.released(1.0).await?;
     Ok(())
 }
 
@@ -295,5 +413,57 @@ async fn a_stream_flood_is_absorbed() -> Result<()> {
     target.peak("stream flood")?;
     target.released(1.0).await?;
     honest(&client, "after").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_does_not_lock_out_new_clients() -> Result<()> {
+    const MAX_CONNECTIONS: usize = 64;
+    let target = Target::start(&[
+        ("max_connections", &MAX_CONNECTIONS.to_string()),
+        ("request_timeout_ms", "10000"),
+    ])
+    .await?;
+    let client = Client::connect(&target.ticket).await?;
+    honest(&client, "before").await?;
+    target.measure();
+
+    // Twice the limit in connections that complete the handshake and never say hello.
+    let endpoint = raw::endpoint(&target.ticket)?;
+    let mut silent = Vec::new();
+    for _ in 0..2 * MAX_CONNECTIONS {
+        if let Ok(c) = raw::dial(&endpoint, &target.ticket).await {
+            silent.push(c);
+        }
+    }
+    println!(
+        "figure: connection flood: {} silent connections accepted",
+        silent.len()
+    );
+    let newcomer = Client::connect(&target.ticket)
+        .await
+        .context("a new client during a flood of silent connections")?;
+    honest(&newcomer, "newcomer").await?;
+    honest(&client, "silent flood").await?;
+
+    // Twice the limit in handshakes that are never completed.
+    let mut sockets = Vec::new();
+    for _ in 0..2 * MAX_CONNECTIONS {
+        let initial = raw::initial_packet(&target.ticket).await?;
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        socket.send_to(&initial, target.ticket.addrs[0]).await?;
+        sockets.push(socket);
+    }
+    let late = Client::connect(&target.ticket)
+        .await
+        .context("a new client during a flood of half-open handshakes")?;
+    honest(&late, "late").await?;
+    honest(&client, "handshake flood").await?;
+    target.peak("connection flood")?;
+    drop(silent);
+    drop(sockets);
+    drop(newcomer);
+    drop(late);
+    target.released(1.0).await?;
     Ok(())
 }

@@ -2,17 +2,20 @@
 //! carries one request, answered by one frame or a sequence of frames.
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use kappakv_protocol::frame::{FRAME_HEADER_LEN, decode_body, encode_frame, frame_len};
 use kappakv_protocol::limits::MAX_FRAME_BYTES;
 use kappakv_protocol::{DecodeError, ErrorCode, Request, Response};
 use quinn::{RecvStream, SendStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 use tracing::Instrument as _;
 
 use super::close;
+use super::endpoint::Pending;
 use crate::auth::Role;
 use crate::handlers::Reply;
 use crate::node::Node;
@@ -24,10 +27,13 @@ pub async fn serve_client(
     conn: quinn::Connection,
     node: Arc<Node>,
     service: RequestService,
+    buffers: Buffers,
+    pending: Pending,
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
     let role: Arc<OnceLock<Role>> = Arc::new(OnceLock::new());
+    let pending = Arc::new(pending);
     tracing::debug!("client connected");
     // A connection that has not authenticated in time gives its slot back: keep-alives alone
     // would otherwise hold it forever.
@@ -43,6 +49,13 @@ pub async fn serve_client(
                 conn.close(close::AUTH_TIMEOUT.into(), b"authenticate with hello first");
                 break;
             }
+            () = pending.evicted(), if role.get().is_none() => {
+                tracing::info!(
+                    "closing a client connection that had not authenticated: a newer one needed its slot"
+                );
+                conn.close(close::AUTH_TIMEOUT.into(), b"authenticate with hello first");
+                break;
+            }
             s = conn.accept_bi() => match s {
                 Ok(s) => s,
                 Err(e) => {
@@ -55,11 +68,71 @@ pub async fn serve_client(
         let service = service.clone();
         let role = role.clone();
         let cancel = cancel.clone();
+        let buffers = buffers.clone();
+        let pending = pending.clone();
         tracker.spawn(
-            async move { serve_stream(send, recv, &node, service, &role, &cancel).await }
-                .instrument(tracing::debug_span!("stream")),
+            async move {
+                let auth = Auth {
+                    role: &role,
+                    pending: &pending,
+                };
+                serve_stream(send, recv, &node, service, &buffers, auth, &cancel).await;
+            }
+            .instrument(tracing::debug_span!("stream")),
         );
     }
+}
+
+/// Bytes of request and reply frames that client streams may make the node hold at once, over
+/// all connections. A request whose body would go over it, or a read whose reply would, is
+/// answered `Busy` instead: how much a client can make the node buffer does not grow with the
+/// number of streams it opens or with how slowly it sends or reads.
+pub const BUFFER_BYTES: usize = 64 * 1024 * 1024;
+
+/// Replies up to this size are not counted against [`BUFFER_BYTES`], so that an acknowledgement
+/// is never held back: every write's reply is this small.
+const UNCOUNTED_REPLY_BYTES: usize = 4 * 1024;
+
+/// The budget of [`BUFFER_BYTES`], shared by every client stream; one permit per byte.
+#[derive(Clone, Debug)]
+pub struct Buffers(Arc<Semaphore>);
+
+impl Buffers {
+    /// A budget of `bytes`.
+    pub fn new(bytes: usize) -> Self {
+        Self(Arc::new(Semaphore::new(bytes)))
+    }
+
+    /// Adds `bytes` to what `held` counts, if the budget has them.
+    fn grow(&self, held: &mut Option<OwnedSemaphorePermit>, bytes: usize) -> bool {
+        let Ok(n) = u32::try_from(bytes) else {
+            return false;
+        };
+        match self.0.clone().try_acquire_many_owned(n) {
+            Ok(p) => {
+                match held {
+                    Some(h) => h.merge(p),
+                    None => *held = Some(p),
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+fn busy_buffers() -> Response {
+    Response::Error {
+        code: ErrorCode::Busy,
+        message: "the node holds its limit of request and reply bytes; retry shortly".into(),
+    }
+}
+
+/// What a stream knows of its connection's authentication.
+#[derive(Clone, Copy)]
+struct Auth<'a> {
+    role: &'a OnceLock<Role>,
+    pending: &'a Pending,
 }
 
 /// Why a request could not be read.
@@ -73,8 +146,14 @@ enum ReadRequest {
 const PRE_AUTH_FRAME_BYTES: usize = 4 * 1024;
 
 /// Reads one request frame of at most `max_len` bytes. The body buffer grows as bytes arrive,
-/// so a length prefix alone never makes the node allocate.
-async fn read_request(recv: &mut RecvStream, max_len: usize) -> Result<Request, ReadRequest> {
+/// so a length prefix alone never makes the node allocate, and every byte of it is counted in
+/// `held` against `buffers` first.
+async fn read_request(
+    recv: &mut RecvStream,
+    max_len: usize,
+    buffers: &Buffers,
+    held: &mut Option<OwnedSemaphorePermit>,
+) -> Result<Request, ReadRequest> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     recv.read_exact(&mut header)
         .await
@@ -85,10 +164,21 @@ async fn read_request(recv: &mut RecvStream, max_len: usize) -> Result<Request, 
             message: format!("request frame: {e}"),
         })
     })?;
-    let mut body = Vec::with_capacity(len.min(64 * 1024));
+    let mut body = Vec::new();
     while body.len() < len {
         match recv.read_chunk(len - body.len(), true).await {
-            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+            Ok(Some(chunk)) => {
+                let needed = body.len() + chunk.bytes.len();
+                if needed > body.capacity() {
+                    // Grow geometrically, never past the frame, counting the whole capacity.
+                    let capacity = needed.max((2 * body.capacity()).min(len));
+                    if !buffers.grow(held, capacity - body.capacity()) {
+                        return Err(ReadRequest::Frame(busy_buffers()));
+                    }
+                    body.reserve_exact(capacity - body.len());
+                }
+                body.extend_from_slice(&chunk.bytes);
+            }
             _ => return Err(ReadRequest::Gone),
         }
     }
@@ -108,8 +198,16 @@ async fn read_request(recv: &mut RecvStream, max_len: usize) -> Result<Request, 
     })
 }
 
-async fn send(send: &mut SendStream, response: &Response) -> bool {
-    send.write_all(&encode_frame(response)).await.is_ok()
+/// Writes `bytes`, giving up after `timeout`: a client that stops reading must not hold what
+/// the node buffered for it. A write that timed out resets the stream.
+async fn send(tx: &mut SendStream, bytes: &[u8], timeout: Duration) -> bool {
+    if let Ok(written) = tokio::time::timeout(timeout, tx.write_all(bytes)).await {
+        written.is_ok()
+    } else {
+        tracing::debug!("client stopped reading its reply; resetting the stream");
+        let _ = tx.reset(0u32.into());
+        false
+    }
 }
 
 async fn serve_stream(
@@ -117,12 +215,17 @@ async fn serve_stream(
     mut rx: RecvStream,
     node: &Node,
     service: RequestService,
-    role: &OnceLock<Role>,
+    buffers: &Buffers,
+    auth: Auth<'_>,
     cancel: &CancellationToken,
 ) {
+    let role = auth.role;
     let _open = telemetry::OpenGuard::stream();
+    let timeout = node.config.request_timeout();
+    // What this stream's request and reply count against `buffers`, released when it ends.
+    let mut held = None;
     let request = tokio::time::timeout(
-        node.config.request_timeout(),
+        timeout,
         read_request(
             &mut rx,
             if role.get().is_some() {
@@ -130,6 +233,8 @@ async fn serve_stream(
             } else {
                 PRE_AUTH_FRAME_BYTES
             },
+            buffers,
+            &mut held,
         ),
     )
     .await;
@@ -137,21 +242,21 @@ async fn serve_stream(
         Ok(Ok(r)) => r,
         Ok(Err(ReadRequest::Frame(response))) => {
             tracing::debug!(?response, "bad request frame");
-            send(&mut tx, &response).await;
-            let _ = tx.finish();
+            // Refuse the rest of the body before answering: nothing more of it is read.
+            drop(held);
             let _ = rx.stop(0u32.into());
+            send(&mut tx, &encode_frame(&response), timeout).await;
+            let _ = tx.finish();
             return;
         }
         Ok(Err(ReadRequest::Gone)) => return,
         Err(_) => {
-            send(
-                &mut tx,
-                &Response::Error {
-                    code: ErrorCode::Timeout,
-                    message: "request not received in time".into(),
-                },
-            )
-            .await;
+            drop(held);
+            let response = Response::Error {
+                code: ErrorCode::Timeout,
+                message: "request not received in time".into(),
+            };
+            send(&mut tx, &encode_frame(&response), timeout).await;
             let _ = tx.finish();
             return;
         }
@@ -160,6 +265,7 @@ async fn serve_stream(
         Request::Hello { token } => {
             if let Some(r) = node.tokens.role_of(&token) {
                 let granted = *role.get_or_init(|| r);
+                auth.pending.authenticated();
                 Reply::One(Response::Hello {
                     node_id: node.node_id,
                     read_only: granted == Role::ReadOnly,
@@ -193,20 +299,35 @@ async fn serve_stream(
             }
         },
     };
-    match reply {
-        Reply::One(r) => {
-            send(&mut tx, &r).await;
-        }
+    let bytes = match reply {
+        Reply::One(r) => encode_frame(&r),
         Reply::Many(rs) => {
+            let mut bytes = Vec::new();
             for r in &rs {
-                if !send(&mut tx, r).await {
-                    return;
-                }
+                bytes.extend_from_slice(&encode_frame(r));
             }
+            bytes
         }
         Reply::Watch { prefix, from_lsn } => {
+            drop(held);
             super::watch::stream(node, &mut tx, &mut rx, prefix, from_lsn, cancel).await;
+            let _ = tx.finish();
+            return;
         }
+    };
+    // The request's bytes are gone; what is held now is the reply. Only reads have replies
+    // over the uncounted size, and a read can always be refused.
+    let counted = held.as_ref().map_or(0, OwnedSemaphorePermit::num_permits);
+    let bytes = if bytes.len() > UNCOUNTED_REPLY_BYTES
+        && bytes.len() > counted
+        && !buffers.grow(&mut held, bytes.len() - counted)
+    {
+        drop(bytes);
+        encode_frame(&busy_buffers())
+    } else {
+        bytes
+    };
+    if send(&mut tx, &bytes, timeout).await {
+        let _ = tx.finish();
     }
-    let _ = tx.finish();
 }

@@ -1,7 +1,9 @@
 //! The accept loop.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use quinn::crypto::rustls::QuicServerConfig;
@@ -11,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use super::close;
-use super::connection::serve_client;
+use super::connection::{BUFFER_BYTES, Buffers, serve_client};
 use super::tls::{TlsIdentity, TlsSetupError};
 use crate::node::Node;
 use crate::service::stack;
@@ -75,7 +77,81 @@ pub fn bind(node: &Node) -> Result<quinn::Endpoint, EndpointError> {
     quinn::Endpoint::server(config, addr).map_err(|source| EndpointError::Bind { addr, source })
 }
 
-/// Accepts connections until `cancel` fires. Connections beyond `max_connections` are refused.
+/// Connections that have not authenticated yet (handshaking, or waiting for a client's hello),
+/// oldest first. When every connection slot is taken, a new connection evicts the oldest of
+/// them: a flood of connections that never authenticate cannot lock out a client that does,
+/// since an honest client authenticates within a round trip of its handshake.
+#[derive(Clone, Debug, Default)]
+pub struct Unauthenticated {
+    queue: Arc<Mutex<VecDeque<(u64, CancellationToken)>>>,
+    next: Arc<AtomicU64>,
+}
+
+impl Unauthenticated {
+    /// Registers a new connection; it stays registered until it authenticates or ends.
+    fn enter(&self) -> Pending {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let evicted = CancellationToken::new();
+        self.lock().push_back((id, evicted.clone()));
+        Pending {
+            id,
+            evicted,
+            registry: self.clone(),
+        }
+    }
+
+    /// Evicts the oldest unauthenticated connection; false if there is none.
+    fn evict_oldest(&self) -> bool {
+        let oldest = self.lock().pop_front();
+        oldest.is_some_and(|(_, evicted)| {
+            evicted.cancel();
+            true
+        })
+    }
+
+    fn leave(&self, id: u64) {
+        self.lock().retain(|(i, _)| *i != id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, CancellationToken)>> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A connection that has not authenticated yet; dropping it or [`Pending::authenticated`]
+/// takes it off the list.
+#[derive(Debug)]
+pub struct Pending {
+    id: u64,
+    evicted: CancellationToken,
+    registry: Unauthenticated,
+}
+
+impl Pending {
+    /// The connection has authenticated: it can no longer be evicted.
+    pub fn authenticated(&self) {
+        self.registry.leave(self.id);
+    }
+
+    /// Fires when a newer connection needed this one's slot.
+    pub async fn evicted(&self) {
+        self.evicted.cancelled().await;
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.registry.leave(self.id);
+    }
+}
+
+/// How long an evicting connection waits for the evicted one to give its slot back.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
+
+/// Accepts connections until `cancel` fires. When `max_connections` are open, a new connection
+/// evicts the oldest that has not authenticated, and is refused if every one has.
 pub async fn accept_loop(
     endpoint: quinn::Endpoint,
     node: Arc<Node>,
@@ -84,6 +160,8 @@ pub async fn accept_loop(
 ) {
     let slots = Arc::new(Semaphore::new(node.config.max_connections));
     let service = stack(node.clone());
+    let buffers = Buffers::new(BUFFER_BYTES);
+    let unauthenticated = Unauthenticated::default();
     loop {
         let incoming = tokio::select! {
             () = cancel.cancelled() => break,
@@ -92,14 +170,28 @@ pub async fn accept_loop(
                 None => break,
             },
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) if unauthenticated.evict_oldest() => {
+                tracing::debug!("connection limit reached; evicting the oldest unauthenticated");
+                tokio::time::timeout(EVICTION_WAIT, slots.clone().acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+            Err(_) => None,
+        };
+        let Some(permit) = permit else {
             tracing::warn!(remote = %incoming.remote_address(), "connection limit reached; refusing");
             incoming.refuse();
             crate::telemetry::connection_refused();
             continue;
         };
+        let pending = unauthenticated.enter();
+        let handshake_timeout = node.config.request_timeout();
         let node = node.clone();
         let service = service.clone();
+        let buffers = buffers.clone();
         let cancel = cancel.clone();
         let tracker2 = tracker.clone();
         let remote = incoming.remote_address();
@@ -107,10 +199,22 @@ pub async fn accept_loop(
             async move {
                 let _permit = permit;
                 let _open = crate::telemetry::OpenGuard::connection();
-                let conn = match incoming.await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "handshake failed");
+                // A handshake that is never completed gives its slot back in time, or to a
+                // newer connection.
+                let conn = tokio::select! {
+                    c = tokio::time::timeout(handshake_timeout, incoming) => match c {
+                        Ok(Ok(c)) => c,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!("handshake not completed in time");
+                            return;
+                        }
+                    },
+                    () = pending.evicted() => {
+                        tracing::debug!("handshake evicted by a newer connection");
                         return;
                     }
                 };
@@ -120,10 +224,14 @@ pub async fn accept_loop(
                     .and_then(|d| d.protocol);
                 match alpn.as_deref() {
                     Some(p) if p == kappakv_protocol::ALPN_CLIENT => {
-                        serve_client(conn, node, service, cancel, tracker2).await;
+                        serve_client(conn, node, service, buffers, pending, cancel, tracker2).await;
                     }
                     Some(p) if p == kappakv_protocol::ALPN_PEER => match node.replication() {
-                        Some(r) => r.accept(conn).await,
+                        Some(r) => {
+                            // The handshake checked the peer's certificate.
+                            pending.authenticated();
+                            r.accept(conn).await;
+                        }
                         None => conn.close(close::NOT_A_PEER.into(), b"replication is not running"),
                     },
                     _ => {
