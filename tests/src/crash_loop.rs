@@ -1,14 +1,15 @@
 //! The crash loop: a real `kappakv serve` child process, killed with SIGKILL at random moments
-//! while 16 to 64 writers put unique keys, restarted on the same data dir, and checked.
+//! while 16 to 64 writers put keys, restarted on the same data dir, and checked.
 //!
 //! Each cycle starts the node (with one declared secondary index, small log segments so that
 //! rollover happens all the time, and a durable-commit interval for the views drawn at random),
 //! then either kills it while it starts, or lets it serve, checks the writes of the cycles not
 //! yet checked, runs the writers for a random few milliseconds and kills it (now and then
-//! during a graceful stop, SIGKILL a moment after SIGTERM). A cycle's check scans its keys:
-//! every acknowledged write is there with its value and entry id as the only version, and
-//! every other key is one a writer had in flight when the node died (kept or not, never with
-//! another value).
+//! during a graceful stop, SIGKILL a moment after SIGTERM). Each writer writes keys of its own,
+//! one put at a time; every fourth put overwrites its previous key, so the views also replay
+//! supersedes after each crash. A cycle's check scans its keys: each holds its last
+//! acknowledged write, value and entry id, as its only version, or the writer's later put that
+//! was in flight when the node died; no other key is there.
 //!
 //! Every `check_every` cycles and at the end, a full check: every write ever acknowledged,
 //! and every unacknowledged one found since, is there and nothing else; the node stops
@@ -19,7 +20,7 @@
 //! seed is printed so that a run can be repeated with the same choices (the timing, and so the
 //! exact kill points, still varies).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -93,8 +94,8 @@ pub struct Report {
     pub kills_stopping: u64,
     /// Writes acknowledged to the writers.
     pub acked: u64,
-    /// Acknowledged writes checked present with their value after a restart (each at least
-    /// once; the full checks count them again).
+    /// Keys checked after a restart to hold their last acknowledged write, value and entry id
+    /// (each once after the cycle that wrote it, and again at every full check).
     pub checked: u64,
     /// Writes in flight at a kill, not acknowledged, found durable after the restart.
     pub unacked_kept: u64,
@@ -173,7 +174,7 @@ fn value_of(cycle: u64, writer: u64, i: u64) -> Vec<u8> {
 #[derive(Debug, Default)]
 struct CycleWrites {
     cycle: u64,
-    /// Acknowledged: key, value, entry id.
+    /// Acknowledged, in order: key, value, entry id. A key written again appears again.
     acked: Vec<(Vec<u8>, Vec<u8>, EntryId)>,
     /// Sent and not acknowledged when the node died: key → value.
     in_flight: BTreeMap<Vec<u8>, Vec<u8>>,
@@ -362,40 +363,55 @@ impl Run {
     async fn check_pending(&mut self, client: &Client) -> Result<()> {
         for writes in std::mem::take(&mut self.pending) {
             let found = scan_prefix(client, cycle_prefix(writes.cycle).as_bytes()).await?;
-            let mut acked_keys = BTreeSet::new();
+            let mut kept_in_flight = 0;
+            // The last acknowledged write of each key: overwrites come after what they replace.
+            let mut last: BTreeMap<&[u8], (&[u8], EntryId)> = BTreeMap::new();
             for (key, value, id) in &writes.acked {
-                let kv = found.get(key).with_context(|| {
-                    format!(
-                        "the acknowledged write of {} (cycle {}) is missing after a restart",
-                        String::from_utf8_lossy(key),
-                        writes.cycle
-                    )
-                })?;
-                check_one(kv, value, *id)?;
-                acked_keys.insert(key);
-                self.known.insert(key.clone(), (value.clone(), *id));
+                last.insert(key, (value, *id));
             }
-            self.report.checked += writes.acked.len() as u64;
             for (key, kv) in &found {
-                if acked_keys.contains(key) {
-                    continue;
-                }
-                let value = writes.in_flight.get(key).with_context(|| {
-                    format!(
-                        "{} (cycle {}) is in the log but was never written",
-                        String::from_utf8_lossy(key),
+                let name = String::from_utf8_lossy(key);
+                let in_flight = writes.in_flight.get(key);
+                let kept = match (last.get(&key[..]), in_flight) {
+                    // The acknowledged value, or a later overwrite that was in flight.
+                    (Some(&(value, id)), _) if check_one(kv, value, id).is_ok() => None,
+                    (_, Some(value)) => Some(value),
+                    (Some(&(value, id)), None) => {
+                        check_one(kv, value, id)?;
+                        None
+                    }
+                    (None, None) => bail!(
+                        "{name} (cycle {}) is in the log but was never written: {kv:?}",
                         writes.cycle
-                    )
-                })?;
-                let id = kv.values.first().map(|v| v.id).with_context(|| {
-                    format!("{} has no value: {kv:?}", String::from_utf8_lossy(key))
-                })?;
-                check_one(kv, value, id)?;
-                self.known.insert(key.clone(), (value.clone(), id));
-                self.report.unacked_kept += 1;
+                    ),
+                };
+                let (value, id) = match kept {
+                    None => last[&key[..]],
+                    Some(value) => {
+                        let id = kv
+                            .values
+                            .first()
+                            .map(|v| v.id)
+                            .with_context(|| format!("{name} has no value: {kv:?}"))?;
+                        check_one(kv, value, id).with_context(|| {
+                            format!("{name}: neither the acknowledged write nor the one in flight")
+                        })?;
+                        kept_in_flight += 1;
+                        (&value[..], id)
+                    }
+                };
+                self.known.insert(key.clone(), (value.to_vec(), id));
             }
-            self.report.unacked_lost +=
-                (writes.in_flight.len() + writes.acked.len() - found.len()) as u64;
+            if let Some(key) = last.keys().find(|k| !found.contains_key(**k)) {
+                bail!(
+                    "the acknowledged write of {} (cycle {}) is missing after a restart",
+                    String::from_utf8_lossy(key),
+                    writes.cycle
+                );
+            }
+            self.report.checked += last.len() as u64;
+            self.report.unacked_kept += kept_in_flight;
+            self.report.unacked_lost += writes.in_flight.len() as u64 - kept_in_flight;
         }
         Ok(())
     }
@@ -485,16 +501,22 @@ fn check_one(kv: &KeyVersions, value: &[u8], id: EntryId) -> Result<()> {
     Ok(())
 }
 
-/// Puts unique keys one after the other until a put fails (the node is gone), recording each
-/// one in flight and each one acknowledged.
+/// Puts keys one after the other until a put fails (the node is gone), recording each one in
+/// flight and each one acknowledged. Every fourth put overwrites the key of the writer's last
+/// acknowledged put (a plain put, superseding the version it replaces); the others write new
+/// keys of their own.
 async fn write_until_error(
     client: Client,
     cycle: u64,
     writer: u64,
     state: Arc<Mutex<CycleWrites>>,
 ) {
+    let mut last_key = None;
     for i in 0.. {
-        let key = key_of(cycle, writer, i);
+        let key = match &last_key {
+            Some(key) if i % 4 == 3 => Vec::clone(key),
+            _ => key_of(cycle, writer, i),
+        };
         let value = value_of(cycle, writer, i);
         state
             .lock()
@@ -506,6 +528,7 @@ async fn write_until_error(
         };
         let mut state = state.lock().expect("not poisoned");
         state.in_flight.remove(&key);
-        state.acked.push((key, value, written.id));
+        state.acked.push((key.clone(), value, written.id));
+        last_key = Some(key);
     }
 }
