@@ -40,9 +40,20 @@ const PROOF_WALK_MAX: u32 = 4096;
 /// are a simultaneous dial (see [`Replication::register`]). Well above a handshake on the
 /// networks peers use, well below the idle timeout of [`peer_transport`].
 const SIMULTANEOUS_DIAL: Duration = Duration::from_secs(2);
-/// Reconnect backoff bounds.
+/// Reconnect backoff bounds. The cap is short so that replication resumes within seconds of a
+/// network heal, however long the fault lasted; a peer that refused this node (not on its
+/// list) is tried again only every [`REFUSED_BACKOFF`], since only its operator can change that.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const REFUSED_BACKOFF: Duration = Duration::from_secs(10);
+/// A peer connection sends a keep-alive this often, and one that has received nothing for
+/// [`PEER_IDLE_TIMEOUT`] is closed and dialled again. While a path is down QUIC backs its
+/// retransmissions off exponentially, so a connection that lived through a long fault would
+/// notice the heal only about as long after it as the fault lasted; a new one starts afresh.
+const PEER_KEEP_ALIVE: Duration = Duration::from_secs(1);
+const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+const _: () = assert!(PEER_KEEP_ALIVE.as_millis() * 4 <= PEER_IDLE_TIMEOUT.as_millis());
+const _: () = assert!(SIMULTANEOUS_DIAL.as_millis() < PEER_IDLE_TIMEOUT.as_millis());
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -179,16 +190,31 @@ impl Replication {
                 continue;
             }
             let started = Instant::now();
-            match self.dial(peer).await {
+            // A dial into a dead path lasts until the handshake times out: shutdown must not
+            // wait for it.
+            let dialled = tokio::select! {
+                () = cancel.cancelled() => return,
+                r = self.dial(peer) => r,
+            };
+            let mut refused = false;
+            match dialled {
                 Ok(conn) => {
                     self.clone()
-                        .run_session(conn, peer, self.node.node_id)
+                        .run_session(conn.clone(), peer, self.node.node_id)
                         .await;
+                    refused = matches!(
+                        conn.close_reason(),
+                        Some(quinn::ConnectionError::ApplicationClosed(c))
+                            if c.error_code == close::NOT_A_PEER.into()
+                    );
                     if started.elapsed() > BACKOFF_MAX {
                         backoff = BACKOFF_MIN;
                     }
                 }
                 Err(e) => tracing::debug!(error = %e, "dial failed"),
+            }
+            if refused {
+                backoff = REFUSED_BACKOFF;
             }
             // Exponential backoff with jitter, so that many nodes do not redial in step.
             let jitter = u64::from(rand_u16()) % (backoff.as_millis() as u64 / 2 + 1);
@@ -721,13 +747,19 @@ impl Replication {
 }
 
 /// Transport settings for peer connections: one unidirectional stream each way, keep-alives so
-/// an idle sync stays up.
+/// an idle sync stays up, and an idle timeout that ends a connection whose path has failed. Both
+/// sides use the shorter of their two idle timeouts (this one, unless the acceptor's
+/// `idle_timeout_ms` is set lower); it also bounds a handshake.
 pub fn peer_transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_uni_streams(2u32.into())
         .max_concurrent_bidi_streams(0u32.into())
-        .keep_alive_interval(Some(Duration::from_secs(5)))
-        .max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("30 s fits")));
+        .keep_alive_interval(Some(PEER_KEEP_ALIVE))
+        .max_idle_timeout(Some(
+            PEER_IDLE_TIMEOUT
+                .try_into()
+                .expect("the idle timeout fits QUIC's range"),
+        ));
     t
 }
 
