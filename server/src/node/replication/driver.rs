@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use super::peers::PeerList;
-use super::session::{Classified, SyncSession, classify};
+use super::session::{Classified, Runs, SyncSession, classify};
 use crate::log::LogReader;
 use crate::net::close;
 use crate::net::tls::TlsIdentity;
@@ -484,6 +484,7 @@ impl Replication {
                     hello.send_replace(true);
                 }
                 PeerMessage::Entries { payloads } => {
+                    let mut runs = Runs::default();
                     for payload in payloads {
                         let entry = match SignedEntry::decode_payload(&payload) {
                             Ok(e) => e,
@@ -495,9 +496,12 @@ impl Replication {
                         let run = session.lock().expect("session lock").receive(entry);
                         match run {
                             Ok(None) => {}
-                            Ok(Some(run)) => self.ingest(peer, run).await?,
+                            Ok(Some(run)) => runs.push(run),
                             Err(refusal) => self.reject(refusal.reason(), &refusal.to_string()),
                         }
+                    }
+                    for run in runs.take() {
+                        self.ingest(peer, run).await?;
                     }
                 }
                 _ => self.reject("unknown_message", "unknown peer message"),

@@ -206,6 +206,44 @@ impl SyncSession {
     }
 }
 
+/// Released runs gathered for appending together: a run that continues the last gathered run of
+/// its author (the next seq, linked by `prev`) is joined to it. A peer sends its log in order,
+/// and every group commit of a lightly loaded node is a signed run of one entry, so a catch-up
+/// would otherwise cost one log append, and one fsync, per entry.
+#[derive(Debug, Default)]
+pub struct Runs {
+    runs: Vec<Vec<SignedEntry>>,
+    /// Per author, the index in `runs` of its last run.
+    last: HashMap<NodeId, usize>,
+}
+
+impl Runs {
+    /// Adds a run released by [`SyncSession::receive`].
+    pub fn push(&mut self, run: Vec<SignedEntry>) {
+        let Some(first) = run.first() else {
+            return;
+        };
+        let author = first.entry.author;
+        if let Some(&i) = self.last.get(&author)
+            && let Some(tail) = self.runs[i].last()
+            && first.entry.seq == tail.entry.seq + 1
+            && first.entry.prev == Some(tail.id)
+        {
+            self.runs[i].extend(run);
+            return;
+        }
+        self.last.insert(author, self.runs.len());
+        self.runs.push(run);
+    }
+
+    /// The gathered runs, each still one author's linked chain ending at a signed entry, in the
+    /// order their first entries arrived.
+    pub fn take(&mut self) -> Vec<Vec<SignedEntry>> {
+        self.last.clear();
+        std::mem::take(&mut self.runs)
+    }
+}
+
 /// What an entry costs in memory, near enough: its keys and values plus a fixed overhead.
 fn entry_size(e: &SignedEntry) -> usize {
     256 + e
@@ -367,5 +405,40 @@ mod tests {
             .expect("verifies")
             .expect("signed");
         assert_eq!(classify(run, head, |_| true), Classified::Duplicate);
+    }
+
+    #[test]
+    fn runs_that_continue_each_other_are_joined_per_author() {
+        let (a, b) = (Keypair::from_secret([5; 32]), Keypair::from_secret([7; 32]));
+        let a1 = signed(&a, 1, None, b"1");
+        let a2 = signed(&a, 2, Some(a1.id), b"2");
+        let a3 = signed(&a, 3, Some(a2.id), b"3");
+        let b1 = signed(&b, 1, None, b"1");
+        let b2 = signed(&b, 2, Some(b1.id), b"2");
+        let fork3 = signed(&a, 3, Some(a1.id), b"not linked to a2");
+        let mut runs = Runs::default();
+        for run in [
+            vec![a1.clone()],
+            vec![b1.clone()],
+            vec![a2.clone()],
+            vec![b2.clone()],
+            vec![a3.clone()],
+            // Does not link to the run before it: kept apart, for classify to judge.
+            vec![fork3.clone()],
+            // Starts over below the tail: kept apart too.
+            vec![a2.clone()],
+        ] {
+            runs.push(run);
+        }
+        assert_eq!(
+            runs.take(),
+            vec![
+                vec![a1, a2.clone(), a3],
+                vec![b1, b2],
+                vec![fork3],
+                vec![a2],
+            ]
+        );
+        assert!(runs.take().is_empty());
     }
 }
