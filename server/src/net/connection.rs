@@ -84,8 +84,8 @@ pub async fn serve_client(
 }
 
 /// Bytes of request and reply frames that client streams may make the node hold at once, over
-/// all connections. A request whose body would go over it, or a read whose reply would, is
-/// answered `Busy` instead: how much a client can make the node buffer does not grow with the
+/// all connections. A request whose body would go over it (the rest of the body is then read
+/// and dropped), or a read whose reply would, is answered `Busy` instead: how much a client can make the node buffer does not grow with the
 /// number of streams it opens or with how slowly it sends or reads.
 pub const BUFFER_BYTES: usize = 64 * 1024 * 1024;
 
@@ -138,6 +138,10 @@ struct Auth<'a> {
 /// Why a request could not be read.
 enum ReadRequest {
     Frame(Response),
+    /// Over the buffer budget, with this many bytes of the body still to come.
+    Busy {
+        unread: usize,
+    },
     Gone,
 }
 
@@ -173,7 +177,9 @@ async fn read_request(
                     // Grow geometrically, never past the frame, counting the whole capacity.
                     let capacity = needed.max((2 * body.capacity()).min(len));
                     if !buffers.grow(held, capacity - body.capacity()) {
-                        return Err(ReadRequest::Frame(busy_buffers()));
+                        return Err(ReadRequest::Busy {
+                            unread: len - body.len(),
+                        });
                     }
                     body.reserve_exact(capacity - body.len());
                 }
@@ -196,6 +202,16 @@ async fn read_request(
             message: format!("cannot decode request: {msg}"),
         })
     })
+}
+
+/// Reads and drops up to `n` bytes.
+async fn discard(rx: &mut RecvStream, mut n: usize) {
+    while n > 0 {
+        match rx.read_chunk(n, true).await {
+            Ok(Some(chunk)) => n = n.saturating_sub(chunk.bytes.len()),
+            _ => return,
+        }
+    }
 }
 
 /// Writes `bytes`, giving up after `timeout`: a client that stops reading must not hold what
@@ -242,11 +258,20 @@ async fn serve_stream(
         Ok(Ok(r)) => r,
         Ok(Err(ReadRequest::Frame(response))) => {
             tracing::debug!(?response, "bad request frame");
-            // Refuse the rest of the body before answering: nothing more of it is read.
             drop(held);
-            let _ = rx.stop(0u32.into());
             send(&mut tx, &encode_frame(&response), timeout).await;
             let _ = tx.finish();
+            let _ = rx.stop(0u32.into());
+            return;
+        }
+        Ok(Err(ReadRequest::Busy { unread })) => {
+            tracing::debug!("request refused: client stream buffers are full");
+            drop(held);
+            send(&mut tx, &encode_frame(&busy_buffers()), timeout).await;
+            let _ = tx.finish();
+            // The rest of the body is read and dropped as it comes, never held, so that the
+            // client's write completes and it reads the answer.
+            let _ = tokio::time::timeout(timeout, discard(&mut rx, unread)).await;
             return;
         }
         Ok(Err(ReadRequest::Gone)) => return,
