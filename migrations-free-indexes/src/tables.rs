@@ -53,8 +53,9 @@ pub const LOG_AUTHOR_HEAD_NAME: &str = "log_lookup.author_head";
 
 /// Name of the key/value view.
 pub const KV_VIEW: &str = "kv";
-/// Definition version of the key/value view.
-pub const KV_VERSION: u64 = 1;
+/// Definition version of the key/value view. 2: a batch replays each key's supersede marks
+/// and versions in log order, so the stored rows no longer depend on batch boundaries.
+pub const KV_VERSION: u64 = 2;
 
 /// Current versions, one row per key that has any. Key: the key. Value: its current versions
 /// ascending by id, `count u32 LE` then per version `id [32] | author [32] | timestamp u64 LE |
