@@ -320,3 +320,61 @@ fn every_write_sync_create_and_open_failed_in_turn_loses_nothing_acknowledged() 
         cases.len(),
     );
 }
+
+#[test]
+fn the_reserve_refuses_a_batch_that_would_leave_less_free_and_nothing_else() {
+    const RESERVE: u64 = 10_000;
+    let data = tempfile::tempdir().unwrap();
+    let log = data.path().join("log");
+    std::fs::create_dir_all(&log).unwrap();
+    let dir = FaultyLogDir::new(Arc::new(FsLogDir::new(&log)));
+    let faults = dir.faults();
+    let (mut store, _) = LogStore::open_in(Arc::new(dir), &config()).unwrap();
+    let mut chain = ChainBuilder::new(1);
+    let mut acked = Vec::new();
+
+    // Without a reserve nothing is asked: even no free space at all lets the batch through.
+    faults.set_available_space(Some(0));
+    let entries = chain.batch(2, 40);
+    assert_eq!(store.append(&payloads(&entries)).unwrap(), 2);
+    acked.extend(entries);
+
+    store.set_disk_reserve(RESERVE);
+    let entries = chain.batch(3, 40);
+    let records = payloads(&entries);
+    let len: u64 = records.iter().map(|p| 8 + p.len() as u64).sum();
+    let writes = faults.count(FaultOp::Write);
+    for available in [0, RESERVE, RESERVE + len - 1] {
+        faults.set_available_space(Some(available));
+        let err = store.append(&records).unwrap_err();
+        assert!(err.is_disk_full(), "{err}");
+        match &err {
+            AppendError::BelowReserve {
+                available: a,
+                reserve,
+                len: l,
+                ..
+            } => assert_eq!((*a, *reserve, *l as u64), (available, RESERVE, len)),
+            other => panic!("{other}"),
+        }
+        assert!(err.to_string().contains("kept free"), "{err}");
+        assert_eq!(store.last_lsn(), 2);
+    }
+    assert_eq!(faults.count(FaultOp::Write), writes, "nothing was written");
+
+    // Exactly the batch above the reserve is enough; the store took no harm from the refusals.
+    faults.set_available_space(Some(RESERVE + len));
+    assert_eq!(store.append(&records).unwrap(), 5);
+    acked.extend(entries);
+    // The real file system's free space, once no longer overridden, is far above 10 kB here.
+    faults.set_available_space(None);
+    let entries = chain.batch(1, 40);
+    assert_eq!(store.append(&payloads(&entries)).unwrap(), 6);
+    acked.extend(entries);
+    drop(store);
+
+    let all = read_all_checked(&log, 6);
+    let ids: Vec<_> = all.iter().map(|(_, e)| e.id).collect();
+    assert_eq!(ids, acked.iter().map(|e| e.id).collect::<Vec<_>>());
+    verify::run(data.path()).unwrap();
+}

@@ -109,8 +109,8 @@ pub enum OpenLogError {
     },
 }
 
-/// [`LogStore::append`](super::LogStore::append) failed. After any of these but `TooLarge` and
-/// `DiskFull`, the store refuses every later append ([`AppendError::Stopped`]): what reached the
+/// [`LogStore::append`](super::LogStore::append) failed. After any of these but `TooLarge`,
+/// `DiskFull` and `BelowReserve`, the store refuses every later append ([`AppendError::Stopped`]): what reached the
 /// disk is unknown until the log is reopened and recovered.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -154,6 +154,27 @@ pub enum AppendError {
         #[source]
         source: io::Error,
     },
+    /// The batch would leave less free space on the file system than the store keeps: the
+    /// reserve ([`LogStore::set_disk_reserve`](super::LogStore::set_disk_reserve)) and the room
+    /// the views need for the log they have not applied yet
+    /// ([`LogStore::set_views_room`](super::LogStore::set_views_room)). Nothing was written, and
+    /// the store takes appends again. The space is for what the node writes besides the log.
+    #[error(
+        "the disk is full: {available} bytes are free on the file system of {dir}, and a batch of {len} bytes would leave less than the {reserve} bytes kept free for the indexes and a clean shutdown{}; nothing of the batch was written",
+        if *views > 0 { format!(" plus {views} bytes for the indexes to catch up with the log") } else { String::new() }
+    )]
+    BelowReserve {
+        /// The log directory.
+        dir: PathBuf,
+        /// Bytes free when the batch came.
+        available: u64,
+        /// The reserve.
+        reserve: u64,
+        /// The room kept for the views on top of it.
+        views: u64,
+        /// Bytes in the batch.
+        len: usize,
+    },
     /// The file system was full while writing the batch, and cutting the segment back to where
     /// the batch started (or syncing the cut) failed as well.
     #[error(
@@ -193,6 +214,15 @@ pub enum AppendError {
     /// An earlier append failed; the store accepts nothing more until it is reopened.
     #[error("the log store stopped after an earlier write failure; reopen it to recover")]
     Stopped,
+}
+
+impl AppendError {
+    /// Whether the append was refused for want of space ([`DiskFull`](Self::DiskFull) or
+    /// [`BelowReserve`](Self::BelowReserve)): nothing of the batch is in the log, the store takes
+    /// appends again, and they succeed once there is space.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, Self::DiskFull { .. } | Self::BelowReserve { .. })
+    }
 }
 
 /// Reading the log failed.

@@ -100,13 +100,15 @@ pub struct Fault {
 }
 
 /// The shared state of a [`FaultyLogDir`] and its files: the call counts, the faults to come,
-/// the faults that fired, and the disk-full switch.
+/// the faults that fired, the disk-full switch and the free space it reports.
 #[derive(Debug, Default)]
 pub struct Faults {
     counts: [AtomicU64; FaultOp::ALL.len()],
     planned: Mutex<Vec<Fault>>,
     fired: Mutex<Vec<Fault>>,
     disk_full: AtomicBool,
+    /// The free space the directory reports, instead of its file system's, when set.
+    available: Mutex<Option<u64>>,
     /// Every call in order, once [`Faults::start_trace`] was called.
     trace: Mutex<Option<Vec<FaultOp>>>,
 }
@@ -155,6 +157,12 @@ impl Faults {
     /// every create fails with ENOSPC; syncs and reads still work.
     pub fn set_disk_full(&self, full: bool) {
         self.disk_full.store(full, Ordering::SeqCst);
+    }
+
+    /// Makes the directory report `bytes` of free space ([`LogDir::available_space`]) instead of
+    /// what its file system has; `None` goes back to the file system's.
+    pub fn set_available_space(&self, bytes: Option<u64>) {
+        *self.available.lock().expect("faults lock") = bytes;
     }
 
     /// Counts a call of kind `op`, and returns the fault it must fail with, if any.
@@ -247,6 +255,13 @@ impl LogDir for FaultyLogDir {
             return Err(f.error.to_io());
         }
         self.inner.sync()
+    }
+
+    fn available_space(&self) -> io::Result<u64> {
+        match *self.faults.available.lock().expect("faults lock") {
+            Some(bytes) => Ok(bytes),
+            None => self.inner.available_space(),
+        }
     }
 }
 

@@ -61,6 +61,15 @@ pub trait LogDir: Send + Sync {
 
     /// Makes the directory's entries durable (`fsync` of the directory), after a create.
     fn sync(&self) -> io::Result<()>;
+
+    /// Bytes an unprivileged process may still write on the file system holding the directory,
+    /// for the store's free-space reserve ([`LogStore::set_disk_reserve`]). A directory that
+    /// cannot tell answers `u64::MAX`, which no reserve is above.
+    ///
+    /// [`LogStore::set_disk_reserve`]: super::LogStore::set_disk_reserve
+    fn available_space(&self) -> io::Result<u64> {
+        Ok(u64::MAX)
+    }
 }
 
 /// A log directory on the real file system.
@@ -112,6 +121,25 @@ impl LogDir for FsLogDir {
     fn sync(&self) -> io::Result<()> {
         File::open(&self.path)?.sync_all()
     }
+
+    /// The least of the log directory's file system and its parent's: the parent is the data
+    /// dir, whose file system holds the views (`indexes.redb`), and the log directory may be a
+    /// mount or a link of its own.
+    fn available_space(&self) -> io::Result<u64> {
+        let own = available_space(&self.path)?;
+        match self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            Some(parent) => Ok(own.min(available_space(parent)?)),
+            None => Ok(own),
+        }
+    }
+}
+
+/// Bytes an unprivileged process may still write on the file system holding `path`
+/// (`statvfs`: available blocks times the fragment size). Blocks kept for the superuser are
+/// not counted, so a node running as root stops short of them.
+pub fn available_space(path: &Path) -> io::Result<u64> {
+    let st = rustix::fs::statvfs(path)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// A segment file on the real file system.

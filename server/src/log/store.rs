@@ -40,6 +40,10 @@ pub struct LogStore {
     /// The exclusive lock on `log/LOCK`, released when the store is dropped (or the process
     /// dies). `None` for stores opened with [`open_in`](Self::open_in).
     lock: Option<std::fs::File>,
+    /// Bytes of free space an append must leave on the file system; 0 checks nothing.
+    disk_reserve: u64,
+    /// Bytes kept free on top of the reserve for the views to apply what they are behind by.
+    views_room: u64,
 }
 
 impl std::fmt::Debug for LogStore {
@@ -113,6 +117,8 @@ impl LogStore {
             buf: Vec::new(),
             stopped: false,
             lock: None,
+            disk_reserve: 0,
+            views_room: 0,
         };
         Ok((store, recovery))
     }
@@ -132,14 +138,63 @@ impl LogStore {
         &self.dir
     }
 
+    /// Keeps `bytes` free on the file system: from now on, an append that would leave less
+    /// ([`LogDir::available_space`] minus the batch) is refused with
+    /// [`AppendError::BelowReserve`] before anything is written, and the next append that fits
+    /// goes through. 0, the default, checks nothing.
+    ///
+    /// The log is not the only file that grows: the views grow with the entries already in it,
+    /// and the node writes them and its last checkpoint at shutdown. A disk filled by the log
+    /// alone would leave them no room, and the index database treats a failed write as fatal
+    /// until it is reopened. The reserve keeps that room.
+    pub fn set_disk_reserve(&mut self, bytes: u64) {
+        self.disk_reserve = bytes;
+    }
+
+    /// Keeps `bytes` free on top of the reserve, from the next append on: what the views will
+    /// write to apply the part of the log they have not applied yet, which the writer knows and
+    /// the store does not. Only checked while there is a reserve.
+    pub fn set_views_room(&mut self, bytes: u64) {
+        self.views_room = bytes;
+    }
+
+    /// [`AppendError::BelowReserve`] if a batch of `len` bytes would leave less than the reserve
+    /// and the views' room free. A file system that cannot be asked (`statvfs` failing) is let through: the write
+    /// itself then finds out, and a full disk is [`AppendError::DiskFull`].
+    fn check_reserve(&self, len: usize) -> Result<(), AppendError> {
+        if self.disk_reserve == 0 {
+            return Ok(());
+        }
+        let available = match self.dir.available_space() {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the free space of the log's file system");
+                return Ok(());
+            }
+        };
+        let keep = self.disk_reserve.saturating_add(self.views_room);
+        if available < keep.saturating_add(len as u64) {
+            return Err(AppendError::BelowReserve {
+                dir: self.dir.path().to_path_buf(),
+                available,
+                reserve: self.disk_reserve,
+                views: self.views_room,
+                len,
+            });
+        }
+        Ok(())
+    }
+
     /// Appends one record per payload, in order, with one write and one `fdatasync`, and returns
     /// the LSN of the last one. The batch goes into one segment: if the active segment already
     /// holds `segment_bytes_max` bytes or more, a new one is started first.
     ///
     /// An empty batch writes nothing and returns the last LSN.
     ///
-    /// A full file system (ENOSPC or EDQUOT) on the write, or on creating the next segment, is
-    /// [`AppendError::DiskFull`]: the segment is cut back to its durable length and the cut
+    /// A batch that would leave less free space than the reserve
+    /// ([`set_disk_reserve`](Self::set_disk_reserve), plus [`set_views_room`](Self::set_views_room))
+    /// is [`AppendError::BelowReserve`], with nothing written. A full file system (ENOSPC or EDQUOT) on the write, or on creating the
+    /// next segment, is [`AppendError::DiskFull`]: the segment is cut back to its durable length and the cut
     /// synced, so nothing of the batch stays in the log, and the store takes appends again
     /// (they fail the same way until there is space). Every other error, and any failed
     /// `fsync`, stops the store: every later call fails with [`AppendError::Stopped`], since what
@@ -164,6 +219,7 @@ impl LogStore {
             }
             total += RECORD_HEADER_LEN + len;
         }
+        self.check_reserve(total)?;
         if self.active_len >= self.cfg.segment_bytes_max {
             self.roll_over(total).inspect_err(|e| {
                 if !matches!(e, AppendError::DiskFull { .. }) {
