@@ -233,9 +233,13 @@ where
     // made it: the read waits until the views cover the log as it stands now.
     let wait_for = min_lsn.max(log_lsn);
     if !node.wait_indexed(wait_for).await {
+        let why = node.indexer_failure().unwrap_or("it is shutting down");
         return error(
             ErrorCode::Unavailable,
-            "the indexer has stopped; check the node's log",
+            format!(
+                "the indexer has stopped ({why}): the views cannot answer reads past lsn {} until the node is restarted",
+                *node.indexed.borrow()
+            ),
         );
     }
     let result = if size == ReadSize::Point {
@@ -405,7 +409,7 @@ pub fn status(node: &Node) -> Status {
         indexed_lsn: *node.indexed.borrow(),
         version_vector: node.writer.version_vector(),
         peers: replication.as_ref().map(|r| r.status()).unwrap_or_default(),
-        writable: !node.writer.is_stopped(),
+        writable: !node.writer.is_stopped() && node.indexer_failure().is_none(),
         equivocations: replication.map_or(0, |r| r.equivocations()),
         indexes: index_statuses(node),
     }

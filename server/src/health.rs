@@ -128,8 +128,9 @@ impl Health {
         })
     }
 
-    /// `/healthz`: the process is alive and, once the log is open, it is writable. A node that
-    /// is starting (rebuilding its views included) is alive.
+    /// `/healthz`: the process is alive and, once the log is open, it is writable and its
+    /// indexer runs; either failure lasts until a restart, which is what a 503 here asks a
+    /// supervisor for. A node that is starting (rebuilding its views included) is alive.
     pub fn liveness(&self) -> Verdict {
         match self.phase.load(Ordering::Acquire) {
             STARTING | CATCHING_UP => Verdict::ok("starting"),
@@ -138,7 +139,10 @@ impl Health {
                 Some(node) if node.writer.is_stopped() => Verdict::not(
                     "the log writer stopped after a failed write; restart the node to recover the log",
                 ),
-                _ => Verdict::ok("ok"),
+                Some(node) => node
+                    .indexer_failure()
+                    .map_or_else(|| Verdict::ok("ok"), |e| Verdict::not(indexer_failed(e))),
+                None => Verdict::ok("ok"),
             },
         }
     }
@@ -171,6 +175,9 @@ impl Health {
         if node.writer.is_stopped() {
             return Verdict::not("the log writer stopped after a failed write");
         }
+        if let Some(e) = node.indexer_failure() {
+            return Verdict::not(indexer_failed(e));
+        }
         let durable = *node.durable.borrow();
         // Views built in the background count too: a node rebuilding an index is not ready.
         let indexed = node
@@ -182,6 +189,13 @@ impl Health {
             .unwrap_or(0);
         judge_lag(durable, indexed, lag_max)
     }
+}
+
+/// The reason given while the indexer is stopped after `error`.
+fn indexer_failed(error: &str) -> String {
+    format!(
+        "the indexer stopped after an error ({error}); if the disk is full, free space in the data dir's file system, then restart the node"
+    )
 }
 
 /// Ready when the views are at most `lag_max` entries behind the log.

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use kappakv_protocol::{ErrorCode, Lsn, NodeId};
 use metrics::{counter, gauge, histogram};
 
+use crate::log::LogDir as _;
 use crate::node::Node;
 
 /// Requests served, by `type` and `outcome` (`ok` or the error code).
@@ -33,6 +34,12 @@ pub const FSYNC_SECONDS: &str = "kappakv_log_fsync_duration_seconds";
 pub const LOG_WRITE_FAILURES: &str = "kappakv_log_write_failures_total";
 /// 1 while the log takes writes; 0 once it failed and the node must be restarted.
 pub const LOG_WRITABLE: &str = "kappakv_log_writable";
+/// 1 while the indexer runs; 0 once it stopped after an error (the node takes no writes and
+/// must be restarted).
+pub const INDEXER_RUNNING: &str = "kappakv_indexer_running";
+/// Bytes free to the node on the file system of its data dir (the least of the data dir's and
+/// the log directory's), which writes keep above `disk_reserve_bytes`.
+pub const DISK_AVAILABLE: &str = "kappakv_disk_available_bytes";
 /// Bytes in the log's segment files.
 pub const LOG_BYTES: &str = "kappakv_log_bytes";
 /// Segment files in the log.
@@ -111,6 +118,15 @@ pub fn describe() {
     describe_gauge!(
         LOG_WRITABLE,
         "1 while the log takes writes, 0 once it failed (restart the node)"
+    );
+    describe_gauge!(
+        INDEXER_RUNNING,
+        "1 while the indexer runs, 0 once it stopped after an error (restart the node)"
+    );
+    describe_gauge!(
+        DISK_AVAILABLE,
+        metrics::Unit::Bytes,
+        "Bytes free on the data dir's file system; writes keep it above disk_reserve_bytes"
     );
     describe_gauge!(LOG_BYTES, metrics::Unit::Bytes, "Bytes in log segments");
     describe_gauge!(LOG_SEGMENTS, "Log segment files");
@@ -244,6 +260,14 @@ pub fn refresh(node: &Node) {
     gauge!(LOG_DURABLE_LSN).set(durable as f64);
     gauge!(LOG_WRITABLE).set(if node.writer.is_stopped() { 0.0 } else { 1.0 });
     gauge!(INDEXED_LSN).set(*node.indexed.borrow() as f64);
+    gauge!(INDEXER_RUNNING).set(if node.indexer_failure().is_some() {
+        0.0
+    } else {
+        1.0
+    });
+    if let Ok(available) = crate::log::FsLogDir::new(node.data_dir.log()).available_space() {
+        gauge!(DISK_AVAILABLE).set(available as f64);
+    }
     let (bytes, segments) = log_size(&node.data_dir.log());
     gauge!(LOG_BYTES).set(bytes as f64);
     gauge!(LOG_SEGMENTS).set(segments as f64);

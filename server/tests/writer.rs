@@ -1,11 +1,12 @@
 //! The writer thread over a real log: group commit under concurrency, supersede resolution,
-//! remote appends, and fail-stop.
+//! remote appends, fail-stop, a full disk and the free-space reserve, and writes the views
+//! cannot resolve.
 
 mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use common::{ChainBuilder, read_all_checked};
 use kappakv_protocol::limits::MAX_VALUE_BYTES;
@@ -49,8 +50,8 @@ struct MapResolver {
 }
 
 impl SupersedeResolver for MapResolver {
-    fn current(&mut self, key: &[u8]) -> Vec<EntryId> {
-        self.current.get(key).cloned().unwrap_or_default()
+    fn current(&mut self, key: &[u8]) -> Result<Vec<EntryId>, String> {
+        Ok(self.current.get(key).cloned().unwrap_or_default())
     }
 
     fn appended(&mut self, lsn: Lsn, e: &SignedEntry) {
@@ -311,10 +312,20 @@ async fn remote_entries_must_extend_chains_and_end_signed() {
 
 /// A writer on a fault-injecting log directory in `data`.
 fn spawn_faulty(data: &Path, resolver: Box<dyn SupersedeResolver>) -> (WriterHandle, Arc<Faults>) {
+    spawn_faulty_with_reserve(data, resolver, 0)
+}
+
+/// [`spawn_faulty`], with the store keeping `reserve` bytes free.
+fn spawn_faulty_with_reserve(
+    data: &Path,
+    resolver: Box<dyn SupersedeResolver>,
+    reserve: u64,
+) -> (WriterHandle, Arc<Faults>) {
     std::fs::create_dir_all(log_dir(data)).unwrap();
     let dir = FaultyLogDir::new(Arc::new(FsLogDir::new(log_dir(data))));
     let faults = dir.faults();
-    let (store, recovery) = LogStore::open_in(Arc::new(dir), &LogConfig::default()).unwrap();
+    let (mut store, recovery) = LogStore::open_in(Arc::new(dir), &LogConfig::default()).unwrap();
+    store.set_disk_reserve(reserve);
     let writer = WriterHandle::spawn(
         store,
         recovery.heads,
@@ -406,6 +417,154 @@ async fn a_full_disk_refuses_writes_until_there_is_space_and_the_chain_resumes_f
     assert_eq!((e.entry.seq, e.entry.prev), (2, Some(first.id)));
     assert_eq!(e.entry.ops[0].supersedes(), &[first.id]);
     verify::run(dir.path()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_would_eat_into_the_reserve_is_refused_until_there_is_room() {
+    const RESERVE: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, faults) =
+        spawn_faulty_with_reserve(dir.path(), Box::new(MapResolver::default()), RESERVE);
+    faults.set_available_space(Some(RESERVE + 64 * 1024));
+    let first = writer.write(vec![put("k", b"1")]).await.unwrap();
+    let writes = faults.count(FaultOp::Write);
+
+    // A record of a few hundred bytes does not fit above the reserve with 100 bytes to spare.
+    faults.set_available_space(Some(RESERVE + 100));
+    for attempt in 0..3u8 {
+        let err = writer.write(vec![put("k", &[attempt])]).await.unwrap_err();
+        assert!(matches!(err, WriteError::DiskFull(_)), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("disk is full") && text.contains("kept free for the indexes"),
+            "{text}"
+        );
+    }
+    assert_eq!(faults.count(FaultOp::Write), writes, "nothing was written");
+    assert!(faults.fired().is_empty());
+    assert!(!writer.is_stopped());
+    assert_eq!(*writer.durable_lsn().borrow(), 1);
+
+    // Room again: the next write takes the next LSN and replaces only what the log holds.
+    faults.set_available_space(Some(RESERVE + 64 * 1024));
+    let next = writer.write(vec![put("k", b"2")]).await.unwrap();
+    assert_eq!(next.lsn, 2);
+    writer.shutdown().await;
+    let all = read_all_checked(&log_dir(dir.path()), 2);
+    assert_eq!(all[1].1.entry.ops[0].supersedes(), &[first.id]);
+    assert_eq!(all[1].1.entry.prev, Some(first.id));
+}
+
+/// A resolver that cannot read the keys in `unreadable`, refuses every write once `refusal`
+/// is set, as the node's resolver does when its views fail, and reports the views' checkpoint
+/// as `checkpoint` says.
+#[derive(Default)]
+struct FailingResolver {
+    inner: MapResolver,
+    unreadable: Vec<Vec<u8>>,
+    refusal: Arc<Mutex<Option<String>>>,
+    checkpoint: Arc<Mutex<Option<Lsn>>>,
+}
+
+impl SupersedeResolver for FailingResolver {
+    fn current(&mut self, key: &[u8]) -> Result<Vec<EntryId>, String> {
+        if self.unreadable.iter().any(|k| k == key) {
+            return Err("a page could not be read".into());
+        }
+        self.inner.current(key)
+    }
+
+    fn refusal(&mut self) -> Option<Arc<str>> {
+        self.refusal.lock().unwrap().as_deref().map(Arc::from)
+    }
+
+    fn views_checkpoint(&mut self) -> Option<Lsn> {
+        *self.checkpoint.lock().unwrap()
+    }
+
+    fn appended(&mut self, lsn: Lsn, entry: &SignedEntry) {
+        self.inner.appended(lsn, entry);
+    }
+
+    fn discarded(&mut self, after: Lsn) {
+        self.inner.discarded(after);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_views_cannot_resolve_is_refused_and_failed_views_refuse_every_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let refusal = Arc::new(Mutex::new(None));
+    let resolver = FailingResolver {
+        unreadable: vec![b"bad".to_vec()],
+        refusal: refusal.clone(),
+        ..FailingResolver::default()
+    };
+    let writer = spawn(dir.path(), Box::new(resolver));
+    let mut peer = ChainBuilder::new(3);
+
+    // Resolving "bad" fails: that write is refused rather than taken as replacing nothing,
+    // which would keep the value it overwrites as a sibling. A write naming what it replaces
+    // needs no resolution, and other writes go on.
+    let err = writer.write(vec![put("bad", b"1")]).await.unwrap_err();
+    assert!(matches!(err, WriteError::Unresolved(_)), "{err}");
+    assert!(err.to_string().contains("could not be read"), "{err}");
+    let explicit = WriteOp {
+        supersedes: Some(Vec::new()),
+        ..put("bad", b"1")
+    };
+    assert_eq!(writer.write(vec![explicit]).await.unwrap().lsn, 1);
+    assert_eq!(writer.write(vec![put("good", b"1")]).await.unwrap().lsn, 2);
+
+    // Once the views have failed, nothing is written, local or remote.
+    *refusal.lock().unwrap() = Some("the index database failed".into());
+    let err = writer.write(vec![put("good", b"2")]).await.unwrap_err();
+    assert!(matches!(err, WriteError::ViewsFailed(_)), "{err}");
+    assert!(
+        err.to_string().contains("restart") && err.to_string().contains("free space"),
+        "{err}"
+    );
+    let err = writer.append_remote(peer.batch(1, 3)).await.unwrap_err();
+    assert!(matches!(err, WriteError::ViewsFailed(_)), "{err}");
+    assert_eq!(*writer.durable_lsn().borrow(), 2);
+    writer.shutdown().await;
+    read_all_checked(&log_dir(dir.path()), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_is_kept_for_what_the_views_write_before_their_next_checkpoint() {
+    const RESERVE: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = Arc::new(Mutex::new(Some(0)));
+    let resolver = FailingResolver {
+        checkpoint: checkpoint.clone(),
+        ..FailingResolver::default()
+    };
+    let (writer, faults) = spawn_faulty_with_reserve(dir.path(), Box::new(resolver), RESERVE);
+    // 100 KiB above the reserve. Each record of a 10 KiB value needs its own bytes and four
+    // times the bytes of log since the views' checkpoint, itself included: 51 KiB for the
+    // first, 92 KiB for the second, 133 KiB for the third.
+    faults.set_available_space(Some(RESERVE + 100 * 1024));
+    let value = vec![7u8; 10 * 1024];
+    assert_eq!(writer.write(vec![put("a", &value)]).await.unwrap().lsn, 1);
+    assert_eq!(writer.write(vec![put("b", &value)]).await.unwrap().lsn, 2);
+    let err = writer.write(vec![put("c", &value)]).await.unwrap_err();
+    assert!(matches!(err, WriteError::DiskFull(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains("for the indexes to catch up with the log"),
+        "{err}"
+    );
+
+    // A checkpoint of the views at LSN 2 frees the room kept for the first two records.
+    *checkpoint.lock().unwrap() = Some(2);
+    assert_eq!(writer.write(vec![put("c", &value)]).await.unwrap().lsn, 3);
+    // Without a checkpoint to go by, only the reserve and the batch count.
+    *checkpoint.lock().unwrap() = None;
+    faults.set_available_space(Some(RESERVE + 11 * 1024));
+    assert_eq!(writer.write(vec![put("d", &value)]).await.unwrap().lsn, 4);
+    writer.shutdown().await;
+    read_all_checked(&log_dir(dir.path()), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

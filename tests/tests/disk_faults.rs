@@ -1,9 +1,16 @@
 //! Disk faults under a serving node. In process, the node's log goes through a fault-injecting
 //! directory: a failed `fdatasync` stops writes for good (clients get `Unavailable` saying the
 //! node must be restarted) while reads go on; a full disk refuses writes with `Unavailable`
-//! until there is space, then writes resume as if the refused ones had never been tried. As a
-//! real process, `kappakv serve` runs on a 16 MiB tmpfs filled up by another file.
+//! until there is space, then writes resume as if the refused ones had never been tried; so does
+//! a write that would eat into the free space kept for the views. When the indexer stops after
+//! an error, the node says so everywhere and takes no writes until it is restarted.
+//!
+//! As a real process, `kappakv serve` runs on a 16 MiB tmpfs: filled up by another file with no
+//! reserve; filled by its own writes down to its reserve, where the views keep being written and
+//! reads answered; and with only its views on the full tmpfs (the log elsewhere), so that the
+//! index database itself fails.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -17,8 +24,14 @@ use kappakv_server::auth::Role;
 use kappakv_server::commands::verify;
 use kappakv_server::health::Health;
 use kappakv_server::log::fault::{FaultEffect, FaultError, FaultOp, Faults, FaultyLogDir};
+use kappakv_server::log::file::available_space;
 use kappakv_server::log::{FsLogDir, LogDir};
-use kappakv_tests::{ProcessNode, command, free_udp_port, run, test_config};
+use kappakv_tests::{
+    ProcessNode, command, eventually, free_tcp_port, free_udp_port, http_get, metric, run,
+    test_config,
+};
+
+const MIB: u64 = 1024 * 1024;
 
 /// A server whose log goes through a fault-injecting directory.
 async fn start_faulty(data: &Path) -> Result<(Server, Arc<Faults>, Arc<Health>)> {
@@ -152,6 +165,140 @@ async fn a_full_disk_refuses_writes_and_they_resume_once_there_is_space() -> Res
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_would_eat_into_the_reserve_is_refused_while_reads_go_on() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dir_path = dir.path().to_path_buf();
+    let log_dir = FaultyLogDir::new(Arc::new(FsLogDir::new(dir_path.join("log"))));
+    let faults = log_dir.faults();
+    let log_dir: Arc<dyn LogDir> = Arc::new(log_dir);
+    let config = kappakv_server::Config {
+        disk_reserve_bytes: 8 * MIB,
+        ..test_config(&dir_path)
+    };
+    faults.set_available_space(Some(100 * MIB));
+    let health = Health::new();
+    let server = Server::start_with_log_dir(config, health.clone(), Some(log_dir)).await?;
+    let c = client(&server).await?;
+    let mut last = None;
+    for i in 0..20 {
+        last = Some(c.put(format!("k{i}"), format!("v{i}")).await?);
+    }
+    let last = last.context("written")?;
+
+    // 8 MiB and 100 bytes free: no record fits above the reserve.
+    faults.set_available_space(Some(8 * MIB + 100));
+    for i in 0..3 {
+        let (code, message) = refusal(c.put("k0", format!("refused {i}")).await)?;
+        assert_eq!(code, ErrorCode::Unavailable, "{message}");
+        assert!(code.retryable());
+        assert!(
+            message.contains("disk is full") && message.contains("kept free for the indexes"),
+            "{message}"
+        );
+    }
+    // Reads, the views and health go on.
+    assert_eq!(value(&c, "k19").await?, b"v19");
+    let status = c.status().await?;
+    assert!(status.writable);
+    assert_eq!((status.log_lsn, status.indexed_lsn), (last.lsn, last.lsn));
+    assert!(health.liveness().ok);
+    eventually("ready, with every view caught up", || async {
+        Ok(health.readiness(0).ok)
+    })
+    .await?;
+    assert!(faults.fired().is_empty(), "nothing reached the disk");
+
+    faults.set_available_space(Some(9 * MIB));
+    let next = c.put("k0", "after").await?;
+    assert_eq!(next.lsn, last.lsn + 1);
+    let got = c.get("k0").await?;
+    assert_eq!(got.values.len(), 1, "{:?}", got.values);
+    assert_eq!(got.values[0].value.as_deref(), Some(&b"after"[..]));
+    c.close().await;
+    server.shutdown().await;
+    verify::run(&dir_path)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_indexer_stops_the_node_says_so_and_takes_no_writes_until_a_restart() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    // The indexer lingers (no read waits) long enough for the record to be damaged under it.
+    let config = kappakv_server::Config {
+        index_linger_ms: 600_000,
+        ready_lag_entries_max: 1_000_000,
+        ..test_config(dir.path())
+    };
+    let health = Health::new();
+    let server = Server::start_observed(config, health.clone()).await?;
+    let c = client(&server).await?;
+    let w = c.put("k", "v").await?;
+    assert_eq!(w.lsn, 1);
+    let segment = dir.path().join("log").join(format!("{:020}.log", 0));
+    let mut bytes = std::fs::read(&segment)?;
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&segment, &bytes)?;
+
+    // The read wakes the indexer, which finds the record damaged and stops.
+    let err = c
+        .get("k")
+        .await
+        .expect_err("the indexer cannot apply the record");
+    let RequestError::Server { code, message } = err else {
+        bail!("{err}");
+    };
+    assert_eq!(code, ErrorCode::Unavailable, "{message}");
+    assert!(
+        message.contains("the indexer has stopped") && message.contains("reading the log"),
+        "{message}"
+    );
+    let live = health.liveness();
+    assert!(
+        !live.ok && live.reason.contains("indexer stopped") && live.reason.contains("restart"),
+        "{live:?}"
+    );
+    assert!(!health.readiness(u64::MAX).ok);
+    assert!(!c.status().await?.writable);
+    let (code, message) = refusal(c.put("other", "x").await)?;
+    assert_eq!(code, ErrorCode::Unavailable, "{message}");
+    assert!(
+        message.contains("indexes failed") && message.contains("restart"),
+        "{message}"
+    );
+    assert_eq!(c.status().await?.log_lsn, 1, "nothing more was written");
+    c.close().await;
+    server.shutdown().await;
+    Ok(())
+}
+
+/// `kappakv serve` on `data` at `addr`, logging at `info` into the file `log`, with `env` set.
+async fn serve(
+    data: &Path,
+    addr: SocketAddr,
+    log: &Path,
+    env: &[(&str, String)],
+) -> Result<ProcessNode> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let mut cmd = command("kappakv")?;
+    cmd.args(["serve", "--data-dir"])
+        .arg(data)
+        .args(["--listen", &addr.to_string()])
+        .env("KAPPAKV_ADMIN_LISTEN", "off")
+        .env("RUST_LOG", "info,quinn=warn")
+        .env("NO_COLOR", "1")
+        .stderr(file);
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    ProcessNode::spawn(cmd, data, addr).await
+}
+
 /// A tmpfs mounted for the test, unmounted when dropped.
 struct Tmpfs(PathBuf);
 
@@ -216,6 +363,25 @@ fn fill(path: &Path) -> Result<u64> {
     Ok(written)
 }
 
+/// Writes zeros into `path` until `leave` bytes are free on its file system (never filling it
+/// on the way, so the node's own writes meanwhile find room); returns the bytes written.
+fn fill_leaving(path: &Path, leave: u64) -> Result<u64> {
+    use std::io::Write as _;
+    let dir = path.parent().context("a file in a directory")?;
+    let mut file = std::fs::File::create(path)?;
+    let chunk = vec![0u8; 64 * 1024];
+    let mut written = 0u64;
+    loop {
+        let over = available_space(dir)?.saturating_sub(leave);
+        if over < 4096 {
+            return Ok(written);
+        }
+        let n = usize::try_from(over.min(chunk.len() as u64))?;
+        file.write_all(&chunk[..n])?;
+        written += n as u64;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_full_tmpfs_refuses_writes_and_they_resume_once_a_file_is_removed() -> Result<()> {
     let outside = tempfile::tempdir()?;
@@ -228,7 +394,9 @@ async fn a_real_full_tmpfs_refuses_writes_and_they_resume_once_a_file_is_removed
     let filler = mount_point.join("filler");
     let node_log = outside.path().join("node.log");
     let addr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
-    let mut node = ProcessNode::start_logged(&data, addr, &node_log).await?;
+    // No reserve: the log itself meets the full disk.
+    let no_reserve = [("KAPPAKV_DISK_RESERVE_BYTES", "0".to_string())];
+    let mut node = serve(&data, addr, &node_log, &no_reserve).await?;
     let c = node.client().await?;
     let value = vec![b'v'; 1024];
     let mut acked = Vec::new();
@@ -298,7 +466,7 @@ async fn a_real_full_tmpfs_refuses_writes_and_they_resume_once_a_file_is_removed
     );
 
     // Everything acknowledged is there after a restart too.
-    let node = ProcessNode::start(&data, addr).await?;
+    let node = serve(&data, addr, &node_log, &no_reserve).await?;
     let c = node.client().await?;
     for key in &acked {
         assert_eq!(c.get(key).await?.values.len(), 1, "{key}");
@@ -306,8 +474,277 @@ async fn a_real_full_tmpfs_refuses_writes_and_they_resume_once_a_file_is_removed
     c.close().await;
     drop(node);
     eprintln!(
-        "full tmpfs: 16 MiB, filler {} KiB, {} writes acknowledged ({written_while_full} while filling the last page), refused with {code:?}: {message}",
+        "full tmpfs, no reserve: 16 MiB, filler {} KiB, {} writes acknowledged ({written_while_full} while filling the last page), refused with {code:?}: {message}",
         filled / 1024,
+        acked.len()
+    );
+    Ok(())
+}
+
+/// The node's metrics page.
+async fn metrics(admin: SocketAddr) -> Result<String> {
+    let (status, page) = http_get(admin, "/metrics").await?;
+    ensure!(status == 200, "/metrics answered {status}");
+    Ok(page)
+}
+
+/// Whether the metrics page says the indexer runs (`kappakv_indexer_running` 1, not 0).
+fn indexer_running(page: &str) -> bool {
+    metric(page, "kappakv_indexer_running") > 0.5
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_tmpfs_filled_by_the_node_keeps_its_reserve_and_the_views_go_on() -> Result<()> {
+    const RESERVE: u64 = 4 * MIB;
+    let outside = tempfile::tempdir()?;
+    let mount_point = outside.path().join("tmpfs");
+    std::fs::create_dir(&mount_point)?;
+    let Some(_tmpfs) = Tmpfs::mount(&mount_point, "16m") else {
+        return Ok(());
+    };
+    let data = mount_point.join("data");
+    let filler = mount_point.join("filler");
+    let node_log = outside.path().join("node.log");
+    let addr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?).parse()?;
+    let env = [
+        ("KAPPAKV_DISK_RESERVE_BYTES", RESERVE.to_string()),
+        ("KAPPAKV_ADMIN_LISTEN", admin.to_string()),
+        // The views' checkpoint is written every 100 ms, on the nearly full disk too.
+        ("KAPPAKV_INDEX_DURABLE_INTERVAL_MS", "100".to_string()),
+    ];
+    let mut node = serve(&data, addr, &node_log, &env).await?;
+    let c = node.client().await?;
+    let value = vec![b'v'; 4096];
+    let mut acked = Vec::new();
+    for i in 0..100 {
+        let key = format!("before/{i:04}");
+        c.put(&key, &value).await?;
+        acked.push(key);
+    }
+
+    // Another file takes all but 6 MiB; the node's own writes take the rest down to its
+    // reserve.
+    fill_leaving(&filler, 6 * MIB)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (code, message) = loop {
+        ensure!(
+            Instant::now() < deadline,
+            "no write was refused at the reserve"
+        );
+        let key = format!("full/{:04}", acked.len());
+        match c.put(&key, &value).await {
+            Ok(_) => acked.push(key),
+            Err(RequestError::Server { code, message }) => break (code, message),
+            Err(e) => return Err(e.into()),
+        }
+    };
+    assert_eq!(code, ErrorCode::Unavailable, "{message}");
+    assert!(code.retryable());
+    assert!(
+        message.contains("disk is full") && message.contains("kept free for the indexes"),
+        "{message}"
+    );
+    let written_to_reserve = acked.len() - 100;
+    let available_at_refusal = metric(&metrics(admin).await?, "kappakv_disk_available_bytes");
+
+    // Reads are answered, the last acknowledged write included, and the views catch up with
+    // the log and keep being written: the indexer runs, the node is healthy and ready.
+    let last = acked.last().context("acknowledged writes")?;
+    assert_eq!(
+        c.get(last).await?.values[0].value.as_deref(),
+        Some(&value[..])
+    );
+    for key in acked.iter().step_by(23) {
+        assert_eq!(c.get(key).await?.values.len(), 1, "{key}");
+    }
+    let status = c.status().await?;
+    assert!(status.writable);
+    assert_eq!(status.indexed_lsn, status.log_lsn);
+    eventually(
+        "the views' checkpoint written after the refusal",
+        || async {
+            let page = metrics(admin).await?;
+            Ok(
+                metric(&page, "kappakv_view_lag_entries{view=\"kv\"}") == 0.0
+                    && indexer_running(&page),
+            )
+        },
+    )
+    .await?;
+    // Two more checkpoint intervals, for the views to write all they had.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let page = metrics(admin).await?;
+    assert!(indexer_running(&page));
+    let available_after = metric(&page, "kappakv_disk_available_bytes");
+    // They found room in what was kept for them, and left most of the reserve untouched.
+    assert!(
+        available_after >= (RESERVE / 2) as f64,
+        "free after the views wrote: {available_after}"
+    );
+    assert_eq!(http_get(admin, "/healthz").await?.0, 200);
+    let (ready, body) = http_get(admin, "/readyz").await?;
+    assert_eq!(ready, 200, "{body}");
+
+    // Space again: writes resume.
+    std::fs::remove_file(&filler)?;
+    for i in 0..50 {
+        let key = format!("after/{i:04}");
+        c.put(&key, &value).await?;
+        acked.push(key);
+    }
+    for key in &acked {
+        let got = c.get(key).await?;
+        assert_eq!(got.values.len(), 1, "{key}");
+        assert_eq!(got.values[0].value.as_deref(), Some(&value[..]), "{key}");
+    }
+    c.close().await;
+    assert_eq!(node.stop_with(libc::SIGTERM)?, Some(0), "a clean stop");
+
+    let log = std::fs::read_to_string(&node_log)?;
+    assert!(
+        log.contains("the disk is full") && log.contains("kept free"),
+        "the node says why: {log}"
+    );
+    assert!(log.contains("writes resumed"), "and when it is over: {log}");
+    assert!(!log.contains("indexer stopped"), "{log}");
+    let out = run(
+        command("kappakv")?
+            .args(["verify", "--data-dir"])
+            .arg(&data),
+        Duration::from_secs(60),
+    )
+    .await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "tmpfs reserve: 16 MiB, reserve {} MiB, 6 MiB left by the filler; {written_to_reserve} writes of 4 KiB acknowledged, then refused: {message}; free at the refusal {:.0} KiB, after the views caught up and wrote their checkpoint {:.0} KiB (the views wrote {:.0} KiB after the refusal); {} writes acknowledged in all, every one read back",
+        RESERVE / MIB,
+        available_at_refusal / 1024.0,
+        available_after / 1024.0,
+        (available_at_refusal - available_after) / 1024.0,
+        acked.len()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_full_tmpfs_under_the_views_stops_the_indexer_and_the_node_says_so() -> Result<()> {
+    let outside = tempfile::tempdir()?;
+    let mount_point = outside.path().join("tmpfs");
+    std::fs::create_dir(&mount_point)?;
+    let Some(_tmpfs) = Tmpfs::mount(&mount_point, "16m") else {
+        return Ok(());
+    };
+    // The data dir, and so the views, on the tmpfs; the log on the disk outside, through a
+    // link, so that only the index database meets the full disk.
+    let data = mount_point.join("data");
+    std::fs::create_dir(&data)?;
+    let log_elsewhere = outside.path().join("log");
+    std::fs::create_dir(&log_elsewhere)?;
+    std::os::unix::fs::symlink(&log_elsewhere, data.join("log"))?;
+    let filler = mount_point.join("filler");
+    let node_log = outside.path().join("node.log");
+    let addr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?).parse()?;
+    let env = [
+        // No reserve: nothing keeps the views' room.
+        ("KAPPAKV_DISK_RESERVE_BYTES", "0".to_string()),
+        ("KAPPAKV_ADMIN_LISTEN", admin.to_string()),
+        ("KAPPAKV_INDEX_DURABLE_INTERVAL_MS", "100".to_string()),
+    ];
+    let mut node = serve(&data, addr, &node_log, &env).await?;
+    let c = node.client().await?;
+    let value = vec![b'v'; 16 * 1024];
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        let key = format!("before/{i:04}");
+        c.put(&key, &value).await?;
+        acked.push(key);
+    }
+    fill(&filler)?;
+
+    // The log takes writes until the views' next checkpoint finds no room; the first write
+    // refused after that may be one the views could not resolve.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let first_refusal = loop {
+        ensure!(
+            Instant::now() < deadline,
+            "the views never met the full disk"
+        );
+        let key = format!("full/{:04}", acked.len());
+        match c.put(&key, &value).await {
+            Ok(_) => acked.push(key),
+            Err(RequestError::Server { code, message }) => {
+                assert_eq!(code, ErrorCode::Unavailable, "{message}");
+                break message;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    eventually("/healthz failing", || async {
+        Ok(http_get(admin, "/healthz").await?.0 == 503)
+    })
+    .await?;
+    let (_, live) = http_get(admin, "/healthz").await?;
+    assert!(
+        live.contains("indexer stopped") && live.contains("free space") && live.contains("restart"),
+        "{live}"
+    );
+    let (ready, body) = http_get(admin, "/readyz").await?;
+    assert_eq!(ready, 503, "{body}");
+    let page = metrics(admin).await?;
+    assert!(
+        page.lines().any(|l| l == "kappakv_indexer_running 0"),
+        "{page}"
+    );
+    assert!(!c.status().await?.writable);
+    let (code, message) = refusal(c.put("refused", &value).await)?;
+    assert_eq!(code, ErrorCode::Unavailable, "{message}");
+    assert!(
+        message.contains("indexes failed") && message.contains("free space"),
+        "{message}"
+    );
+    let log_lsn = c.status().await?.log_lsn;
+    c.close().await;
+    let stopped = node.stop_with(libc::SIGTERM)?;
+    let log = std::fs::read_to_string(&node_log)?;
+    assert!(
+        log.contains("the indexes could not be updated") && log.contains("restart kappakv"),
+        "the node says what happened and what to do: {log}"
+    );
+
+    // Space again, and a restart: every acknowledged write is there, the node takes writes.
+    std::fs::remove_file(&filler)?;
+    let out = run(
+        command("kappakv")?
+            .args(["verify", "--data-dir"])
+            .arg(&data),
+        Duration::from_secs(60),
+    )
+    .await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let node = serve(&data, addr, &node_log, &env).await?;
+    let c = node.client().await?;
+    for key in &acked {
+        let got = c.get(key).await?;
+        assert_eq!(got.values.len(), 1, "{key}");
+    }
+    let status = c.status().await?;
+    assert!(status.writable);
+    assert_eq!(status.log_lsn, log_lsn);
+    c.put("after", "restart").await?;
+    c.close().await;
+    drop(node);
+    eprintln!(
+        "full tmpfs under the views: {} writes of 16 KiB acknowledged, log at {log_lsn} when the indexer stopped; first refusal: {first_refusal}; stop exit code {stopped:?}; all read back after a restart",
         acked.len()
     );
     Ok(())

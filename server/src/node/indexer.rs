@@ -9,10 +9,15 @@
 //! several times what one per thousand entries does. While no read waits for the views, the
 //! indexer lets new entries gather for up to `index_linger_ms` before it applies them; a read
 //! that must wait wakes it at once (see [`IndexerHandle::wait_indexed`]).
+//!
+//! An error stops the thread for good: the index database refuses every write after a failed
+//! one (a full disk included) until it is reopened. The error is kept ([`IndexerShared`]) for
+//! health, status and metrics to report, and the writer refuses every write from then on; a
+//! restart reopens the views from their last durable checkpoint and replays the log.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -167,6 +172,38 @@ fn caught_up_background_views(indexes: &Indexes, at: Lsn) -> Result<Vec<String>,
         .collect())
 }
 
+/// What the indexer thread tells the writer's side of the node without a channel: the LSN of
+/// the serving views' last durable checkpoint (the writer keeps room on the disk for what they
+/// will write after it), and the error the thread stopped with, once it has.
+#[derive(Debug, Default)]
+pub struct IndexerShared {
+    checkpoint: AtomicU64,
+    failed: OnceLock<String>,
+}
+
+impl IndexerShared {
+    /// The state of views whose durable checkpoint is at `checkpoint`.
+    pub fn new(checkpoint: Lsn) -> Self {
+        Self {
+            checkpoint: AtomicU64::new(checkpoint),
+            failed: OnceLock::new(),
+        }
+    }
+
+    /// The LSN the serving views had applied at their last durable checkpoint. Until the next
+    /// one, every page they change after it is written as a copy, and the pages it replaces
+    /// are freed only by that checkpoint: the index database grows with everything applied
+    /// since, as well as with what is still to apply.
+    pub fn checkpoint(&self) -> Lsn {
+        self.checkpoint.load(Ordering::Acquire)
+    }
+
+    /// The error the indexer stopped with, if it stopped after one.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
+    }
+}
+
 /// How the indexer thread batches its work.
 #[derive(Debug, Clone, Copy)]
 pub struct IndexerConfig {
@@ -188,16 +225,21 @@ pub struct IndexerHandle {
     /// Reads waiting for the serving views; the indexer never lingers while there are any.
     waiting: Arc<AtomicUsize>,
     durable_tx_wake: watch::Sender<()>,
+    /// Its applied LSN and the error it stopped with, once it has.
+    shared: Arc<IndexerShared>,
     thread: Option<JoinHandle<Result<(), IndexError>>>,
 }
 
 impl IndexerHandle {
     /// Starts the thread. It applies everything up to `durable`'s value and then follows it.
+    /// It keeps `shared` up to date, and if it stops after an error, records the error there
+    /// first.
     pub fn spawn(
         indexes: Arc<Indexes>,
         log_dir: PathBuf,
         mut durable: watch::Receiver<Lsn>,
         config: IndexerConfig,
+        shared: Arc<IndexerShared>,
     ) -> Result<Self, IndexError> {
         let IndexerConfig {
             batch,
@@ -214,6 +256,7 @@ impl IndexerHandle {
         let waiting = Arc::new(AtomicUsize::new(0));
         let waiting2 = waiting.clone();
         let reader = LogReader::open(&log_dir)?;
+        let shared2 = shared.clone();
         let thread = std::thread::Builder::new()
             .name("kappakv-indexer".into())
             .spawn(move || {
@@ -221,7 +264,7 @@ impl IndexerHandle {
                 // The views are fixed for the node's life; without background views, the
                 // checkpoint reads that schedule them are skipped on every batch.
                 let has_background = indexes.view_names().iter().any(|n| !is_serving_view(n));
-                let result = (|| {
+                let result: Result<(), IndexError> = (|| {
                     let mut applied = start;
                     let mut dirty = false;
                     let mut last_durable = Instant::now();
@@ -239,7 +282,11 @@ impl IndexerHandle {
                                 && waiting2.load(Ordering::Acquire) == 0
                                 && !stop2.load(Ordering::Acquire)
                             {
-                                wait_either(&mut durable, &mut wake_rx, linger.saturating_sub(lingered));
+                                wait_either(
+                                    &mut durable,
+                                    &mut wake_rx,
+                                    linger.saturating_sub(lingered),
+                                );
                                 continue;
                             }
                             pending_since = None;
@@ -250,8 +297,18 @@ impl IndexerHandle {
                             } else {
                                 Vec::new()
                             };
-                            let select = |n: &str| is_serving_view(n) || follow.iter().any(|f| f == n);
-                            applied = catch_up(&indexes, &reader, applied, upto, batch, false, &select, |_| {})?;
+                            let select =
+                                |n: &str| is_serving_view(n) || follow.iter().any(|f| f == n);
+                            applied = catch_up(
+                                &indexes,
+                                &reader,
+                                applied,
+                                upto,
+                                batch,
+                                false,
+                                &select,
+                                |_| {},
+                            )?;
                             indexed_tx.send_replace(applied);
                             worked = true;
                         }
@@ -259,9 +316,11 @@ impl IndexerHandle {
                         // serving views are idle, and at least every `durable_interval` under a
                         // steady stream of writes, so a rebuild cannot starve. It never passes
                         // what the serving views (the key/value view it reads) have applied.
-                        let background_due =
-                            has_background && (!worked || last_background.elapsed() >= durable_interval);
-                        if background_due && let Some((name, from)) = lagging_background_view(&indexes, applied)? {
+                        let background_due = has_background
+                            && (!worked || last_background.elapsed() >= durable_interval);
+                        if background_due
+                            && let Some((name, from)) = lagging_background_view(&indexes, applied)?
+                        {
                             let upto = applied.min(from + batch as u64);
                             let only = |n: &str| n == name;
                             catch_up(&indexes, &reader, from, upto, batch, false, &only, |_| {})?;
@@ -274,6 +333,7 @@ impl IndexerHandle {
                         }
                         if dirty && last_durable.elapsed() >= durable_interval {
                             indexes.persist()?;
+                            shared2.checkpoint.store(applied, Ordering::Release);
                             dirty = false;
                             last_durable = Instant::now();
                         }
@@ -289,7 +349,16 @@ impl IndexerHandle {
                     Ok(())
                 })();
                 if let Err(e) = &result {
-                    tracing::error!(error = %e, "the indexer stopped; reads will wait until the node restarts");
+                    let _ = shared2.failed.set(e.to_string());
+                    tracing::error!(
+                        error = %e,
+                        "the indexes could not be updated and the indexer stopped: this node takes \
+                         no more writes, and refuses reads of anything the views have not applied, \
+                         until it is restarted (the index database refuses every write after a failed one \
+                         until it is reopened). If the disk is full, free space in the data dir's \
+                         file system (and raise disk_reserve_bytes); then restart kappakv, which \
+                         replays the log into the views from their last durable checkpoint"
+                    );
                 }
                 result
             })
@@ -300,8 +369,14 @@ impl IndexerHandle {
             stop,
             waiting,
             durable_tx_wake: wake_tx,
+            shared,
             thread: Some(thread),
         })
+    }
+
+    /// The error the thread stopped with, if it stopped after one.
+    pub fn failure(&self) -> Option<&str> {
+        self.shared.failure()
     }
 
     /// Each view's applied LSN, updated after every batch: how far a view being built in the

@@ -163,13 +163,18 @@ impl Node {
         let log_config = LogConfig {
             segment_bytes_max: config.segment_bytes_max,
         };
-        let (store, recovery) = match log_dir {
+        let (mut store, recovery) = match log_dir {
             Some(dir) => {
-                assert_eq!(dir.path(), data_dir.log(), "a log dir over another directory");
+                assert_eq!(
+                    dir.path(),
+                    data_dir.log(),
+                    "a log dir over another directory"
+                );
                 LogStore::open_locked(dir, &log_config)?
             }
             None => LogStore::open(&data_dir.log(), &log_config)?,
         };
+        store.set_disk_reserve(config.disk_reserve_bytes);
         let heads = recovery.heads.clone();
         let log_lsn = store.last_lsn();
         tracing::info!(log_lsn, authors = heads.len(), "log opened");
@@ -221,7 +226,11 @@ impl Node {
             batch_entries_max: config.batch_entries_max,
             batch_bytes_max: config.batch_bytes_max,
         };
-        let resolver = resolver::KvResolver::new(indexes.clone());
+        // The views' durable checkpoint (the whole log, now: the catch-up ends with one), for
+        // the writer to keep room on the disk for what they will write after it, and the
+        // indexer's error if it stops after one (the writer then refuses every write).
+        let views = Arc::new(indexer::IndexerShared::new(log_lsn));
+        let resolver = resolver::KvResolver::new(indexes.clone(), views.clone());
         let writer = WriterHandle::spawn(
             store,
             heads,
@@ -241,6 +250,7 @@ impl Node {
                 // Lingering never makes the node look unready (`/readyz` judges the lag).
                 linger_entries: (config.ready_lag_entries_max / 2).max(1),
             },
+            views,
         )?;
         let indexed = indexer.indexed();
         Ok(Arc::new(Self {
@@ -264,6 +274,12 @@ impl Node {
     /// stopped first.
     pub async fn wait_indexed(&self, lsn: Lsn) -> bool {
         self.indexer.wait_indexed(lsn).await
+    }
+
+    /// The error the indexer stopped with, if it stopped after one. The node then takes no
+    /// writes, and reads of anything the views have not applied fail, until it is restarted.
+    pub fn indexer_failure(&self) -> Option<&str> {
+        self.indexer.failure()
     }
 
     /// Each view's applied LSN as the indexer last published it, views built in the background

@@ -2,6 +2,10 @@
 //! this node when the write is ordered into the log. The kv view may lag the log, so the
 //! resolver reads a view snapshot and lays over it the ops of every entry appended after the
 //! snapshot's applied LSN ([`KvOverlay`]); the result is exact whatever the lag.
+//!
+//! When the view cannot be read, the write is refused rather than resolved to nothing; once
+//! the indexer has stopped after an error, every write is ([`SupersedeResolver::refusal`]): the
+//! overlay would grow without end, and nothing written could be read back.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,6 +13,7 @@ use std::time::{Duration, Instant};
 use kappakv_indexes::{Indexes, KvOverlay, Snapshot};
 use kappakv_protocol::{EntryId, Lsn, SignedEntry};
 
+use super::indexer::IndexerShared;
 use super::writer::SupersedeResolver;
 
 /// How long the resolver reuses one snapshot before taking a newer one and pruning the overlay.
@@ -19,15 +24,19 @@ pub struct KvResolver {
     indexes: Arc<Indexes>,
     overlay: KvOverlay,
     snapshot: Option<(Instant, Snapshot)>,
+    /// How far the indexer has come, and its error once it stops after one.
+    views: Arc<IndexerShared>,
 }
 
 impl KvResolver {
-    /// A resolver over `indexes`, whose kv view must be caught up with the log.
-    pub fn new(indexes: Arc<Indexes>) -> Self {
+    /// A resolver over `indexes`, whose kv view must be caught up with the log, which the
+    /// indexer thread applies the log to, telling `views`.
+    pub fn new(indexes: Arc<Indexes>, views: Arc<IndexerShared>) -> Self {
         Self {
             indexes,
             overlay: KvOverlay::default(),
             snapshot: None,
+            views,
         }
     }
 
@@ -54,18 +63,23 @@ impl KvResolver {
 }
 
 impl SupersedeResolver for KvResolver {
-    fn current(&mut self, key: &[u8]) -> Vec<EntryId> {
+    fn current(&mut self, key: &[u8]) -> Result<Vec<EntryId>, String> {
         self.snapshot();
         let Some((_, snap)) = self.snapshot.as_ref() else {
-            return Vec::new();
+            return Err("no snapshot of the view could be taken".to_string());
         };
-        match self.overlay.current(key, snap) {
-            Ok(ids) => ids,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the kv view to resolve a write");
-                Vec::new()
-            }
-        }
+        self.overlay.current(key, snap).map_err(|e| {
+            tracing::error!(error = %e, "cannot read the kv view to resolve a write; it is refused");
+            e.to_string()
+        })
+    }
+
+    fn refusal(&mut self) -> Option<Arc<str>> {
+        self.views.failure().map(Arc::from)
+    }
+
+    fn views_checkpoint(&mut self) -> Option<Lsn> {
+        Some(self.views.checkpoint())
     }
 
     fn appended(&mut self, lsn: Lsn, entry: &SignedEntry) {
