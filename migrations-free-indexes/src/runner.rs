@@ -87,8 +87,11 @@ impl std::fmt::Debug for Indexes {
     }
 }
 
-/// redb page cache used by [`Indexes::open`].
-pub const DEFAULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
+/// redb page cache used by [`Indexes::open`]. redb's memory grows to about two and a half
+/// times this setting, and pages it does not hold are read from the operating system's page
+/// cache at little cost: with 1,000,000 keys a node's RSS after a million gets was 97 MiB with
+/// 16 MiB here and 242 MiB with 64 MiB, at the same get, put and catch-up rates.
+pub const DEFAULT_CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 impl Indexes {
     /// Opens `path`, creating it if missing, and reconciles stored views with `views`:
