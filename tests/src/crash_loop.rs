@@ -86,12 +86,15 @@ pub struct Report {
     pub seed: u64,
     /// Cycles run.
     pub cycles: u64,
-    /// SIGKILLs: one per cycle.
+    /// SIGKILLs of a running node: one per cycle, less the graceful stops over before it.
     pub kills: u64,
-    /// Of those, while the node was starting (before or during recovery and catch-up).
+    /// Of those, while the node was starting (before it said it serves: opening and recovering
+    /// the log, catching its views up).
     pub kills_starting: u64,
     /// Of those, a moment after SIGTERM, during the graceful stop.
     pub kills_stopping: u64,
+    /// Cycles where the graceful stop was over before the SIGKILL came.
+    pub stopped_before_kill: u64,
     /// Writes acknowledged to the writers.
     pub acked: u64,
     /// Keys checked after a restart to hold their last acknowledged write, value and entry id
@@ -119,7 +122,8 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "seed {:#x}: {} cycles in {:.1} s; {} kills ({} while starting, {} while stopping); \
+            "seed {:#x}: {} cycles in {:.1} s; {} kills ({} while starting, {} while stopping), \
+             {} graceful stops over before the kill; \
              {} writes acknowledged, {} checks of acknowledged writes, all present; \
              {} unacknowledged writes kept, {} lost; {} full checks; {} log entries in {} segments; \
              last rebuild comparison: {} index rows equal",
@@ -129,6 +133,7 @@ impl fmt::Display for Report {
             self.kills,
             self.kills_starting,
             self.kills_stopping,
+            self.stopped_before_kill,
             self.acked,
             self.checked,
             self.unacked_kept,
@@ -296,9 +301,12 @@ impl Run {
         if cycle > 0 && self.rng.chance(10) {
             let delay = self.rng.between(0, 150);
             tokio::time::sleep(Duration::from_millis(delay)).await;
+            let serving = node.lines().iter().any(|l| is_serving_line(l));
             node.kill()?;
             self.report.kills += 1;
-            self.report.kills_starting += 1;
+            if !serving {
+                self.report.kills_starting += 1;
+            }
             return Ok(());
         }
         Self::wait_serving(&mut node).await?;
@@ -330,16 +338,27 @@ impl Run {
         }
         let delay = self.rng.between(0, self.opts.load_ms_max);
         tokio::time::sleep(Duration::from_millis(delay)).await;
-        if self.rng.chance(10) {
+        let stopping = self.rng.chance(10);
+        if stopping {
             // SIGKILL during the graceful stop: draining, flushing the writer, persisting the
             // views.
             node.signal(libc::SIGTERM)?;
             let delay = self.rng.between(0, 30);
             tokio::time::sleep(Duration::from_millis(delay)).await;
-            self.report.kills_stopping += 1;
         }
-        node.kill()?;
-        self.report.kills += 1;
+        let running = node.try_wait()?.is_none();
+        let status = node.kill()?;
+        if running {
+            self.report.kills += 1;
+            self.report.kills_stopping += u64::from(stopping);
+        } else {
+            ensure!(
+                stopping && status.code() == Some(0),
+                "the node exited by itself ({status}): {}",
+                node.tail(20)
+            );
+            self.report.stopped_before_kill += 1;
+        }
         // Nothing more can be acknowledged. A task stopped here is awaiting its put; a write
         // it saw acknowledged is already recorded.
         for task in &tasks {
