@@ -6,7 +6,8 @@
 //!
 //! The log, 120,000 entries of one chain over 12,000 keys (overwrites and deletes), is written
 //! offline (`kappakv_tests::crash::fill_log`), so the rebuilds have enough to do to be killed
-//! half-way.
+//! half-way. Where each kill lands is drawn from a seed each test prints;
+//! `REBUILD_CRASH_SEED` replays one.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use kappakv_tests::crash::{
-    Filled, Spawned, check_filled, client_of, compare_with_rebuild, fill_log, is_serving_line,
-    rebuild_command, serve_command,
+    Filled, Rng, Spawned, check_filled, client_of, compare_with_rebuild, fill_log, is_serving_line,
+    rebuild_command, seed_from_env, serve_command,
 };
 use kappakv_tests::{free_tcp_port, free_udp_port, http_get};
 
@@ -43,6 +44,14 @@ field = "n"
 kind = "range"
 descending = true
 "#;
+
+/// The random source of a test: the log's keys and values, and where the kills land. Set
+/// `REBUILD_CRASH_SEED` to replay a seed a failure printed.
+fn seeded(test: &str) -> Result<Rng> {
+    let seed = seed_from_env("REBUILD_CRASH_SEED")?;
+    println!("{test}: seed {seed:#x}");
+    Ok(Rng::new(seed))
+}
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -119,10 +128,10 @@ fn field(line: &str, name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// Polls `/readyz` until the start-up catch-up has applied at least one batch and is not done,
-/// then kills the node; returns how many entries the catch-up had applied (durably: it commits
-/// each batch before reporting it).
-async fn kill_mid_catch_up(node: &mut Spawned, admin: SocketAddr) -> Result<u64> {
+/// Polls `/readyz` until the start-up catch-up has applied at least `at_least` entries (and at
+/// least one batch) and is not done, then kills the node; returns how many entries the catch-up
+/// had applied (durably: it commits each batch before reporting it).
+async fn kill_mid_catch_up(node: &mut Spawned, admin: SocketAddr, at_least: u64) -> Result<u64> {
     let deadline = Instant::now() + DEADLINE;
     loop {
         if let Ok((_, body)) = http_get(admin, "/readyz").await
@@ -133,7 +142,7 @@ async fn kill_mid_catch_up(node: &mut Spawned, admin: SocketAddr) -> Result<u64>
                 .filter(|s| !s.is_empty());
             let done: u64 = numbers.next().context("progress")?.parse()?;
             let total: u64 = numbers.next().context("total")?.parse()?;
-            if done > 0 && done < total {
+            if done > 0 && done >= at_least.min(total / 2) && done < total {
                 node.kill()?;
                 return Ok(done);
             }
@@ -156,7 +165,8 @@ async fn kill_mid_catch_up(node: &mut Spawned, admin: SocketAddr) -> Result<u64>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_rebuild_indexes_then_the_next_start_and_the_next_rebuild_finish()
 -> Result<()> {
-    let s = setup(1)?;
+    let mut rng = seeded("rebuild-indexes")?;
+    let s = setup(rng.next_u64())?;
     let admin = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()?));
 
     // 1. Killed half-way through `rebuild-indexes`, after its first batch committed.
@@ -184,7 +194,7 @@ async fn sigkill_during_rebuild_indexes_then_the_next_start_and_the_next_rebuild
         from >= committed,
         "the node resumed from {from}, before the {committed} entries rebuild-indexes committed"
     );
-    let applied = kill_mid_catch_up(&mut node, admin).await?;
+    let applied = kill_mid_catch_up(&mut node, admin, rng.between(1, ENTRIES / 2)).await?;
 
     // 3. The next start finishes: every value, and indexes equal to a full rebuild.
     let mut node = s.serve(&s.config, admin)?;
@@ -211,6 +221,10 @@ async fn sigkill_during_rebuild_indexes_then_the_next_start_and_the_next_rebuild
     ensure!(status.success(), "rebuild-indexes: {}", rebuild.tail(10));
     let compared = compare_with_rebuild(&s.data_dir, Some(&s.config), &s.scratch).await?;
     ensure!(compared.rows as u64 > ENTRIES, "{compared:?}");
+    println!(
+        "rebuild-indexes: {ENTRIES} entries: rebuild-indexes killed after committing {committed}, serve resumed from {from}, \
+         killed {applied} entries later, resumed from {resumed}; every value read back, indexes equal to a full rebuild"
+    );
     Ok(())
 }
 
@@ -238,13 +252,14 @@ async fn wait_indexes_complete(client: &kappakv_client::Client) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_the_rebuilds_a_node_runs_itself_then_the_next_start_finishes() -> Result<()>
 {
-    let s = setup(2)?;
+    let mut rng = seeded("serve")?;
+    let s = setup(rng.next_u64())?;
     let admin = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()?));
 
     // 1. No indexes.redb: the node builds every view from the log at start. Killed half-way.
     let mut node = s.serve(&s.config, admin)?;
     ensure!(catch_up_from(&mut node).await? == 0);
-    let applied = kill_mid_catch_up(&mut node, admin).await?;
+    let applied = kill_mid_catch_up(&mut node, admin, rng.between(1, ENTRIES / 2)).await?;
 
     // 2. The next start resumes where the killed one left off, and finishes.
     let mut node = s.serve(&s.config, admin)?;
@@ -265,6 +280,7 @@ async fn sigkill_during_the_rebuilds_a_node_runs_itself_then_the_next_start_fini
     let mut node = s.serve(&s.config_changed, admin)?;
     node.wait_line(is_serving_line, DEADLINE).await?;
     let client = client_of(&s.data_dir).await?;
+    let target = rng.between(1, ENTRIES / 2);
     let deadline = Instant::now() + DEADLINE;
     let built = loop {
         let status = client.status().await?;
@@ -273,7 +289,7 @@ async fn sigkill_during_the_rebuilds_a_node_runs_itself_then_the_next_start_fini
             index.building,
             "the changed index was built before it could be killed: {status:?}"
         );
-        if index.applied_lsn > 0 {
+        if index.applied_lsn >= target {
             node.kill()?;
             break index.applied_lsn;
         }
@@ -292,5 +308,9 @@ async fn sigkill_during_the_rebuilds_a_node_runs_itself_then_the_next_start_fini
     check_filled(&client, &s.filled).await?;
     client.close().await;
     s.stop_and_compare(node, &s.config_changed).await?;
+    println!(
+        "serve: {ENTRIES} entries: serve killed {applied} entries into its own rebuild, resumed from {resumed}; \
+         the changed index killed at {built}; every value read back, indexes equal to a full rebuild"
+    );
     Ok(())
 }
