@@ -83,7 +83,9 @@ pub struct Config {
     pub batch_bytes_max: usize,
     /// A new segment is started once the current one is over this size.
     pub segment_bytes_max: u64,
-    /// Most entries the indexer applies in one redb transaction.
+    /// Most entries the indexer applies in one redb transaction (and at most about 64 MiB of
+    /// keys and values). Larger transactions catch up faster: each commit copies every page it
+    /// touches.
     pub index_batch_entries_max: usize,
     /// Memory for the index database's page cache.
     pub index_cache_bytes: usize,
@@ -138,7 +140,7 @@ impl Default for Config {
             batch_entries_max: 4096,
             batch_bytes_max: 16 * 1024 * 1024,
             segment_bytes_max: 128 * 1024 * 1024,
-            index_batch_entries_max: 20_000,
+            index_batch_entries_max: 100_000,
             index_cache_bytes: kappakv_indexes::DEFAULT_CACHE_BYTES,
             index_durable_interval_ms: 2_000,
             index_linger_ms: 50,

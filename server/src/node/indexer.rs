@@ -53,8 +53,23 @@ pub fn all_views(_: &str) -> bool {
     true
 }
 
+/// Most bytes of keys and values one indexer transaction holds in memory, whatever
+/// `index_batch_entries_max` says: a log of large values is applied in smaller batches.
+pub const BATCH_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// What an entry holds in memory, roughly: its keys and values, and a fixed part for the rest.
+fn entry_bytes(entry: &SignedEntry) -> usize {
+    256 + entry
+        .entry
+        .ops
+        .iter()
+        .map(|op| op.key().len() + op.value().map_or(0, <[u8]>::len))
+        .sum::<usize>()
+}
+
 /// Applies log entries in `(from, upto]` to the views `select` names (each skips what it
-/// already has), in batches of at most `batch` entries, one redb transaction each. `progress`
+/// already has), in batches of at most `batch` entries and about [`BATCH_BYTES_MAX`] bytes,
+/// one redb transaction each. `progress`
 /// is called after each batch with the LSN applied. Shared by the indexer thread, start-up and
 /// the offline `rebuild-indexes`.
 #[allow(clippy::too_many_arguments)]
@@ -70,10 +85,14 @@ pub fn catch_up(
 ) -> Result<Lsn, IndexError> {
     let mut applied = from;
     let mut buf: Vec<(Lsn, SignedEntry)> = Vec::with_capacity(batch.min(65_536));
+    let mut bytes = 0;
     for item in reader.iter(from, upto)? {
-        buf.push(item?);
-        if buf.len() >= batch {
+        let (lsn, entry) = item?;
+        bytes += entry_bytes(&entry);
+        buf.push((lsn, entry));
+        if buf.len() >= batch || bytes >= BATCH_BYTES_MAX {
             applied = apply(indexes, &mut buf, durable, select)?;
+            bytes = 0;
             progress(applied);
         }
     }
