@@ -1,7 +1,7 @@
 //! Resource exhaustion against a real `kappakv serve` process, whose memory is its own: slowloris
-//! streams, huge and half-sent frames, stream floods and connection floods. During each attack an
-//! honest client's put and get succeed and the node's peak resident memory stays under 512 MiB;
-//! after it, the node releases what the attack held.
+//! streams, huge and half-sent frames, replies and watches that are never read, stream floods and
+//! connection floods. During each attack an honest client's put and get succeed and the node's
+//! peak resident memory stays under 512 MiB; after it, the node releases what the attack held.
 //!
 //! Figures are printed on lines starting with `figure:` (`cargo test … -- --nocapture`).
 
@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
+use futures_util::StreamExt as _;
 use kappakv_client::Client;
 use kappakv_protocol::frame::encode_frame;
 use kappakv_protocol::limits::MAX_FRAME_BYTES;
@@ -372,6 +373,70 @@ async fn readers_that_stop_reading_are_bounded() -> Result<()> {
     drop(streams);
     drop(conns);
     target.released(1.0).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_that_stop_reading_are_bounded() -> Result<()> {
+    const VALUES: usize = 20;
+    const VALUE_BYTES: usize = 256 * 1024;
+    const CONNECTIONS: usize = 4;
+    const WATCHES_PER_CONNECTION: usize = 40;
+    let target = Target::start(&[("request_timeout_ms", "2000")]).await?;
+    let client = Client::connect(&target.ticket).await?;
+    for i in 0..VALUES {
+        client
+            .put(format!("big/{i:02}"), vec![b'w'; VALUE_BYTES])
+            .await?;
+    }
+    honest(&client, "before").await?;
+    target.measure();
+
+    // 160 watches replaying 5 MiB of changes each, never read: unbounded, each would hold its
+    // chunk of changes (and the frame it is stuck sending) until the request timeout ends it.
+    let watch = encode_frame(&Request::Watch {
+        prefix: b"big/".to_vec(),
+        from_lsn: Some(0),
+    });
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .stream_receive_window(16_384u32.into())
+        .keep_alive_interval(Some(Duration::from_secs(1)));
+    let transport = std::sync::Arc::new(transport);
+    let mut conns = Vec::new();
+    let mut streams = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let endpoint = raw::endpoint_with(&target.ticket, transport.clone())?;
+        let conn = raw::dial(&endpoint, &target.ticket).await?;
+        raw::hello(&conn, &target.ticket).await?;
+        for _ in 0..WATCHES_PER_CONNECTION {
+            let (mut send, recv) = conn.open_bi().await?;
+            send.write_all(&watch).await?;
+            streams.push((send, recv));
+        }
+        conns.push((endpoint, conn));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let took = honest(&client, "stalled watchers").await?;
+    println!("figure: stalled watchers: honest put+get {took:?}");
+    target.peak("stalled watchers")?;
+    // The node ends every stalled watch and releases what it held.
+    target.released(1.0 + CONNECTIONS as f64).await?;
+    target.peak("stalled watchers")?;
+    drop(streams);
+    drop(conns);
+    target.released(1.0).await?;
+
+    // A watcher that reads gets every change, each large value in one piece.
+    let mut watch = client.watch("big/", Some(0));
+    for i in 0..VALUES {
+        let change = tokio::time::timeout(HONEST_DEADLINE, watch.next())
+            .await
+            .context("a change was not sent")?
+            .context("the watch ended")??;
+        ensure!(change.key == format!("big/{i:02}").into_bytes());
+        ensure!(change.version.value.as_ref().map(Vec::len) == Some(VALUE_BYTES));
+    }
     Ok(())
 }
 
