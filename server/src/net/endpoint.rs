@@ -38,10 +38,65 @@ pub enum EndpointError {
 /// Receive window of one stream. Frames are read as they arrive, so a frame larger than the
 /// window still flows; the window only bounds what a sender may have in flight, which is also
 /// what it may still push into a connection whose reader has gone.
-const STREAM_WINDOW_BYTES: u32 = 1024 * 1024;
+const STREAM_WINDOW_BYTES: u32 = 256 * 1024;
 /// Receive window of one connection, over all its streams: what one connection can make the
-/// node buffer.
-const CONNECTION_WINDOW_BYTES: u32 = 4 * STREAM_WINDOW_BYTES;
+/// node hold in bytes it has not read yet. The node reads every stream as its bytes arrive,
+/// but bytes after a gap (a lost or withheld packet) wait in QUIC's buffers for the gap.
+const CONNECTION_WINDOW_BYTES: u32 = 2 * STREAM_WINDOW_BYTES;
+/// Bytes written to one connection and not yet acknowledged by the other side: what a client
+/// that stops acknowledging can make the node hold in QUIC's send buffers.
+const SEND_WINDOW_BYTES: u32 = 256 * 1024;
+/// QUIC and TLS state of one connection, measured at 54 KiB for an authenticated client.
+const CONNECTION_STATE_BYTES: u64 = 64 * 1024;
+/// One open client stream: its task and QUIC state, measured at 2.6 KiB for a stream waiting
+/// for the rest of its request frame (any bytes it buffers are counted in the windows and in
+/// [`BUFFER_BYTES`]).
+const STREAM_STATE_BYTES: u64 = 3 * 1024;
+/// The node's own memory besides its index cache: about 40 MiB measured while serving 64
+/// clients of puts, and up to about 64 MiB of keys and values in an indexer transaction
+/// while its views catch up a long log.
+const NODE_BASE_BYTES: u64 = 112 * 1024 * 1024;
+
+/// The most memory clients can make a node with `config` hold, with the node's own on top:
+///
+/// - per connection, at most `max_connections` of them: its QUIC and TLS state
+///   ([`CONNECTION_STATE_BYTES`]), unread bytes up to its receive window
+///   ([`CONNECTION_WINDOW_BYTES`]), unacknowledged bytes up to its send window
+///   ([`SEND_WINDOW_BYTES`]), and `max_streams_per_connection` open streams of
+///   [`STREAM_STATE_BYTES`] each;
+/// - request and reply frames held at once, over all streams: [`BUFFER_BYTES`];
+/// - watches: changes read and not yet sent ([`super::watch::BUFFER_BYTES`]) and what the
+///   log reads in progress hold ([`super::watch::READING_BYTES`]);
+/// - the node itself: [`NODE_BASE_BYTES`] and `index_cache_bytes`.
+///
+/// At the defaults: 256 × (64 KiB + 512 KiB + 256 KiB + 64 × 3 KiB) = 256 MiB for
+/// connections, 64 MiB of frames, 8 + 12 MiB for watches, 112 + 16 MiB for the node:
+/// 468 MiB, under the 512 MiB a node must stay within whatever its clients do. Each
+/// connection more adds 1 MiB, each stream more per connection 768 KiB.
+pub fn memory_bound(config: &crate::config::Config) -> u64 {
+    let per_connection = CONNECTION_STATE_BYTES
+        + u64::from(CONNECTION_WINDOW_BYTES)
+        + u64::from(SEND_WINDOW_BYTES)
+        + u64::from(config.max_streams_per_connection) * STREAM_STATE_BYTES;
+    config.max_connections as u64 * per_connection
+        + BUFFER_BYTES as u64
+        + (super::watch::BUFFER_BYTES + super::watch::READING_BYTES) as u64
+        + NODE_BASE_BYTES
+        + config.index_cache_bytes as u64
+}
+
+/// The UDP socket's receive buffer, asked of the kernel (Linux caps it at `net.core.rmem_max`;
+/// its default is 208 KiB). Datagrams that arrive while the node is too busy to take them
+/// wait there instead of being dropped: every drop costs the sender a retransmission, after a
+/// delay that grows with the round-trip time an overloaded node makes long.
+const SOCKET_RECEIVE_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+/// Connection attempts quinn queues for the accept loop; more are refused.
+const INCOMING_MAX: usize = 1024;
+/// Packets of one queued connection attempt after its first, in bytes.
+const INCOMING_BUFFER_BYTES: u64 = 64 * 1024;
+/// Packets of all queued connection attempts after their first, in bytes.
+const INCOMING_BUFFER_BYTES_TOTAL: u64 = 4 * 1024 * 1024;
 
 /// Builds the quinn server configuration: TLS from the node key, stream and idle limits.
 pub fn server_config(
@@ -64,8 +119,19 @@ pub fn server_config(
         .keep_alive_interval(None)
         // Flow control bounds what a connection can make the node buffer.
         .stream_receive_window(STREAM_WINDOW_BYTES.into())
-        .receive_window(CONNECTION_WINDOW_BYTES.into());
+        .receive_window(CONNECTION_WINDOW_BYTES.into())
+        .send_window(SEND_WINDOW_BYTES.into())
+        // Nothing is sent as datagrams; accepting them would buffer up to a megabyte of
+        // unread datagrams per connection.
+        .datagram_receive_buffer_size(None);
     config.transport_config(Arc::new(transport));
+    // Connection attempts waiting for the accept loop, which takes them at once: a few
+    // kilobytes each, instead of quinn's defaults of 65,536 attempts and 100 MiB of their
+    // early packets.
+    config
+        .max_incoming(INCOMING_MAX)
+        .incoming_buffer_size(INCOMING_BUFFER_BYTES)
+        .incoming_buffer_size_total(INCOMING_BUFFER_BYTES_TOTAL);
     Ok(config)
 }
 
@@ -74,7 +140,19 @@ pub fn bind(node: &Node) -> Result<quinn::Endpoint, EndpointError> {
     let identity = TlsIdentity::new(&node.keypair)?;
     let config = server_config(node, &identity)?;
     let addr = node.config.listen;
-    quinn::Endpoint::server(config, addr).map_err(|source| EndpointError::Bind { addr, source })
+    let bind_error = |source| EndpointError::Bind { addr, source };
+    let socket = std::net::UdpSocket::bind(addr).map_err(bind_error)?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into()).map_err(bind_error)?;
+    if let Err(e) = state.set_recv_buffer_size((&socket).into(), SOCKET_RECEIVE_BUFFER_BYTES) {
+        tracing::debug!(error = %e, "cannot enlarge the UDP receive buffer");
+    }
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind_error)
 }
 
 /// Connections that have not authenticated yet (handshaking, or waiting for a client's hello),
@@ -244,4 +322,21 @@ pub async fn accept_loop(
         );
     }
     endpoint.set_server_config(None);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn the_default_settings_keep_memory_under_512_mib() {
+        let bound = memory_bound(&Config::default());
+        assert_eq!(
+            bound >> 20,
+            468,
+            "the figure in memory_bound's documentation, in MiB"
+        );
+        assert!(bound < 512 * 1024 * 1024);
+    }
 }
