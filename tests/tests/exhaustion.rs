@@ -216,6 +216,38 @@ async fn slowloris_streams_are_bounded_and_timed_out() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_is_timed_out_from_its_first_byte() -> Result<()> {
+    let target = Target::start(&[("request_timeout_ms", "1000")]).await?;
+    let conn = raw::authenticated(&target.ticket).await?;
+    // The first bytes of a later stream open `early` at the node too, as when a client's
+    // queued request reaches the node after its next one.
+    let (mut early, mut early_rx) = conn.open_bi().await?;
+    let later = raw::exchange(&conn, &encode_frame(&Request::Status)).await?;
+    ensure!(code(&later).is_none(), "{later:?}");
+    kappakv_tests::eventually("the node holds the early stream", || async {
+        Ok(target.gauge("kappakv_streams_open").await? >= 1.0)
+    })
+    .await?;
+    // Three request timeouts later, its request is served, not answered `Timeout`.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    early
+        .write_all(&encode_frame(&Request::Get {
+            key: b"k".to_vec(),
+            min_lsn: 0,
+        }))
+        .await?;
+    early.finish()?;
+    let r = tokio::time::timeout(HONEST_DEADLINE, raw::read_response(&mut early_rx))
+        .await
+        .context("no answer")??;
+    ensure!(
+        code(&r).is_none(),
+        "the early stream's request was answered {r:?}"
+    );
+    Ok(())
+}
+
 /// Sends `bytes` on a new stream and holds it open. The node either takes the bytes (`Ok`, the
 /// stream stays open until the node answers) or answers before taking them all (`Err` with its
 /// answer, usually after stopping the stream).

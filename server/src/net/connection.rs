@@ -154,12 +154,14 @@ const PRE_AUTH_FRAME_BYTES: usize = 4 * 1024;
 /// `held` against `buffers` first.
 async fn read_request(
     recv: &mut RecvStream,
+    first: &[u8],
     max_len: usize,
     buffers: &Buffers,
     held: &mut Option<OwnedSemaphorePermit>,
 ) -> Result<Request, ReadRequest> {
     let mut header = [0u8; FRAME_HEADER_LEN];
-    recv.read_exact(&mut header)
+    header[..first.len()].copy_from_slice(first);
+    recv.read_exact(&mut header[first.len()..])
         .await
         .map_err(|_| ReadRequest::Gone)?;
     let len = frame_len(header, max_len).map_err(|e| {
@@ -240,10 +242,19 @@ async fn serve_stream(
     let timeout = node.config.request_timeout();
     // What this stream's request and reply count against `buffers`, released when it ends.
     let mut held = None;
+    // The request timeout runs from the stream's first byte. Until then the stream holds its
+    // slot of the connection's stream credit and nothing else, and it may be open well before
+    // its bytes come: the first bytes of any later stream open it too, and a packet that an
+    // overloaded node had no room for is sent again only after a delay.
+    let first = match rx.read_chunk(FRAME_HEADER_LEN, true).await {
+        Ok(Some(chunk)) => chunk.bytes,
+        _ => return,
+    };
     let request = tokio::time::timeout(
         timeout,
         read_request(
             &mut rx,
+            &first,
             if role.get().is_some() {
                 MAX_FRAME_BYTES
             } else {
@@ -286,6 +297,11 @@ async fn serve_stream(
             return;
         }
     };
+    if !matches!(request, Request::Watch { .. }) {
+        // Nothing more is read from the stream: the client's bytes past its frame, if any,
+        // are dropped instead of held until the stream ends.
+        let _ = rx.stop(0u32.into());
+    }
     let reply = match request {
         Request::Hello { token } => {
             if let Some(r) = node.tokens.role_of(&token) {
