@@ -459,7 +459,11 @@ async fn watchers_that_stop_reading_are_bounded() -> Result<()> {
     target.peak("stalled watchers")?;
     // The node ends every stalled watch and releases what it held.
     target.released(1.0 + CONNECTIONS as f64).await?;
-    target.peak("stalled watchers")?;
+    println!(
+        "figure: stalled watchers: {} watches ended by the node",
+        CONNECTIONS * WATCHES_PER_CONNECTION
+    );
+    target.peak("stalled watchers, until the last was ended")?;
     drop(streams);
     drop(conns);
     target.released(1.0).await?;
