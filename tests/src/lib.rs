@@ -231,6 +231,27 @@ impl ProcessNode {
         Ok(node)
     }
 
+    /// Starts `kappakv serve` on a new temporary data dir and free loopback ports, with the
+    /// settings `settings` (names without the `KAPPAKV_` prefix, as in the config file) and
+    /// errors only in its log. Returns the data dir's owner, the node and its admin address.
+    pub async fn start_with_settings(
+        settings: &[(&str, &str)],
+    ) -> Result<(tempfile::TempDir, Self, SocketAddr)> {
+        let dir = tempfile::tempdir()?;
+        let data_dir = dir.path().join("data");
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()?));
+        let mut cmd = serve_command(&data_dir, addr)?;
+        cmd.env("KAPPAKV_ADMIN_LISTEN", admin.to_string())
+            .env("RUST_LOG", "error")
+            .stderr(Stdio::inherit());
+        for (k, v) in settings {
+            cmd.env(format!("KAPPAKV_{}", k.to_uppercase()), v);
+        }
+        let node = Self::spawn(cmd, &data_dir, addr).await?;
+        Ok((dir, node, admin))
+    }
+
     /// Starts `kappakv serve` on `data_dir` at `addr` with its admin HTTP listener on
     /// `admin`, waiting until it answers.
     pub async fn start_with_admin(

@@ -15,17 +15,13 @@ use kappakv_protocol::frame::encode_frame;
 use kappakv_protocol::limits::MAX_FRAME_BYTES;
 use kappakv_protocol::{ErrorCode, Request, Ticket};
 use kappakv_tests::raw::{self, code};
-use kappakv_tests::{ProcessNode, free_tcp_port, free_udp_port, http_get, metric, mib};
+use kappakv_tests::{ProcessNode, http_get, metric, mib};
 
 /// The bound the node's resident memory must stay under during any attack.
 const MEMORY_BOUND: u64 = 512 * 1024 * 1024;
 /// What an honest request may take before the test gives up on it: generous, only so that a
 /// failure does not hang.
 const HONEST_DEADLINE: Duration = Duration::from_secs(30);
-
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
 
 /// A node under attack: a `kappakv serve` process with its admin listener.
 struct Target {
@@ -38,21 +34,7 @@ struct Target {
 impl Target {
     /// Starts a node with `settings` (`KAPPAKV_*` variables without the prefix).
     async fn start(settings: &[(&str, &str)]) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let data_dir = dir.path().join("data");
-        let addr = loopback(free_udp_port()?);
-        let admin = loopback(free_tcp_port()?);
-        let mut cmd = kappakv_tests::command("kappakv")?;
-        cmd.args(["serve", "--data-dir"])
-            .arg(&data_dir)
-            .args(["--listen", &addr.to_string()])
-            .env("KAPPAKV_ADMIN_LISTEN", admin.to_string())
-            .env("RUST_LOG", "error")
-            .stderr(std::process::Stdio::inherit());
-        for (k, v) in settings {
-            cmd.env(format!("KAPPAKV_{}", k.to_uppercase()), v);
-        }
-        let node = ProcessNode::spawn(cmd, &data_dir, addr).await?;
+        let (dir, node, admin) = ProcessNode::start_with_settings(settings).await?;
         let ticket = node.ticket()?;
         Ok(Self {
             node,

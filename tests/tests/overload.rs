@@ -15,33 +15,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, ensure};
 use kappakv_client::{Client, ErrorCode};
 use kappakv_server::config::Config;
-use kappakv_tests::{ProcessNode, free_tcp_port, free_udp_port, http_get, metric, mib};
+use kappakv_tests::{ProcessNode, http_get, metric, mib};
 use tokio::sync::Semaphore;
 
 const MEMORY_BOUND: u64 = 512 * 1024 * 1024;
-
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-async fn start(settings: &[(&str, &str)]) -> Result<(tempfile::TempDir, ProcessNode, SocketAddr)> {
-    let dir = tempfile::tempdir()?;
-    let data_dir = dir.path().join("data");
-    let addr = loopback(free_udp_port()?);
-    let admin = loopback(free_tcp_port()?);
-    let mut cmd = kappakv_tests::command("kappakv")?;
-    cmd.args(["serve", "--data-dir"])
-        .arg(&data_dir)
-        .args(["--listen", &addr.to_string()])
-        .env("KAPPAKV_ADMIN_LISTEN", admin.to_string())
-        .env("RUST_LOG", "error")
-        .stderr(std::process::Stdio::inherit());
-    for (k, v) in settings {
-        cmd.env(format!("KAPPAKV_{}", k.to_uppercase()), v);
-    }
-    let node = ProcessNode::spawn(cmd, &data_dir, addr).await?;
-    Ok((dir, node, admin))
-}
 
 fn value() -> Vec<u8> {
     vec![b'v'; 100]
@@ -155,7 +132,7 @@ async fn median_put(client: &Client, n: usize) -> Result<Duration> {
 }
 
 async fn overload(settings: &[(&str, &str)], connections: usize, seconds: f64) -> Result<()> {
-    let (_dir, node, admin) = start(settings).await?;
+    let (_dir, node, admin) = ProcessNode::start_with_settings(settings).await?;
     let ticket = node.ticket()?;
     let mut clients = Vec::new();
     for _ in 0..connections {
