@@ -17,9 +17,10 @@ const ENTRIES: u64 = 20_000;
 const WRITERS: u64 = 64;
 /// What A reads from its log per send (`SEND_CHUNK` in the replication driver).
 const SEND_CHUNK: u64 = 2048;
-/// Entries A can still push into the dead connection before it learns of the restart: a
-/// stream's flow-control window on the node (1 MiB, `net/endpoint.rs`) over the smallest
-/// payload of this test's entries (about 150 bytes). They count as sent, never as received.
+/// Entries A can still push into the dead connection before it learns of the restart: at most
+/// a stream's flow-control window on the node (256 KiB, `net/endpoint.rs`; 1 MiB here, as a
+/// margin) over the smallest payload of this test's entries (about 150 bytes). They count as
+/// sent, never as received.
 const IN_FLIGHT_MAX: u64 = (1024 * 1024) / 150;
 
 async fn scan_all(c: &Client) -> anyhow::Result<Vec<KeyVersions>> {
