@@ -27,8 +27,7 @@ use kappakv_server::log::fault::{FaultEffect, FaultError, FaultOp, Faults, Fault
 use kappakv_server::log::file::available_space;
 use kappakv_server::log::{FsLogDir, LogDir};
 use kappakv_tests::{
-    ProcessNode, command, eventually, free_tcp_port, free_udp_port, http_get, metric, run,
-    test_config,
+    ProcessNode, command, eventually, free_tcp_port, free_udp_port, http_get, metric, test_config,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -452,18 +451,7 @@ async fn a_real_full_tmpfs_refuses_writes_and_they_resume_once_a_file_is_removed
     let log = std::fs::read_to_string(&node_log)?;
     assert!(log.contains("the disk is full"), "the node says why: {log}");
     assert!(log.contains("writes resumed"), "and when it is over: {log}");
-    let out = run(
-        command("kappakv")?
-            .args(["verify", "--data-dir"])
-            .arg(&data),
-        Duration::from_secs(60),
-    )
-    .await?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    kappakv_tests::crash::verify(&data).await?;
 
     // Everything acknowledged is there after a restart too.
     let node = serve(&data, addr, &node_log, &no_reserve).await?;
@@ -608,18 +596,7 @@ async fn a_real_tmpfs_filled_by_the_node_keeps_its_reserve_and_the_views_go_on()
     );
     assert!(log.contains("writes resumed"), "and when it is over: {log}");
     assert!(!log.contains("indexer stopped"), "{log}");
-    let out = run(
-        command("kappakv")?
-            .args(["verify", "--data-dir"])
-            .arg(&data),
-        Duration::from_secs(60),
-    )
-    .await?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    kappakv_tests::crash::verify(&data).await?;
     eprintln!(
         "tmpfs reserve: 16 MiB, reserve {} MiB, 6 MiB left by the filler; {written_to_reserve} writes of 4 KiB acknowledged, then refused: {message}; free at the refusal {:.0} KiB, after the views caught up and wrote their checkpoint {:.0} KiB (the views wrote {:.0} KiB after the refusal); {} writes acknowledged in all, every one read back",
         RESERVE / MIB,
@@ -719,18 +696,7 @@ async fn a_real_full_tmpfs_under_the_views_stops_the_indexer_and_the_node_says_s
 
     // Space again, and a restart: every acknowledged write is there, the node takes writes.
     std::fs::remove_file(&filler)?;
-    let out = run(
-        command("kappakv")?
-            .args(["verify", "--data-dir"])
-            .arg(&data),
-        Duration::from_secs(60),
-    )
-    .await?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    kappakv_tests::crash::verify(&data).await?;
     let node = serve(&data, addr, &node_log, &env).await?;
     let c = node.client().await?;
     for key in &acked {
