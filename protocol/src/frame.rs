@@ -69,6 +69,61 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
     rmp_serde::from_slice(body).map_err(|e| DecodeError::Malformed(e.to_string()))
 }
 
+/// What a message body held: a message of a kind this version knows, or only the name of a
+/// kind it does not (sent by a newer version).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decoded<T> {
+    /// A message this version knows.
+    Message(T),
+    /// A well-formed message of a kind this version does not know: its name.
+    UnknownKind(String),
+}
+
+/// A message enum that names its kinds, so that a message of a kind this version does not know
+/// is told apart from a malformed one without reading the decoder's error text.
+pub trait MessageKinds {
+    /// The names of every kind (enum variant), as they are encoded.
+    const KINDS: &'static [&'static str];
+}
+
+/// Decodes a message body, telling a message of an unknown kind from a malformed one.
+///
+/// Messages are externally tagged enums: a one-entry map from the kind's name to its fields, or
+/// the bare name of a kind without fields.
+pub fn decode_message<T: DeserializeOwned + MessageKinds>(
+    body: &[u8],
+) -> Result<Decoded<T>, DecodeError> {
+    match rmp_serde::from_slice(body) {
+        Ok(message) => Ok(Decoded::Message(message)),
+        Err(e) => match message_kind(body) {
+            Some(kind) if !T::KINDS.contains(&kind) => Ok(Decoded::UnknownKind(kind.to_owned())),
+            _ => Err(DecodeError::Malformed(e.to_string())),
+        },
+    }
+}
+
+/// The name of an externally tagged message's kind: the key of a one-entry map, or a bare
+/// string. `None` when the body starts otherwise.
+pub fn message_kind(body: &[u8]) -> Option<&str> {
+    const FIXMAP_1: u8 = 0x81;
+    const STR8: u8 = 0xd9;
+    const STR16: u8 = 0xda;
+    let rest = match body.split_first()? {
+        (&FIXMAP_1, rest) => rest,
+        _ => body,
+    };
+    let (len, at) = match *rest.first()? {
+        b @ 0xa0..=0xbf => (usize::from(b & 0x1f), 1),
+        STR8 => (usize::from(*rest.get(1)?), 2),
+        STR16 => (
+            usize::from(u16::from_be_bytes([*rest.get(1)?, *rest.get(2)?])),
+            3,
+        ),
+        _ => return None,
+    };
+    std::str::from_utf8(rest.get(at..at + len)?).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +160,58 @@ mod tests {
                 let _ = decode_body::<crate::request::Request>(body);
             }
         }
+    }
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    enum Old {
+        A { x: u32 },
+        B,
+    }
+
+    impl MessageKinds for Old {
+        const KINDS: &'static [&'static str] = &["A", "B"];
+    }
+
+    #[derive(serde::Serialize)]
+    enum New {
+        A { x: u32 },
+        B,
+        Gossip { about: String },
+        Ping,
+    }
+
+    #[test]
+    fn a_message_of_an_unknown_kind_is_told_from_a_malformed_one() {
+        let body = |m: &New| encode_frame(m)[FRAME_HEADER_LEN..].to_vec();
+        assert_eq!(
+            decode_message::<Old>(&body(&New::A { x: 7 })).ok(),
+            Some(Decoded::Message(Old::A { x: 7 }))
+        );
+        assert_eq!(
+            decode_message::<Old>(&body(&New::B)).ok(),
+            Some(Decoded::Message(Old::B))
+        );
+        let gossip = body(&New::Gossip {
+            about: "x".repeat(40),
+        });
+        assert_eq!(
+            decode_message::<Old>(&gossip).ok(),
+            Some(Decoded::UnknownKind("Gossip".into()))
+        );
+        assert_eq!(
+            decode_message::<Old>(&body(&New::Ping)).ok(),
+            Some(Decoded::UnknownKind("Ping".into()))
+        );
+        // A known kind with bad fields, and bytes that are no message, are malformed.
+        let mut bad = body(&New::A { x: 7 });
+        bad.truncate(bad.len() - 1);
+        assert!(matches!(
+            decode_message::<Old>(&bad),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_message::<Old>(&[0xc1]),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 }

@@ -12,6 +12,16 @@ pub const MAX_SUPERSEDES: usize = 1024;
 pub const MAX_ENTRY_BYTES: usize = 4 * 1024 * 1024;
 /// Largest log record payload: an entry plus its optional signature and the array header.
 pub const MAX_RECORD_BYTES: usize = MAX_ENTRY_BYTES + 128;
+/// Most bytes of one author's unsigned entries that may follow its last signed entry, in any
+/// log: the sum of their record payloads (the canonical entry encoding plus
+/// [`UNSIGNED_PAYLOAD_OVERHEAD`]). A writer signs an entry before the next one would take its
+/// unsigned run past this, and a receiver buffers at most this much of one author while it
+/// waits for a signature, so nodes with different batch settings always agree on what a run
+/// may hold.
+pub const MAX_UNSIGNED_RUN_BYTES: usize = 16 * 1024 * 1024;
+/// Bytes a record payload adds to an unsigned entry's canonical encoding: the array header and
+/// the `nil` signature.
+pub const UNSIGNED_PAYLOAD_OVERHEAD: usize = 2;
 /// Largest frame body on a QUIC stream.
 pub const MAX_FRAME_BYTES: usize = MAX_ENTRY_BYTES + 64 * 1024;
 /// Most keys a scan returns in one request.
@@ -25,3 +35,4 @@ const _: () = assert!(MAX_KEY_BYTES + MAX_VALUE_BYTES < MAX_ENTRY_BYTES);
 const _: () = assert!(MAX_ENTRY_BYTES < MAX_RECORD_BYTES);
 const _: () = assert!(MAX_RECORD_BYTES < MAX_FRAME_BYTES);
 const _: () = assert!(MAX_FRAME_BYTES <= u32::MAX as usize);
+const _: () = assert!(MAX_ENTRY_BYTES + UNSIGNED_PAYLOAD_OVERHEAD <= MAX_UNSIGNED_RUN_BYTES);

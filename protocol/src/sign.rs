@@ -1,7 +1,7 @@
 //! Signing and checking signatures over entry ids. A signature of an entry's id vouches, through
 //! the `prev` links, for every earlier entry of the same author.
 
-use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 
 use crate::error::VerifyError;
 use crate::ids::{EntryId, NodeId, Signature};
@@ -48,6 +48,10 @@ impl std::fmt::Debug for Keypair {
 }
 
 /// Checks that `sig` is `author`'s signature of `id`. `seq` only labels the error.
+///
+/// The check is ed25519's strict one: a small-order (weak) public key, for which a signature
+/// can be made without any secret, and a non-canonical signature are refused, so nobody can
+/// forge entries for the small-order author ids.
 pub fn verify_signature(
     author: &NodeId,
     seq: u64,
@@ -56,7 +60,10 @@ pub fn verify_signature(
 ) -> Result<(), VerifyError> {
     let key = VerifyingKey::from_bytes(author.as_bytes())
         .map_err(|_| VerifyError::BadAuthorKey { author: *author })?;
-    key.verify(id.as_bytes(), &ed25519_dalek::Signature::from_bytes(&sig.0))
+    if key.is_weak() {
+        return Err(VerifyError::BadAuthorKey { author: *author });
+    }
+    key.verify_strict(id.as_bytes(), &ed25519_dalek::Signature::from_bytes(&sig.0))
         .map_err(|_| VerifyError::BadSignature {
             author: *author,
             seq,
@@ -77,6 +84,32 @@ mod tests {
         assert!(matches!(
             verify_signature(&kp.node_id(), 1, &other, &sig),
             Err(VerifyError::BadSignature { seq: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn nothing_verifies_under_a_small_order_key() {
+        // The identity point as a public key: with R the identity and s = 0, the plain ed25519
+        // equation [s]B = R + [k]A holds for every message, so anyone could sign as it.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let author = NodeId(identity);
+        let mut forged = [0u8; Signature::LEN];
+        forged[0] = 1;
+        let key = VerifyingKey::from_bytes(&identity).expect("the identity point decodes");
+        let id = EntryId([7; 32]);
+        assert!(
+            ed25519_dalek::Verifier::verify(
+                &key,
+                id.as_bytes(),
+                &ed25519_dalek::Signature::from_bytes(&forged)
+            )
+            .is_ok(),
+            "the forgery passes the non-strict check"
+        );
+        assert!(matches!(
+            verify_signature(&author, 1, &id, &Signature(forged)),
+            Err(VerifyError::BadAuthorKey { .. })
         ));
     }
 }

@@ -39,7 +39,7 @@ const DEFAULT_SEEDS: u64 = 200;
 /// Distinct keys written: few, so that concurrent writes conflict.
 const KEYS: u64 = 4;
 /// Bytes of unsigned entries a session buffers, over all authors.
-const PENDING_MAX: usize = 4 * 1024 * 1024;
+const PENDING_MAX: usize = 2 * kappakv_protocol::limits::MAX_UNSIGNED_RUN_BYTES;
 /// Appends of one run tried before the receive side gives up on it. `driver.rs` `ingest` tries
 /// until classification settles, which every refusal brings closer; this bound only keeps a bug
 /// from hanging the simulation.
@@ -390,7 +390,8 @@ struct Side {
     outbox: VecDeque<Frame>,
     send_at: usize,
     hello_seen: bool,
-    reading: VecDeque<SignedEntry>,
+    /// Received entries not yet taken in, with their payload lengths.
+    reading: VecDeque<(SignedEntry, usize)>,
     ingest: Option<Ingest>,
 }
 
@@ -712,7 +713,7 @@ impl Sim {
             }
             None => {}
         }
-        let Some(e) = conn.sides[s].reading.pop_front() else {
+        let Some((e, len)) = conn.sides[s].reading.pop_front() else {
             let [s0, s1] = &mut conn.sides;
             let (me, other) = if s == 0 { (s0, s1) } else { (s1, s0) };
             let Some(frame) = other.outbox.pop_front() else {
@@ -724,11 +725,12 @@ impl Sim {
                     me.hello_seen = true;
                 }
                 Frame::Entries(payloads) => {
-                    me.reading.extend(
-                        payloads
-                            .iter()
-                            .map(|p| SignedEntry::decode_payload(p).expect("decode a payload")),
-                    );
+                    me.reading.extend(payloads.iter().map(|p| {
+                        (
+                            SignedEntry::decode_payload(p).expect("decode a payload"),
+                            p.len(),
+                        )
+                    }));
                 }
             }
             return true;
@@ -738,7 +740,7 @@ impl Sim {
             .heads
             .get(&e.entry.author)
             .map_or(0, |h| h.seq);
-        match conn.sides[s].session.receive(e) {
+        match conn.sides[s].session.receive(e, len) {
             Ok(None) => self.stats.unsigned_waits += 1,
             Ok(Some(run)) => {
                 let ingest = Self::ingest(&mut self.nodes[n], &mut self.stats, run, 0, tag);
@@ -1025,27 +1027,33 @@ fn a_stream_that_skips_what_the_receiver_sent_is_accepted() {
 
     // #1 waits unsigned; the peer then skips #2 and sends #3.
     let mut session = SyncSession::new(peer, PENDING_MAX, None);
-    assert_eq!(session.receive(chain[0].clone()), Ok(None));
     assert_eq!(
-        session.receive(chain[2].clone()),
+        session.receive(chain[0].clone(), chain[0].encode_payload().len()),
+        Ok(None)
+    );
+    assert_eq!(
+        session.receive(chain[2].clone(), chain[2].encode_payload().len()),
         Ok(Some(vec![chain[2].clone()]))
     );
     assert_eq!(session.pending_len(), 0);
     // The run goes on linking from #3.
     assert_eq!(
-        session.receive(chain[3].clone()),
+        session.receive(chain[3].clone(), chain[3].encode_payload().len()),
         Ok(Some(vec![chain[3].clone()]))
     );
 
     // #2 released; the peer skips #3 and sends #4.
     let mut session = SyncSession::new(peer, PENDING_MAX, None);
-    assert_eq!(session.receive(chain[0].clone()), Ok(None));
     assert_eq!(
-        session.receive(chain[1].clone()),
+        session.receive(chain[0].clone(), chain[0].encode_payload().len()),
+        Ok(None)
+    );
+    assert_eq!(
+        session.receive(chain[1].clone(), chain[1].encode_payload().len()),
         Ok(Some(chain[..2].to_vec()))
     );
     assert_eq!(
-        session.receive(chain[3].clone()),
+        session.receive(chain[3].clone(), chain[3].encode_payload().len()),
         Ok(Some(vec![chain[3].clone()]))
     );
 }

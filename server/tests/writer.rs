@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use common::{ChainBuilder, read_all_checked};
-use kappakv_protocol::limits::MAX_VALUE_BYTES;
+use kappakv_protocol::limits::{MAX_UNSIGNED_RUN_BYTES, MAX_VALUE_BYTES};
 use kappakv_protocol::{EntryId, InvalidEntry, Keypair, Lsn, SignedEntry, VerifyError, WriteOp};
 use kappakv_server::commands::verify;
 use kappakv_server::log::fault::{FaultEffect, FaultError, FaultOp, Faults, FaultyLogDir};
@@ -578,4 +578,120 @@ async fn dropping_the_handle_does_not_block_and_the_thread_still_flushes() {
     while durable.changed().await.is_ok() {}
     let (_, recovery) = LogStore::open(&log_dir(dir.path()), &LogConfig::default()).unwrap();
     assert_eq!(recovery.last_lsn, 1);
+}
+
+/// Lengths of the runs of unsigned entries in `entries`, per author, in record payload bytes.
+fn longest_unsigned_run(entries: &[(Lsn, SignedEntry)]) -> usize {
+    let mut open: HashMap<kappakv_protocol::NodeId, usize> = HashMap::new();
+    let mut longest = 0;
+    for (_, e) in entries {
+        let run = open.entry(e.entry.author).or_default();
+        if e.signature.is_some() {
+            *run = 0;
+        } else {
+            *run += e.encode_payload().len();
+            longest = longest.max(*run);
+        }
+    }
+    longest
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_batch_is_signed_before_its_unsigned_run_passes_the_protocol_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, recovery) = LogStore::open(&log_dir(dir.path()), &LogConfig::default()).unwrap();
+    // A batch limit far above the protocol's run limit: what a node configured for large
+    // batches does.
+    let writer = Arc::new(WriterHandle::spawn(
+        store,
+        recovery.heads,
+        Keypair::from_secret([7; 32]),
+        Box::new(NoResolver),
+        WriterConfig {
+            batch_bytes_max: 4 * MAX_UNSIGNED_RUN_BYTES,
+            ..WriterConfig::default()
+        },
+    ));
+    let mut peer = ChainBuilder::new(3);
+    let value = vec![9u8; MAX_VALUE_BYTES];
+    // While the first write's fsync runs, the rest queue up and form one batch, with a remote
+    // run in the middle.
+    let mut tasks = Vec::new();
+    for i in 0..48 {
+        let w = writer.clone();
+        let v = value.clone();
+        tasks.push(tokio::spawn(async move {
+            w.write(vec![put(&format!("k{i}"), &v)]).await.map(|_| ())
+        }));
+        if i == 24 {
+            let w = writer.clone();
+            let run = peer.batch(3, 10);
+            tasks.push(tokio::spawn(async move {
+                w.append_remote(run).await.map(|_| ())
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let writer = Arc::into_inner(writer).expect("every task is done");
+    writer.shutdown().await;
+    let all = read_all_checked(&log_dir(dir.path()), 51);
+    let longest = longest_unsigned_run(&all);
+    assert!(
+        longest <= MAX_UNSIGNED_RUN_BYTES,
+        "an unsigned run of {longest} bytes, over the protocol's {MAX_UNSIGNED_RUN_BYTES}"
+    );
+    // Only one author's run is open at any point of the log.
+    let mut open = std::collections::HashSet::new();
+    for (lsn, e) in &all {
+        if e.signature.is_some() {
+            open.remove(&e.entry.author);
+        } else {
+            open.insert(e.entry.author);
+        }
+        assert!(open.len() <= 1, "two authors' runs are open at LSN {lsn}");
+    }
+}
+
+#[test]
+fn every_chain_head_the_writer_shows_is_durable() {
+    // On tmpfs, fdatasync is free and batches follow each other fast: the reader below samples
+    // the handle many times in every batch.
+    let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+        eprintln!("skipped: no /dev/shm");
+        return;
+    };
+    let writer = Arc::new(spawn(dir.path(), Box::new(NoResolver)));
+    let me = writer.node_id();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (writer, done) = (writer.clone(), done.clone());
+        let durable = writer.durable_lsn();
+        std::thread::spawn(move || {
+            let mut samples = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                // One local entry per batch: a head's seq is its LSN.
+                let head = writer.head(&me).map_or(0, |h| h.seq);
+                let durable = *durable.borrow();
+                assert!(
+                    durable >= head,
+                    "head at seq {head} shown while the durable LSN is {durable}"
+                );
+                samples += 1;
+            }
+            samples
+        })
+    };
+    rt.block_on(async {
+        for i in 0..3_000 {
+            writer.write(vec![put("k", &[i as u8])]).await.unwrap();
+        }
+    });
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let samples = reader.join().expect("no head ran ahead of the durable LSN");
+    assert!(samples > 0);
 }

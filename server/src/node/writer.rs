@@ -40,7 +40,9 @@ use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use kappakv_protocol::limits::{MAX_ENTRY_BYTES, MAX_OPS_PER_ENTRY};
+use kappakv_protocol::limits::{
+    MAX_ENTRY_BYTES, MAX_OPS_PER_ENTRY, MAX_UNSIGNED_RUN_BYTES, UNSIGNED_PAYLOAD_OVERHEAD,
+};
 use kappakv_protocol::record::RECORD_HEADER_LEN;
 use kappakv_protocol::verify::{ChainHead, check_link};
 use kappakv_protocol::{
@@ -276,7 +278,8 @@ pub struct WriterHandle {
     /// queued and exit.
     tx: mpsc::Sender<Command>,
     durable: watch::Receiver<Lsn>,
-    /// Each author's chain head as of the last durable batch; updated before `durable` is.
+    /// Each author's chain head as of the last durable batch; updated after `durable` is, so
+    /// every head here is durable.
     heads: SharedHeads,
     /// Set by the thread when it stops after a failure (or a panic).
     failed: Arc<AtomicBool>,
@@ -563,17 +566,28 @@ impl Writer {
         self.entries.clear();
         self.undo.clear();
         let mut pending = Vec::with_capacity(commands.len());
-        let mut last_local = None;
+        // The local run not yet signed: the index of its last entry, and its payload bytes.
+        let mut open_local: Option<(usize, usize)> = None;
         for cmd in commands.drain(..) {
             match cmd {
                 Command::Local { ops, reply } => match self.build_local(ops) {
-                    Ok(entry) => {
+                    Ok((entry, canonical_len)) => {
+                        let bytes = canonical_len + UNSIGNED_PAYLOAD_OVERHEAD;
+                        let mut run_bytes = bytes;
+                        if let Some((i, open)) = open_local {
+                            if open + bytes > MAX_UNSIGNED_RUN_BYTES {
+                                self.sign(i);
+                            } else {
+                                run_bytes += open;
+                            }
+                        }
                         let lsn = self.push(base, entry);
-                        last_local = Some(self.entries.len() - 1);
+                        let i = self.entries.len() - 1;
+                        open_local = Some((i, run_bytes));
                         pending.push(Pending::Local {
                             reply,
                             lsn,
-                            id: self.entries[self.entries.len() - 1].id,
+                            id: self.entries[i].id,
                         });
                     }
                     Err(e) => {
@@ -582,6 +596,11 @@ impl Writer {
                 },
                 Command::Remote { entries, reply } => match self.check_remote(&entries) {
                     Ok(()) => {
+                        // Only one author's run is ever open at a point of the log: a receiver
+                        // then waits for at most one run's signature at a time.
+                        if let Some((i, _)) = open_local.take() {
+                            self.sign(i);
+                        }
                         for entry in entries {
                             observe_bounded(&mut self.clock, entry.entry.timestamp);
                             self.push(base, entry);
@@ -598,10 +617,8 @@ impl Writer {
                 Command::Shutdown => {}
             }
         }
-        if let Some(i) = last_local {
-            let e = &mut self.entries[i];
-            debug_assert!(e.signature.is_none());
-            e.signature = Some(self.keypair.sign(&e.id));
+        if let Some((i, _)) = open_local {
+            self.sign(i);
         }
         self.payloads.clear();
         self.payloads
@@ -623,6 +640,10 @@ impl Writer {
                     self.appended_bytes += batch_bytes;
                     self.backlog.push_back((last, self.appended_bytes));
                 }
+                // The durable LSN first, then the heads: a head read from the handle is always
+                // durable, so whoever reads a head and then waits for the views to reach the
+                // durable LSN finds the head's entry there.
+                self.durable.send_replace(last);
                 {
                     let mut shared = self.shared_heads.write().expect("heads lock");
                     for e in &self.entries {
@@ -635,7 +656,6 @@ impl Writer {
                         );
                     }
                 }
-                self.durable.send_replace(last);
                 let local = pending
                     .iter()
                     .filter(|p| matches!(p, Pending::Local { .. }))
@@ -776,8 +796,15 @@ impl Writer {
         lsn
     }
 
-    /// The next local entry, carrying `ops`.
-    fn build_local(&mut self, writes: Vec<WriteOp>) -> Result<SignedEntry, WriteError> {
+    /// Signs the local entry at `i` of the batch, closing its run.
+    fn sign(&mut self, i: usize) {
+        let e = &mut self.entries[i];
+        debug_assert!(e.signature.is_none() && e.entry.author == self.node_id);
+        e.signature = Some(self.keypair.sign(&e.id));
+    }
+
+    /// The next local entry, carrying `ops`, and the length of its canonical encoding.
+    fn build_local(&mut self, writes: Vec<WriteOp>) -> Result<(SignedEntry, usize), WriteError> {
         if writes.is_empty() {
             return Err(InvalidEntry::NoOps.into());
         }
@@ -828,11 +855,14 @@ impl Writer {
             }
             .into());
         }
-        Ok(SignedEntry {
-            id: EntryId::of_canonical_bytes(&bytes),
-            entry,
-            signature: None,
-        })
+        Ok((
+            SignedEntry {
+                id: EntryId::of_canonical_bytes(&bytes),
+                entry,
+                signature: None,
+            },
+            bytes.len(),
+        ))
     }
 
     /// Checks that `entries` extend the chains as they stand (batch included), and that each

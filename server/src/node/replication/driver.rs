@@ -6,11 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use kappakv_protocol::frame::{FRAME_HEADER_LEN, decode_body, encode_frame, frame_len};
-use kappakv_protocol::limits::{MAX_ENTRY_BYTES, MAX_FRAME_BYTES};
+use kappakv_protocol::frame::{Decoded, FRAME_HEADER_LEN, decode_message, encode_frame, frame_len};
+use kappakv_protocol::limits::{MAX_ENTRY_BYTES, MAX_FRAME_BYTES, MAX_UNSIGNED_RUN_BYTES};
 use kappakv_protocol::peer::PeerMessage;
 use kappakv_protocol::record::encode_record;
-use kappakv_protocol::{Lsn, NodeId, PeerStatus, SignedEntry};
+use kappakv_protocol::verify::ChainHead;
+use kappakv_protocol::{EntryId, Lsn, NodeId, PeerStatus, SignedEntry};
 use quinn::crypto::rustls::QuicClientConfig;
 use serde_bytes::ByteBuf;
 use tokio::sync::{Notify, watch};
@@ -30,6 +31,10 @@ use crate::node::{Node, StartError};
 const SEND_CHUNK: u64 = 2048;
 /// Bytes of entries read from the log per send step, besides the entry that crosses the line.
 const SEND_CHUNK_BYTES: usize = 8 * 1024 * 1024;
+/// Bytes of unsigned entries a session buffers over all authors: one run of the most the
+/// protocol allows, twice, since logs written before that limit could leave a local run open
+/// while a remote one was appended.
+const PENDING_BYTES_MAX: usize = 2 * MAX_UNSIGNED_RUN_BYTES;
 /// Folder of the data dir where equivocation proofs are stored.
 pub const EQUIVOCATIONS_DIR: &str = "equivocations";
 /// Most equivocation proofs written since start: a hostile author could otherwise fill the disk.
@@ -76,6 +81,15 @@ struct PeerState {
     ended: Arc<Notify>,
     /// Ends the dial loop when the peer is removed.
     cancel: CancellationToken,
+}
+
+/// What to do with the runs of one received frame.
+#[derive(Default)]
+struct Plan {
+    /// The entries that extend the log, in order.
+    append: Vec<SignedEntry>,
+    /// The runs refused (equivocations and gaps), with why.
+    refused: Vec<(Vec<SignedEntry>, Classified)>,
 }
 
 /// Replication with every peer of this node.
@@ -343,7 +357,7 @@ impl Replication {
         let writers = self.writers.clone();
         let session = Arc::new(Mutex::new(SyncSession::new(
             peer,
-            2 * self.node.config.batch_bytes_max,
+            PENDING_BYTES_MAX,
             writers,
         )));
         let (hello_tx, hello_rx) = watch::channel(false);
@@ -466,7 +480,15 @@ impl Replication {
             let len = frame_len(header, MAX_FRAME_BYTES)?;
             let mut body = vec![0u8; len];
             rx.read_exact(&mut body).await?;
-            match decode_body::<PeerMessage>(&body)? {
+            let message = match decode_message::<PeerMessage>(&body)? {
+                Decoded::Message(message) => message,
+                // A newer peer's message: the session goes on without it.
+                Decoded::UnknownKind(kind) => {
+                    tracing::debug!(%kind, "ignoring a peer message of a kind this version does not know");
+                    continue;
+                }
+            };
+            match message {
                 PeerMessage::Hello { version_vector } => {
                     if *hello.borrow() {
                         anyhow::bail!("the peer sent a second hello");
@@ -493,18 +515,19 @@ impl Replication {
                                 continue;
                             }
                         };
-                        let run = session.lock().expect("session lock").receive(entry);
+                        let run = session
+                            .lock()
+                            .expect("session lock")
+                            .receive(entry, payload.len());
                         match run {
                             Ok(None) => {}
                             Ok(Some(run)) => runs.push(run),
                             Err(refusal) => self.reject(refusal.reason(), &refusal.to_string()),
                         }
                     }
-                    for run in runs.take() {
-                        self.ingest(peer, run).await?;
-                    }
+                    self.ingest(peer, runs.take()).await?;
                 }
-                _ => self.reject("unknown_message", "unknown peer message"),
+                _ => tracing::debug!("ignoring a peer message this session does not use"),
             }
         }
     }
@@ -519,40 +542,35 @@ impl Replication {
             .or_default() += 1;
     }
 
-    /// Appends a verified run through the writer, after classifying it against the log.
-    async fn ingest(&self, peer: NodeId, run: Vec<SignedEntry>) -> anyhow::Result<()> {
-        // Each `Link` refusal means another session moved this author's head forward, so
-        // classifying again ends: at the latest when the whole run is a duplicate.
-        loop {
-            let Some(last) = run.last() else {
-                return Ok(());
-            };
-            let author = last.entry.author;
-            let head = self.node.writer.head(&author);
-            let known = if last.entry.seq < head.map_or(0, |h| h.seq) {
-                self.contains(&last.id).await?
-            } else {
-                false
-            };
-            match classify(run.clone(), head, |_| known) {
-                Classified::Append(entries) => {
-                    let n = entries.len() as u64;
-                    match self.node.writer.append_remote(entries).await {
-                        Ok(_) => {
-                            self.state
-                                .lock()
-                                .expect("peer state lock")
-                                .entry(peer)
-                                .or_default()
-                                .received += n;
-                            return Ok(());
-                        }
-                        // Another session appended some of these first: classify again.
-                        Err(WriteError::Link { .. }) => {}
-                        Err(e) => return Err(e.into()),
-                    }
+    /// Appends verified runs through the writer, in the order given (the peer's log order, so
+    /// the log stays causal), after classifying each against the log: all that extend it go in
+    /// one append.
+    async fn ingest(&self, peer: NodeId, runs: Vec<Vec<SignedEntry>>) -> anyhow::Result<()> {
+        // Each `Link` refusal means another session moved a head forward, so classifying again
+        // ends: at the latest when every run is a duplicate.
+        let plan = loop {
+            let plan = self.plan(runs.clone()).await?;
+            if plan.append.is_empty() {
+                break plan;
+            }
+            let n = plan.append.len() as u64;
+            match self.node.writer.append_remote(plan.append.clone()).await {
+                Ok(_) => {
+                    self.state
+                        .lock()
+                        .expect("peer state lock")
+                        .entry(peer)
+                        .or_default()
+                        .received += n;
+                    break plan;
                 }
-                Classified::Duplicate => return Ok(()),
+                // Another session appended some of these first: classify again.
+                Err(WriteError::Link { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        };
+        for (run, refused) in plan.refused {
+            match refused {
                 Classified::Equivocation {
                     author,
                     seq,
@@ -575,21 +593,56 @@ impl Replication {
                             "could not store the equivocation proof"
                         ),
                     }
-                    return Ok(());
                 }
                 Classified::Gap {
                     author,
                     expected,
                     got,
-                } => {
-                    self.reject(
-                        "seq_gap",
-                        &format!("author {author}: expected seq {expected}, got {got}"),
-                    );
-                    return Ok(());
-                }
+                } => self.reject(
+                    "seq_gap",
+                    &format!("author {author}: expected seq {expected}, got {got}"),
+                ),
+                Classified::Append(_) | Classified::Duplicate => {}
             }
         }
+        Ok(())
+    }
+
+    /// Classifies `runs`, in order, against the log's heads as the runs before each would
+    /// leave them.
+    async fn plan(&self, runs: Vec<Vec<SignedEntry>>) -> anyhow::Result<Plan> {
+        let mut plan = Plan::default();
+        // Heads as the planned appends leave them, and the ids planned.
+        let mut heads: HashMap<NodeId, Option<ChainHead>> = HashMap::new();
+        let mut planned: HashSet<EntryId> = HashSet::new();
+        for run in runs {
+            let Some(last) = run.last() else {
+                continue;
+            };
+            let author = last.entry.author;
+            let head = *heads
+                .entry(author)
+                .or_insert_with(|| self.node.writer.head(&author));
+            let known = last.entry.seq < head.map_or(0, |h| h.seq)
+                && (planned.contains(&last.id) || self.contains(&last.id).await?);
+            match classify(run.clone(), head, |_| known) {
+                Classified::Append(entries) => {
+                    let tail = entries.last().expect("an append is not empty");
+                    heads.insert(
+                        author,
+                        Some(ChainHead {
+                            seq: tail.entry.seq,
+                            id: tail.id,
+                        }),
+                    );
+                    planned.extend(entries.iter().map(|e| e.id));
+                    plan.append.extend(entries);
+                }
+                Classified::Duplicate => {}
+                refused => plan.refused.push((run, refused)),
+            }
+        }
+        Ok(plan)
     }
 
     /// Stores the proof of an equivocation in `DATA_DIR/equivocations/AUTHOR-SEQ.records`, in
@@ -612,14 +665,16 @@ impl Replication {
         }
         // Ours is found by walking back from a known id (the one at `seq`, or the head) along
         // `prev`, through the log lookup view: wait until it has caught up with the log.
+        // The head first: every head the writer shows is durable, so the views have it once
+        // they reach the durable LSN read after it.
+        let Some(mut id) = existing.or_else(|| self.node.writer.head(&author).map(|h| h.id)) else {
+            anyhow::bail!("the log has no entry of {author}");
+        };
         let durable = *self.node.durable.borrow();
         anyhow::ensure!(
             self.node.wait_indexed(durable).await,
             "the indexer has stopped"
         );
-        let Some(mut id) = existing.or_else(|| self.node.writer.head(&author).map(|h| h.id)) else {
-            anyhow::bail!("the log has no entry of {author}");
-        };
         let mut bytes = Vec::new();
         let received: Vec<Vec<u8>> = run
             .iter()

@@ -13,6 +13,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use kappakv_protocol::limits::MAX_UNSIGNED_RUN_BYTES;
 use kappakv_protocol::verify::ChainHead;
 use kappakv_protocol::{EntryId, NodeId, SignedEntry, VerifyError, sign::verify_signature};
 
@@ -29,7 +30,9 @@ pub enum Refusal {
     /// The entry does not link to the one before it, or its signature is bad.
     #[error(transparent)]
     Invalid(#[from] VerifyError),
-    /// Too many bytes of unsigned entries waiting for a signature.
+    /// Too many bytes of unsigned entries waiting for a signature: more than the protocol lets
+    /// one author's run hold ([`MAX_UNSIGNED_RUN_BYTES`]), or than the session buffers over all
+    /// authors.
     #[error("author {author}: more than {max} bytes of unsigned entries waiting for a signature")]
     BufferFull {
         /// The author.
@@ -63,8 +66,9 @@ pub struct SyncSession {
     theirs: HashMap<NodeId, u64>,
     /// Per author, the last entry released in this session.
     released: HashMap<NodeId, ChainHead>,
-    /// Per author, unsigned entries waiting for a signature, in chain order.
-    pending: HashMap<NodeId, Vec<SignedEntry>>,
+    /// Per author, unsigned entries waiting for a signature, in chain order, and their record
+    /// payload bytes.
+    pending: HashMap<NodeId, (Vec<SignedEntry>, usize)>,
     /// Bytes of entries in `pending`, over all authors, and their bound.
     pending_bytes: usize,
     pending_bytes_max: usize,
@@ -73,9 +77,11 @@ pub struct SyncSession {
 
 impl SyncSession {
     /// A session with `peer`. `pending_bytes_max` bounds the unsigned entries buffered, over all
-    /// authors (an honest peer's unsigned runs are at most one of its group commits);
-    /// `writers`, when given, is the allow-list of authors accepted.
+    /// authors (at least [`MAX_UNSIGNED_RUN_BYTES`]: an honest peer's log has at most one
+    /// author's run open at a time, of at most that many bytes); `writers`, when given, is the
+    /// allow-list of authors accepted.
     pub fn new(peer: NodeId, pending_bytes_max: usize, writers: Option<HashSet<NodeId>>) -> Self {
+        assert!(pending_bytes_max >= MAX_UNSIGNED_RUN_BYTES);
         Self {
             peer,
             theirs: HashMap::new(),
@@ -120,23 +126,25 @@ impl SyncSession {
         true
     }
 
-    /// Takes in one received entry. Returns a run ready for [`classify`] once a verified
-    /// signature covers it, `Ok(None)` while it waits for one.
-    pub fn receive(&mut self, e: SignedEntry) -> Result<Option<Vec<SignedEntry>>, Refusal> {
+    /// Takes in one received entry, decoded from a record payload of `payload_len` bytes.
+    /// Returns a run ready for [`classify`] once a verified signature covers it, `Ok(None)`
+    /// while it waits for one. Nothing is learnt from an entry, not even that the peer has it,
+    /// until a verified signature covers it.
+    pub fn receive(
+        &mut self,
+        e: SignedEntry,
+        payload_len: usize,
+    ) -> Result<Option<Vec<SignedEntry>>, Refusal> {
         let author = e.entry.author;
         if let Some(w) = &self.writers
             && !w.contains(&author)
         {
             return Err(Refusal::NotAllowed { author });
         }
-        // The peer has what it sends: never send it back.
-        let have = self.theirs.entry(author).or_insert(0);
-        *have = (*have).max(e.entry.seq);
-
         let tail = self
             .pending
             .get(&author)
-            .and_then(|p| p.last())
+            .and_then(|(p, _)| p.last())
             .map(|p| ChainHead {
                 seq: p.entry.seq,
                 id: p.id,
@@ -164,17 +172,20 @@ impl SyncSession {
             None => {}
         }
         let Some(sig) = &e.signature else {
-            let size = entry_size(&e);
-            if self.pending_bytes + size > self.pending_bytes_max {
-                self.take_pending(&author);
-                return Err(Refusal::BufferFull {
-                    author,
-                    max: self.pending_bytes_max,
-                });
-            }
-            self.pending_bytes += size;
-            self.pending.entry(author).or_default().push(e);
-            return Ok(None);
+            let run_bytes = self.pending.get(&author).map_or(0, |(_, b)| *b);
+            let max = if run_bytes + payload_len > MAX_UNSIGNED_RUN_BYTES {
+                MAX_UNSIGNED_RUN_BYTES
+            } else if self.pending_bytes + payload_len > self.pending_bytes_max {
+                self.pending_bytes_max
+            } else {
+                let (run, bytes) = self.pending.entry(author).or_default();
+                run.push(e);
+                *bytes += payload_len;
+                self.pending_bytes += payload_len;
+                return Ok(None);
+            };
+            self.take_pending(&author);
+            return Err(Refusal::BufferFull { author, max });
         };
         if let Err(err) = verify_signature(&author, e.entry.seq, &e.id, sig) {
             // The run cannot be trusted; later entries of it will not link either.
@@ -189,32 +200,35 @@ impl SyncSession {
                 id: e.id,
             },
         );
+        // The peer has what it sends: never send it back.
+        let have = self.theirs.entry(author).or_insert(0);
+        *have = (*have).max(e.entry.seq);
         run.push(e);
         Ok(Some(run))
     }
 
     /// Removes and returns `author`'s unsigned entries.
     fn take_pending(&mut self, author: &NodeId) -> Vec<SignedEntry> {
-        let run = self.pending.remove(author).unwrap_or_default();
-        self.pending_bytes -= run.iter().map(entry_size).sum::<usize>();
+        let (run, bytes) = self.pending.remove(author).unwrap_or_default();
+        self.pending_bytes -= bytes;
         run
     }
 
     /// Unsigned entries buffered, over all authors.
     pub fn pending_len(&self) -> usize {
-        self.pending.values().map(Vec::len).sum()
+        self.pending.values().map(|(run, _)| run.len()).sum()
     }
 }
 
-/// Released runs gathered for appending together: a run that continues the last gathered run of
-/// its author (the next seq, linked by `prev`) is joined to it. A peer sends its log in order,
-/// and every group commit of a lightly loaded node is a signed run of one entry, so a catch-up
-/// would otherwise cost one log append, and one fsync, per entry.
+/// Released runs gathered for appending together, in the order they were released: the order
+/// of the peer's log, so this node's log stays causal (an entry that supersedes another is
+/// never appended before it). A run that continues the run released just before it (same
+/// author, the next seq, linked by `prev`) is joined to it. Every group commit of a lightly
+/// loaded node is a signed run of one entry, so a catch-up appends all the runs of a received
+/// frame together rather than one append, and one fsync, per run.
 #[derive(Debug, Default)]
 pub struct Runs {
     runs: Vec<Vec<SignedEntry>>,
-    /// Per author, the index in `runs` of its last run.
-    last: HashMap<NodeId, usize>,
 }
 
 impl Runs {
@@ -223,35 +237,23 @@ impl Runs {
         let Some(first) = run.first() else {
             return;
         };
-        let author = first.entry.author;
-        if let Some(&i) = self.last.get(&author)
-            && let Some(tail) = self.runs[i].last()
+        if let Some(last) = self.runs.last_mut()
+            && let Some(tail) = last.last()
+            && tail.entry.author == first.entry.author
             && first.entry.seq == tail.entry.seq + 1
             && first.entry.prev == Some(tail.id)
         {
-            self.runs[i].extend(run);
+            last.extend(run);
             return;
         }
-        self.last.insert(author, self.runs.len());
         self.runs.push(run);
     }
 
-    /// The gathered runs, each still one author's linked chain ending at a signed entry, in the
-    /// order their first entries arrived.
+    /// The gathered runs, each one author's linked chain ending at a signed entry, in the order
+    /// they were released.
     pub fn take(&mut self) -> Vec<Vec<SignedEntry>> {
-        self.last.clear();
         std::mem::take(&mut self.runs)
     }
-}
-
-/// What an entry costs in memory, near enough: its keys and values plus a fixed overhead.
-fn entry_size(e: &SignedEntry) -> usize {
-    256 + e
-        .entry
-        .ops
-        .iter()
-        .map(|op| op.key().len() + op.value().map_or(0, <[u8]>::len) + 33 * op.supersedes().len())
-        .sum::<usize>()
 }
 
 /// Where a verified run meets this node's log.
@@ -371,23 +373,29 @@ mod tests {
         }
     }
 
+    fn receive(
+        session: &mut SyncSession,
+        e: &SignedEntry,
+    ) -> Result<Option<Vec<SignedEntry>>, Refusal> {
+        session.receive(e.clone(), e.encode_payload().len())
+    }
+
     #[test]
     fn a_second_entry_for_a_seq_already_released_is_classified_as_an_equivocation() {
         let kp = Keypair::from_secret([5; 32]);
         let peer = Keypair::from_secret([6; 32]).node_id();
-        let mut session = SyncSession::new(peer, 1 << 20, None);
+        let mut session = SyncSession::new(peer, MAX_UNSIGNED_RUN_BYTES, None);
         let e1 = signed(&kp, 1, None, b"1");
         let e2 = signed(&kp, 2, Some(e1.id), b"2");
         let e3 = signed(&kp, 3, Some(e2.id), b"3");
         for e in [&e1, &e2, &e3] {
-            assert_eq!(session.receive(e.clone()), Ok(Some(vec![e.clone()])));
+            assert_eq!(receive(&mut session, e), Ok(Some(vec![e.clone()])));
         }
         let head = Some(ChainHead { seq: 3, id: e3.id });
 
         // Below the session's tail: a run of its own, which the log tells apart.
         let fork2 = signed(&kp, 2, Some(e1.id), b"forked");
-        let run = session
-            .receive(fork2.clone())
+        let run = receive(&mut session, &fork2)
             .expect("verifies")
             .expect("signed");
         assert_eq!(
@@ -400,32 +408,32 @@ mod tests {
             }
         );
         // A repeat of what the log has is a duplicate.
-        let run = session
-            .receive(e2.clone())
+        let run = receive(&mut session, &e2)
             .expect("verifies")
             .expect("signed");
         assert_eq!(classify(run, head, |_| true), Classified::Duplicate);
     }
 
     #[test]
-    fn runs_that_continue_each_other_are_joined_per_author() {
+    fn runs_are_kept_in_release_order_and_joined_only_to_the_run_just_before() {
         let (a, b) = (Keypair::from_secret([5; 32]), Keypair::from_secret([7; 32]));
         let a1 = signed(&a, 1, None, b"1");
         let a2 = signed(&a, 2, Some(a1.id), b"2");
         let a3 = signed(&a, 3, Some(a2.id), b"3");
         let b1 = signed(&b, 1, None, b"1");
         let b2 = signed(&b, 2, Some(b1.id), b"2");
-        let fork3 = signed(&a, 3, Some(a1.id), b"not linked to a2");
+        let fork4 = signed(&a, 4, Some(a1.id), b"not linked to a3");
         let mut runs = Runs::default();
         for run in [
             vec![a1.clone()],
-            vec![b1.clone()],
             vec![a2.clone()],
-            vec![b2.clone()],
+            vec![b1.clone()],
+            // Continues a2, but b1 came in between: joining it to a1..a2 would place it before
+            // b1, which it may supersede.
             vec![a3.clone()],
-            // Does not link to the run before it: kept apart, for classify to judge.
-            vec![fork3.clone()],
-            // Starts over below the tail: kept apart too.
+            vec![b2.clone()],
+            vec![fork4.clone()],
+            // Starts over below the tail: kept apart, for classify to judge.
             vec![a2.clone()],
         ] {
             runs.push(run);
@@ -433,12 +441,64 @@ mod tests {
         assert_eq!(
             runs.take(),
             vec![
-                vec![a1, a2.clone(), a3],
-                vec![b1, b2],
-                vec![fork3],
-                vec![a2],
+                vec![a1, a2.clone()],
+                vec![b1],
+                vec![a3],
+                vec![b2],
+                vec![fork4],
+                vec![a2]
             ]
         );
         assert!(runs.take().is_empty());
+    }
+
+    #[test]
+    fn an_unsigned_run_may_hold_the_protocol_limit_whatever_the_session_settings() {
+        let kp = Keypair::from_secret([5; 32]);
+        let peer = Keypair::from_secret([6; 32]).node_id();
+        let mut session = SyncSession::new(peer, 2 * MAX_UNSIGNED_RUN_BYTES, None);
+        // Entries of 1 MiB values up to the limit wait; the signed one releases them all.
+        let mut prev = None;
+        let mut bytes = 0;
+        let mut seq = 0;
+        loop {
+            seq += 1;
+            let mut e = signed(&kp, seq, prev, &vec![7u8; 1 << 20]);
+            e.signature = None;
+            let len = e.encode_payload().len();
+            if bytes + len > MAX_UNSIGNED_RUN_BYTES {
+                break;
+            }
+            bytes += len;
+            prev = Some(e.id);
+            assert_eq!(receive(&mut session, &e), Ok(None));
+        }
+        let last = signed(&kp, seq, prev, b"signed");
+        let run = receive(&mut session, &last)
+            .expect("verifies")
+            .expect("signed");
+        assert_eq!(run.len() as u64, seq);
+        assert_eq!(session.pending_len(), 0);
+
+        // One more unsigned byte than the limit is refused, and what waited is dropped.
+        let mut prev = Some(last.id);
+        let mut refused = None;
+        for seq in seq + 1..seq + 40 {
+            let mut e = signed(&kp, seq, prev, &vec![7u8; 1 << 20]);
+            e.signature = None;
+            prev = Some(e.id);
+            if let Err(r) = receive(&mut session, &e) {
+                refused = Some(r);
+                break;
+            }
+        }
+        assert_eq!(
+            refused,
+            Some(Refusal::BufferFull {
+                author: kp.node_id(),
+                max: MAX_UNSIGNED_RUN_BYTES
+            })
+        );
+        assert_eq!(session.pending_len(), 0);
     }
 }
