@@ -150,9 +150,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Name of the read-write ticket file in the data dir, written by a serving node.
+pub const TICKET_FILE: &str = "client.ticket";
+
 /// Writes `DATA_DIR/client.ticket`.
 pub fn write_ticket(data_dir: &Path, ticket: &Ticket) -> Result<(), TokensError> {
-    let path = data_dir.join("client.ticket");
+    let path = data_dir.join(TICKET_FILE);
     write_private(&path, format!("{ticket}\n").as_bytes()).map_err(io_err(&path))
 }
 

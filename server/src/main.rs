@@ -79,9 +79,10 @@ enum Command {
     },
     /// Writes log entries, in the log's record format, for `kappakv import` on another node.
     ///
-    /// Works while the node is running (it only reads). Each author's chain ends at a signed
-    /// entry: a batch being written at that moment is left out. Prints a summary on standard
-    /// error.
+    /// Works while the node is running: it then asks the node (through `client.ticket` in the
+    /// data dir) how far its log is durable and takes nothing after that, and fails if the node
+    /// does not answer. Each author's chain ends at a signed entry. Prints a summary on
+    /// standard error.
     Export {
         #[command(flatten)]
         data_dir: DataDirArg,
@@ -111,8 +112,10 @@ enum Command {
     /// Copies a consistent log, the node key, tokens and peers into a new directory, while the
     /// node serves or not. Never the indexes: a restored node rebuilds them.
     ///
-    /// The backup ends where every author's chain ends at a signed entry; `backup.json` in it
-    /// gives its LSN, version vector and time. Exit status: 0 done; 1 failed.
+    /// The backup ends where every author's chain ends at a signed entry, and next to a running
+    /// node at or before what the node reports durable (asked through `client.ticket`; the
+    /// backup fails if it does not answer); `backup.json` in it gives its LSN, version vector
+    /// and time. Exit status: 0 done; 1 failed.
     Backup {
         #[command(flatten)]
         data_dir: DataDirArg,

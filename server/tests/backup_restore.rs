@@ -8,6 +8,7 @@ use std::io::Write as _;
 
 use common::{ChainBuilder, payloads};
 use kappakv_server::commands::backup::{self, BackupError};
+use kappakv_server::commands::live::BoundError;
 use kappakv_server::commands::restore::{self, RestoreError};
 use kappakv_server::log::{LogConfig, LogStore};
 
@@ -48,10 +49,18 @@ fn backup_cuts_at_the_last_signed_point_and_restores_a_log_that_verifies() {
         .write_all(&[0x40, 0, 0, 0, 1, 2])
         .unwrap();
 
-    // Taken while the store is open (and holds the log's lock), as next to a running node.
+    // While the store is open (and holds the log's lock), as next to a running node, the
+    // backup takes only what that node reports durable; with no node to ask, it refuses.
     let out = root.path().join("backup");
-    let manifest = backup::run(&data, &out).unwrap();
+    let err = backup::run(&data, &out).unwrap_err();
+    assert!(
+        matches!(err, BackupError::Bound(BoundError::NoTicket { .. })),
+        "{err}"
+    );
+    assert!(!out.exists(), "a refused backup writes nothing");
+    // As a writer that stopped mid-batch leaves it.
     drop(store);
+    let manifest = backup::run(&data, &out).unwrap();
     assert_eq!(manifest.lsn, consistent);
     assert_eq!(manifest.node_id, node.node_id());
     let expected: BTreeMap<_, _> = [(a.keypair.node_id(), 60), (b.keypair.node_id(), 40)].into();

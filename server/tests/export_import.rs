@@ -14,6 +14,7 @@ use kappakv_server::commands::export::{self, ExportSummary, VersionVector};
 use kappakv_server::commands::import::{
     self, ImportSource, ImportSummary, RejectReason, Rejection,
 };
+use kappakv_server::commands::live::BoundError;
 use kappakv_server::commands::verify;
 use kappakv_server::log::{LogConfig, LogReader, LogStore, OpenLogError};
 
@@ -354,17 +355,12 @@ fn export_ends_every_chain_at_a_signed_entry() {
     let a = tempfile::tempdir().unwrap();
     let mut x = ChainBuilder::new(1);
     let mut y = ChainBuilder::new(2);
-    // The tail as a writer leaves it mid-batch: y's run is not signed yet.
+    // The tail as a writer that stopped mid-batch leaves it: y's run is not signed yet.
     let signed = vec![x.batch(2, 8), y.batch(1, 8)];
-    write_log(a.path(), &signed);
-    let (mut store, _) = LogStore::open(&log_dir(a.path()), &LogConfig::default()).unwrap();
-    store
-        .append(&payloads(&[
-            y.next(8, false),
-            x.next(8, true),
-            y.next(8, false),
-        ]))
-        .unwrap();
+    let tail = vec![y.next(8, false), x.next(8, true), y.next(8, false)];
+    let mut batches = signed.clone();
+    batches.push(tail);
+    write_log(a.path(), &batches);
     let (bytes, summary) = export_bytes(a.path(), None);
     assert_eq!(
         (summary.entries, summary.held_back, summary.through_lsn),
@@ -374,9 +370,15 @@ fn export_ends_every_chain_at_a_signed_entry() {
     let ids: Vec<EntryId> = decode_all(&bytes).iter().map(|e| e.id).collect();
     let want: Vec<EntryId> = signed.iter().flatten().map(|e| e.id).collect();
     assert_eq!(ids, want);
-    // The export ran next to an open store; the store is unaffected.
-    store.append(&payloads(&[y.next(8, true)])).unwrap();
-    drop(store);
+    // The export changed nothing: once y's run ends signed, all of it goes.
+    let segment = log_dir(a.path()).join("00000000000000000000.log");
+    let mut record = Vec::new();
+    encode_record(&y.next(8, true).encode_payload(), &mut record);
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(segment)
+        .unwrap();
+    std::io::Write::write_all(&mut file, &record).unwrap();
     let (_, summary) = export_bytes(a.path(), None);
     assert_eq!((summary.entries, summary.held_back), (7, 0));
 }
@@ -427,14 +429,25 @@ fn a_second_store_cannot_open_a_locked_log() {
             && text.contains("is kappakv serve running?"),
         "{text}"
     );
-    // Import needs the lock; export does not.
+    // Import needs the lock. Export reads next to an appender only up to what a running node
+    // reports durable; with no node to ask, it refuses instead of guessing.
     let err = import::run_sources(a.path(), &[]).unwrap_err();
     assert!(
         err.to_string().contains("in use by another process"),
         "{err}"
     );
-    export_bytes(a.path(), None);
+    let err = export::run(a.path(), None, &mut Vec::new(), "memory").unwrap_err();
+    assert!(
+        matches!(err, export::ExportError::Bound(BoundError::NoTicket { .. })),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("in use by another process")
+            && err.to_string().contains("client.ticket"),
+        "{err}"
+    );
     drop(store);
+    export_bytes(a.path(), None);
     LogStore::open(&log_dir(a.path()), &LogConfig::default()).unwrap();
 }
 

@@ -15,12 +15,14 @@
 //! ```
 //!
 //! **Consistency:** the backup ends at the last record after which every author's chain ends at
-//! a signed entry, as recovery requires, so a batch being written while the backup reads is
-//! left out. The writer appends with `pwrite` then `fdatasync`; the backup reads only whole
-//! records (length and CRC check), and syncs each source segment after reading it and before
-//! copying, so every record it copies is durable on the source too: a restored node never has
-//! an entry its source could lose in a crash (which would let the source write a different
-//! entry with the same seq).
+//! a signed entry, as recovery requires, and never after what the node has acknowledged as
+//! durable ([`live::bound`]). Next to a running node, that is the durable LSN the node reports
+//! when asked: a batch written but not yet synced is left out, and so is one the node will cut
+//! back out on a full disk and replace with other entries under the same seqs. With the log's
+//! lock free, the backup holds it while it scans for the cut (after syncing the last segment),
+//! then copies below the cut, which no later appender or recovery changes. Each source segment
+//! is synced again before it is copied. So a restored node never has an entry its source could
+//! lose or replace (which would let the source write a different entry with the same seq).
 //!
 //! **Invariant:** the manifest is written last, after every other file and directory is
 //! synced; `kappakv restore` refuses a directory without it.
@@ -34,6 +36,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use kappakv_protocol::{DecodeError, Lsn, NodeId, SignedEntry};
 use serde::{Deserialize, Serialize};
 
+use super::live::{self, BoundError};
 use crate::log::file::{FsLogDir, LogDir, LogFile, OpenMode};
 use crate::log::segment::{RecordCursor, RecordDamage, Scanned, segment_bases, segment_name};
 
@@ -139,6 +142,9 @@ pub enum BackupError {
     /// The identity file.
     #[error(transparent)]
     Identity(#[from] crate::identity::IdentityError),
+    /// How far the log is durable could not be found out (see [`live`]).
+    #[error(transparent)]
+    Bound(#[from] BoundError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
@@ -158,8 +164,8 @@ struct Cut {
     lsn: Lsn,
 }
 
-/// Scans the log for its consistent prefix: each segment's length in whole records, the cut,
-/// and the version vector at the cut.
+/// Scans the log for its consistent prefix: each segment's length in whole records (up to
+/// the segment holding the cut, at least), the cut, and the version vector at the cut.
 struct Scan {
     bases: Vec<u64>,
     lengths: Vec<u64>,
@@ -167,7 +173,10 @@ struct Scan {
     version_vector: BTreeMap<NodeId, u64>,
 }
 
-fn scan(log: &FsLogDir) -> Result<Scan, BackupError> {
+/// Scans the whole records of `log`, or only those up to `durable` (the LSN a running node
+/// reports as durable; the log must hold it).
+fn scan(log: &FsLogDir, bound: &live::Bound) -> Result<Scan, BackupError> {
+    let durable = bound.durable_lsn();
     let names = log.list().map_err(io_err(log.path()))?;
     let bases = segment_bases(&names);
     let mut lengths = Vec::with_capacity(bases.len());
@@ -178,13 +187,18 @@ fn scan(log: &FsLogDir) -> Result<Scan, BackupError> {
     let mut unsigned: HashSet<NodeId> = HashSet::new();
     let mut since_cut: Vec<(NodeId, u64)> = Vec::new();
     let mut lsn = bases.first().copied().unwrap_or(0);
-    for (i, &base) in bases.iter().enumerate() {
+    'segments: for (i, &base) in bases.iter().enumerate() {
         let name = segment_name(base);
         let path = log.path().join(&name);
         let file = log.open(&name, OpenMode::Read).map_err(io_err(&path))?;
         let mut cursor = RecordCursor::new(0);
         loop {
             let at = cursor.offset();
+            // Past the durable LSN, records may still be cut back out and replaced.
+            if durable.is_some_and(|d| lsn >= d) {
+                lengths.push(at);
+                break 'segments;
+            }
             match cursor.next(file.as_ref()).map_err(io_err(&path))? {
                 Scanned::Record { offset, payload } => {
                     let entry = SignedEntry::decode_payload(payload).map_err(|source| {
@@ -230,6 +244,7 @@ fn scan(log: &FsLogDir) -> Result<Scan, BackupError> {
             }
         }
     }
+    bound.check_on_disk(log.path(), lsn)?;
     Ok(Scan {
         bases,
         lengths,
@@ -314,7 +329,11 @@ pub fn run(data_dir: &Path, out: &Path) -> Result<Manifest, BackupError> {
     let node_id = crate::identity::load(&identity_path)?.node_id();
 
     let log = FsLogDir::new(&log_path);
-    let scan = scan(&log)?;
+    let bound = live::bound(data_dir)?;
+    let scan = scan(&log, &bound)?;
+    // Below the cut nothing changes any more, not even with a node started now on a log that
+    // was not locked: the lock, if ours, can go.
+    drop(bound);
     let out_log = crate::log::log_dir(out);
     std::fs::create_dir_all(&out_log).map_err(io_err(&out_log))?;
     let mut segments = Vec::new();

@@ -19,8 +19,12 @@
 //!
 //! # Next to a running node
 //!
-//! The export only reads, through [`LogReader`], up to the last whole record it finds when it
-//! starts; it takes no lock and changes nothing, so it runs while `kappakv serve` appends.
+//! The export only reads, through [`LogReader`], and never takes a record the node has not
+//! acknowledged as durable ([`live::bound`]): with the log's lock free, it holds the lock while
+//! it reads and takes every whole record; with the lock held by `kappakv serve`, it asks that
+//! node for its durable LSN and reads no further, failing if the node does not answer. Records
+//! past the durable LSN may still be cut back out of the log (a full disk) and their seqs given
+//! to other entries, so taking them could export an equivocation of the node's own log.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -30,6 +34,7 @@ use std::path::{Path, PathBuf};
 use kappakv_protocol::record::encode_record;
 use kappakv_protocol::{Lsn, NodeId, SignedEntry};
 
+use super::live::{self, BoundError};
 use crate::log::{LogReader, ReadLogError};
 
 /// Author → highest seq the receiving side already has.
@@ -82,6 +87,9 @@ pub enum ExportError {
     /// Reading the log failed.
     #[error("reading the log: {0}")]
     Read(#[from] ReadLogError),
+    /// How far the log is durable could not be found out (see [`live`]).
+    #[error(transparent)]
+    Bound(#[from] BoundError),
     /// The version vector file cannot be read or does not hold a version vector.
     #[error("version vector {path}: {reason}")]
     Since {
@@ -137,8 +145,9 @@ pub fn parse_version_vector(text: &str) -> Result<VersionVector, String> {
     Ok(vv)
 }
 
-/// Exports the log of the data dir `data_dir` to `out`: every entry, or those above `since`.
-/// `to` names the output in errors. `out` is flushed but not synced.
+/// Exports the log of the data dir `data_dir` to `out`: every entry, or those above `since`,
+/// up to what is durable (see the module docs). `to` names the output in errors. `out` is
+/// flushed but not synced.
 pub fn run(
     data_dir: &Path,
     since: Option<&VersionVector>,
@@ -151,12 +160,19 @@ pub fn run(
             data_dir: data_dir.to_path_buf(),
         });
     }
-    export_log(&LogReader::open(&log_dir)?, since, out, to)
+    // Held until the export is written: while the lock is ours, nobody appends.
+    let bound = live::bound(data_dir)?;
+    let reader = LogReader::open(&log_dir)?;
+    let on_disk = reader.last_lsn()?;
+    bound.check_on_disk(&log_dir, on_disk)?;
+    let upto = bound.durable_lsn().unwrap_or(on_disk);
+    export_log(&reader, upto, since, out, to)
 }
 
-/// Exports through `reader` (see [`run`]).
+/// Exports the entries of `reader` up to `upto`, which must be durable (see [`run`]).
 pub fn export_log(
     reader: &LogReader,
+    upto: Lsn,
     since: Option<&VersionVector>,
     out: &mut dyn Write,
     to: &str,
@@ -165,9 +181,6 @@ pub fn export_log(
         to: to.to_string(),
         source,
     };
-    // Next to a running writer this may count records whose fdatasync is still under way;
-    // they are whole, and every one of them is only written once.
-    let upto = reader.last_lsn()?;
     let mut cut = ConsistentCut::default();
     let mut summary = ExportSummary::default();
     let mut authors = HashSet::new();

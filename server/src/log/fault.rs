@@ -6,6 +6,9 @@
 //! file it opened, so a test can run a workload once to learn how many writes, syncs and
 //! creates it makes, then run it again failing each of them in turn.
 //!
+//! A call can also be held ([`Faults::hold_next`]): it waits, before doing anything, until the
+//! test releases it, so a test can look at the node while a batch is written but not yet synced.
+//!
 //! The log never renames a file: a segment is created under its final name and made durable
 //! by `fsync` of the file and of the directory, so [`FaultOp::Create`] and
 //! [`FaultOp::DirSync`] are where a rename would be.
@@ -13,7 +16,8 @@
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use super::file::{LogDir, LogFile, OpenMode};
 
@@ -111,6 +115,55 @@ pub struct Faults {
     available: Mutex<Option<u64>>,
     /// Every call in order, once [`Faults::start_trace`] was called.
     trace: Mutex<Option<Vec<FaultOp>>>,
+    /// Calls to hold, by kind and number, until their [`Hold`] is released.
+    holds: Mutex<Vec<(FaultOp, u64, Arc<Hold>)>>,
+}
+
+/// A call that [`Faults::hold_next`] stops before it does anything: the calling thread waits
+/// in it until [`release`](Self::release).
+#[derive(Debug, Default)]
+pub struct Hold {
+    state: Mutex<HoldState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum HoldState {
+    #[default]
+    Armed,
+    Reached,
+    Released,
+}
+
+impl Hold {
+    /// Waits up to `timeout` for the held call to be made; whether it was.
+    pub fn wait_reached(&self, timeout: Duration) -> bool {
+        let state = self.state.lock().expect("hold lock");
+        let (state, _) = self
+            .changed
+            .wait_timeout_while(state, timeout, |s| *s == HoldState::Armed)
+            .expect("hold lock");
+        *state != HoldState::Armed
+    }
+
+    /// Lets the held call go on; if it has not been made yet, it will not wait.
+    pub fn release(&self) {
+        *self.state.lock().expect("hold lock") = HoldState::Released;
+        self.changed.notify_all();
+    }
+
+    /// Called by the held call: says it is here, then waits for the release.
+    fn arrive(&self) {
+        let mut state = self.state.lock().expect("hold lock");
+        if *state == HoldState::Armed {
+            *state = HoldState::Reached;
+            self.changed.notify_all();
+        }
+        let _released = self
+            .changed
+            .wait_while(state, |s| *s != HoldState::Released)
+            .expect("hold lock");
+    }
 }
 
 impl Faults {
@@ -127,6 +180,17 @@ impl Faults {
             error,
             effect,
         });
+    }
+
+    /// Holds the next call of kind `op` before it does anything, until the returned [`Hold`] is
+    /// released; then it goes on, failing if a fault names it.
+    pub fn hold_next(&self, op: FaultOp) -> Arc<Hold> {
+        let hold = Arc::new(Hold::default());
+        self.holds
+            .lock()
+            .expect("faults lock")
+            .push((op, self.count(op) + 1, hold.clone()));
+        hold
     }
 
     /// Calls of kind `op` made so far.
@@ -170,6 +234,14 @@ impl Faults {
         let nth = self.counts[op.index()].fetch_add(1, Ordering::SeqCst) + 1;
         if let Some(trace) = self.trace.lock().expect("faults lock").as_mut() {
             trace.push(op);
+        }
+        let hold = {
+            let mut holds = self.holds.lock().expect("faults lock");
+            let at = holds.iter().position(|(o, n, _)| *o == op && *n == nth);
+            at.map(|i| holds.swap_remove(i).2)
+        };
+        if let Some(hold) = hold {
+            hold.arrive();
         }
         let fault = {
             let mut planned = self.planned.lock().expect("faults lock");

@@ -341,6 +341,26 @@ fn is_disk_full(e: &std::io::Error) -> bool {
     )
 }
 
+/// The exclusive lock on a log directory's `LOCK` file, the one a [`LogStore`] holds: while it
+/// is held, no store appends to the log (nor recovers it). Released when dropped.
+#[derive(Debug)]
+pub struct LogLock {
+    _file: std::fs::File,
+}
+
+impl LogLock {
+    /// Takes the lock on `log_dir/LOCK`, creating the file if needed, or `None` while a store
+    /// or another lock holds it, in this process or another (after the same short retry as
+    /// [`LogStore::open`]).
+    pub fn try_take(log_dir: &Path) -> Result<Option<Self>, OpenLogError> {
+        match lock_log_dir(log_dir) {
+            Ok(file) => Ok(Some(Self { _file: file })),
+            Err(OpenLogError::Locked { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// How long [`LogStore::open`] retries a lock that looks held. A `flock` belongs to the open
 /// file, and a child process forked by this one (a test harness spawning `kappakv`, say) holds
 /// a copy of every descriptor between its fork and its exec: for that moment, a lock this process
