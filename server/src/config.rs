@@ -59,6 +59,12 @@ pub struct Config {
     pub peers: Vec<String>,
     /// When not empty, only entries written by these node ids are accepted from peers.
     pub writers: Vec<String>,
+    /// Write under this node's id even while its log may lack entries of its own chain that
+    /// peers hold (after `kappakv restore` of an older backup, or a lost log): new local
+    /// entries then take seqs peers already hold, and every peer refuses them, and every later
+    /// one, as equivocations. Without it the node holds local writes until a peer has
+    /// confirmed, or sent back, its own chain.
+    pub accept_chain_loss: bool,
     /// Log format.
     pub log_format: LogFormat,
     /// Most simultaneous QUIC connections; more are refused, once none is left that has not
@@ -139,6 +145,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], kappakv_protocol::DEFAULT_PORT)),
             peers: Vec::new(),
             writers: Vec::new(),
+            accept_chain_loss: false,
             log_format: LogFormat::Text,
             max_connections: 256,
             max_streams_per_connection: 64,

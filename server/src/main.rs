@@ -50,6 +50,12 @@ struct ServeArgs {
     /// No admin HTTP listener (same as `--admin-listen off`)
     #[arg(long, conflicts_with = "admin_listen")]
     no_admin: bool,
+    /// Write under this node's id even though peers may hold later entries of its own chain
+    /// than its log (after restoring an older backup): every peer will refuse the node's new
+    /// entries as equivocations. Without it, local writes are held (answered Unavailable)
+    /// until a peer has confirmed or sent back the node's chain [env KAPPAKV_ACCEPT_CHAIN_LOSS]
+    #[arg(long)]
+    accept_chain_loss: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -177,6 +183,9 @@ fn layered(args: &ServeArgs) -> Result<Layered> {
     if let Some(f) = &args.log_format {
         flags.push(("log_format", toml::Value::String(f.clone())));
     }
+    if args.accept_chain_loss {
+        flags.push(("accept_chain_loss", toml::Value::Boolean(true)));
+    }
     if args.no_admin {
         flags.push((
             "admin_listen",
@@ -206,6 +215,7 @@ fn serve_args(arg: &DataDirArg) -> ServeArgs {
         log_format: None,
         admin_listen: None,
         no_admin: false,
+        accept_chain_loss: false,
     }
 }
 

@@ -123,3 +123,95 @@ async fn a_relayed_supersede_never_lands_before_the_write_it_supersedes() -> any
     assert_eq!(history.first().map(|v| v.id), Some(from_a.id));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restored_from_an_older_backup_gets_its_chain_back_before_it_writes()
+-> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let (a_dir, b_dir) = (root.path().join("a"), root.path().join("b"));
+    let (a_addr, b_addr) = (
+        std::net::SocketAddr::from(([127, 0, 0, 1], kappakv_tests::free_udp_port()?)),
+        std::net::SocketAddr::from(([127, 0, 0, 1], kappakv_tests::free_udp_port()?)),
+    );
+    let mut a = ProcessNode::start(&a_dir, a_addr).await?;
+    let mut b = ProcessNode::start(&b_dir, b_addr).await?;
+    let (ca, cb) = (a.client().await?, b.client().await?);
+    let (a_id, b_id) = (ca.node_id(), cb.node_id());
+    ca.peer_add(b_id, b_addr.to_string()).await?;
+    cb.peer_add(a_id, a_addr.to_string()).await?;
+    for i in 0..5 {
+        ca.put(format!("k{i}"), "before the backup").await?;
+    }
+    converge(&ca, &cb, Duration::from_secs(20)).await?;
+
+    let backup = root.path().join("backup");
+    let out = run(
+        command("kappakv")?
+            .args(["backup", "--data-dir"])
+            .arg(&a_dir)
+            .arg("--out")
+            .arg(&backup),
+        Duration::from_secs(60),
+    )
+    .await?;
+    assert!(
+        out.status.success(),
+        "backup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for i in 5..10 {
+        ca.put(format!("k{i}"), "after the backup").await?;
+    }
+    converge(&ca, &cb, Duration::from_secs(20)).await?;
+    drop((ca, cb));
+    a.stop_with(libc::SIGTERM)?;
+    b.stop_with(libc::SIGTERM)?;
+
+    // A comes back from the backup, which lacks seqs 6 to 10 of its chain, while B is down.
+    std::fs::remove_dir_all(&a_dir)?;
+    let out = run(
+        command("kappakv")?
+            .args(["restore", "--data-dir"])
+            .arg(&a_dir)
+            .arg(&backup),
+        Duration::from_secs(60),
+    )
+    .await?;
+    assert!(
+        out.status.success(),
+        "restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let restored = ProcessNode::start(&a_dir, a_addr).await?;
+    let ca = restored.client().await?;
+    let err = ca
+        .put("k10", "too early")
+        .await
+        .expect_err("a restored node holds writes until a peer confirms its chain");
+    assert!(err.to_string().contains("fork its chain"), "{err}");
+    assert_eq!(ca.status().await?.version_vector, vec![(a_id, 5)]);
+
+    // B returns with seqs 6 to 10: A takes them back, then writes seq 11.
+    let b = ProcessNode::start(&b_dir, b_addr).await?;
+    let cb = b.client().await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let written = loop {
+        match ca.put("k10", "after the restore").await {
+            Ok(w) => break w,
+            Err(e) if Instant::now() < deadline => {
+                assert!(e.to_string().contains("fork its chain"), "{e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    converge(&ca, &cb, Duration::from_secs(20)).await?;
+    let status = cb.status().await?;
+    assert_eq!(status.version_vector, vec![(a_id, 11)]);
+    assert_eq!(status.equivocations, 0);
+    let got = cb.get("k10").await?;
+    assert_eq!(got.values.len(), 1);
+    assert_eq!(got.values[0].id, written.id);
+    assert!(!a_dir.join("own-chain-unconfirmed").exists());
+    Ok(())
+}

@@ -140,6 +140,13 @@ pub fn run(backup: &Path, data_dir: &Path) -> Result<Manifest, RestoreError> {
         let bytes = std::fs::read(&from).map_err(io_err(&from))?;
         write_file(&data_dir.join(name), &bytes, secret)?;
     }
+    // The node's peers may hold later entries of its chain than the backup: it must not write
+    // under its id until one has said how far the chain goes.
+    write_file(
+        &data_dir.join(crate::node::OWN_CHAIN_UNCONFIRMED),
+        b"restored from a backup: local writes wait until a peer confirms how far this node's chain goes\n",
+        false,
+    )?;
     sync_dir(data_dir)?;
     if let Some(parent) = data_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         sync_dir(parent)?;

@@ -35,7 +35,7 @@
 //! node is restarted.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -159,9 +159,41 @@ pub enum WriteError {
         "the node's log failed earlier and it takes no more writes; restart the node to recover the log"
     )]
     Stopped,
+    /// This node may lack the end of its own chain, which peers hold: a local entry now would
+    /// take a seq a peer already has and fork the chain. Nothing was written; writes resume
+    /// once the node has received its chain back.
+    #[error(
+        "this node's log ends its own chain at seq {have}, {}: it was restored from a backup or lost its log, and writing now would fork its chain; writes resume once a peer has sent the chain back (retry later), or restart the node with --accept-chain-loss to write anyway",
+        match peer_holds {
+            Some(seq) => format!("but a peer holds it up to seq {seq}"),
+            None => "and no peer has yet said how far it goes".to_string(),
+        }
+    )]
+    OwnChainBehind {
+        /// The last seq of this node's chain in its log.
+        have: u64,
+        /// The highest seq of it a peer holds, once one has said.
+        peer_holds: Option<u64>,
+    },
     /// The writer is shutting down or has shut down.
     #[error("the writer is shutting down")]
     ShuttingDown,
+}
+
+/// How far this node's own chain must reach before it writes under its own id: nothing (0),
+/// a seq a peer holds, or [`OwnChain::UNKNOWN`] until a peer says.
+#[derive(Debug, Default)]
+struct OwnChain {
+    required: AtomicU64,
+}
+
+impl OwnChain {
+    const UNKNOWN: u64 = u64::MAX;
+
+    /// The seq the chain must reach, `None` until a peer has said.
+    fn required(&self) -> Option<u64> {
+        Some(self.required.load(Ordering::Acquire)).filter(|&s| s != Self::UNKNOWN)
+    }
 }
 
 /// How the writer fills in `supersedes` for a write that does not give it.
@@ -283,6 +315,8 @@ pub struct WriterHandle {
     heads: SharedHeads,
     /// Set by the thread when it stops after a failure (or a panic).
     failed: Arc<AtomicBool>,
+    /// Read by the thread before every local entry.
+    own_chain: Arc<OwnChain>,
     /// Fires when the thread is about to return, so `shutdown` can join without blocking long.
     exited: oneshot::Receiver<()>,
     thread: Option<JoinHandle<()>>,
@@ -313,6 +347,7 @@ impl WriterHandle {
         let (durable_tx, durable) = watch::channel(store.last_lsn());
         let shared_heads: SharedHeads = Arc::new(RwLock::new(heads.clone()));
         let failed = Arc::new(AtomicBool::new(false));
+        let own_chain = Arc::new(OwnChain::default());
         let (exit_tx, exited) = oneshot::channel();
         let mut clock = HlcClock::default();
         observe_bounded(&mut clock, store.max_timestamp_at_open());
@@ -325,6 +360,7 @@ impl WriterHandle {
             clock,
             durable: durable_tx,
             shared_heads: shared_heads.clone(),
+            own_chain: own_chain.clone(),
             cfg,
             entries: Vec::new(),
             payloads: Vec::new(),
@@ -353,6 +389,7 @@ impl WriterHandle {
             durable,
             heads: shared_heads,
             failed,
+            own_chain,
             exited,
             thread: Some(thread),
         }
@@ -374,6 +411,42 @@ impl WriterHandle {
     /// This node's id, the author of local entries.
     pub fn node_id(&self) -> NodeId {
         self.node_id
+    }
+
+    /// Holds local writes ([`WriteError::OwnChainBehind`]) until a peer reports how far this
+    /// node's own chain goes ([`peer_holds_own`](Self::peer_holds_own)) and the log reaches
+    /// that: for a node whose log may lack the end of its own chain.
+    pub fn hold_own_writes(&self) {
+        self.own_chain
+            .required
+            .store(OwnChain::UNKNOWN, Ordering::Release);
+    }
+
+    /// A peer holds this node's own chain up to `seq`: local writes wait until the log holds it
+    /// too. Returns the seq local writes now wait for, if they wait.
+    pub fn peer_holds_own(&self, seq: u64) -> Option<u64> {
+        let required = &self.own_chain.required;
+        if required
+            .compare_exchange(OwnChain::UNKNOWN, seq, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            required.fetch_max(seq, Ordering::AcqRel);
+        }
+        let required = self.own_chain.required()?;
+        let have = self.head(&self.node_id).map_or(0, |h| h.seq);
+        (have < required).then_some(required)
+    }
+
+    /// Whether local writes are held until a peer reports how far this node's chain goes.
+    pub fn own_chain_unknown(&self) -> bool {
+        self.own_chain.required().is_none()
+    }
+
+    /// Whether local writes are held: the log's own chain is shorter than a peer's, or no peer
+    /// has said how far it goes after [`hold_own_writes`](Self::hold_own_writes).
+    pub fn own_writes_held(&self) -> bool {
+        let have = self.head(&self.node_id).map_or(0, |h| h.seq);
+        self.own_chain.required().is_none_or(|seq| have < seq)
     }
 
     /// Writes one local entry holding `ops`, and returns its LSN and id once it is durable.
@@ -473,6 +546,7 @@ struct Writer {
     clock: HlcClock,
     durable: watch::Sender<Lsn>,
     shared_heads: SharedHeads,
+    own_chain: Arc<OwnChain>,
     cfg: WriterConfig,
     /// The batch being built, reused.
     entries: Vec<SignedEntry>,
@@ -807,6 +881,11 @@ impl Writer {
     fn build_local(&mut self, writes: Vec<WriteOp>) -> Result<(SignedEntry, usize), WriteError> {
         if writes.is_empty() {
             return Err(InvalidEntry::NoOps.into());
+        }
+        let have = self.heads.get(&self.node_id).map_or(0, |h| h.seq);
+        let peer_holds = self.own_chain.required();
+        if peer_holds.is_none_or(|seq| have < seq) {
+            return Err(WriteError::OwnChainBehind { have, peer_holds });
         }
         if writes.len() > MAX_OPS_PER_ENTRY {
             return Err(InvalidEntry::TooManyOps {

@@ -493,6 +493,11 @@ impl Replication {
                     if *hello.borrow() {
                         anyhow::bail!("the peer sent a second hello");
                     }
+                    let own = version_vector
+                        .iter()
+                        .find(|(author, _)| *author == self.node.node_id)
+                        .map_or(0, |(_, seq)| *seq);
+                    self.node.peer_holds_own_chain(peer, own);
                     let mut s = session.lock().expect("session lock");
                     s.on_hello(&version_vector);
                     let theirs = s.their_version_vector().clone();
@@ -562,6 +567,7 @@ impl Replication {
                         .entry(peer)
                         .or_default()
                         .received += n;
+                    self.node.own_chain_received();
                     break plan;
                 }
                 // Another session appended some of these first: classify again.
