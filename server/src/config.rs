@@ -138,6 +138,15 @@ pub struct Config {
     pub index: Vec<kappakv_indexes::IndexDef>,
 }
 
+impl Config {
+    /// The `writers` allow-list as node ids, `None` when it is empty (every author is taken).
+    /// [`validate`](Self::validate) checks every entry parses.
+    pub fn writer_ids(&self) -> Option<std::collections::HashSet<kappakv_protocol::NodeId>> {
+        (!self.writers.is_empty())
+            .then(|| self.writers.iter().filter_map(|w| w.parse().ok()).collect())
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {

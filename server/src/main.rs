@@ -111,6 +111,10 @@ enum Command {
     Import {
         #[command(flatten)]
         data_dir: DataDirArg,
+        /// The node's config file, for its `writers` allow-list (also KAPPAKV_WRITERS): entries
+        /// of other authors are rejected, as from peers
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Export files; `-` reads standard input
         #[arg(value_name = "FILE", required = true)]
         files: Vec<PathBuf>,
@@ -316,10 +320,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let config = data_dir_config(&data_dir)?;
             export(&config.data_dir, out.as_deref(), since.as_deref())
         }
-        Command::Import { data_dir, files } => {
+        Command::Import {
+            data_dir,
+            config,
+            files,
+        } => {
             init_tracing(LogFormat::Text);
-            let config = data_dir_config(&data_dir)?;
-            Ok(import(&config.data_dir, &files))
+            let config = layered(&ServeArgs {
+                config,
+                ..serve_args(&data_dir)
+            })?
+            .config;
+            Ok(import(&config, &files))
         }
         Command::Backup { data_dir, out } => {
             let config = data_dir_config(&data_dir)?;
@@ -378,8 +390,8 @@ fn export(data_dir: &Path, out: Option<&Path>, since: Option<&Path>) -> Result<E
     Ok(ExitCode::SUCCESS)
 }
 
-fn import(data_dir: &Path, files: &[PathBuf]) -> ExitCode {
-    match kappakv_server::commands::import::run(data_dir, files) {
+fn import(config: &Config, files: &[PathBuf]) -> ExitCode {
+    match kappakv_server::commands::import::run(&config.data_dir, files, config.writer_ids()) {
         Ok(summary) => {
             println!("{summary}");
             for rejection in &summary.rejected {

@@ -62,7 +62,7 @@ fn import_bytes(data: &Path, inputs: &[&[u8]]) -> ImportSummary {
             bytes: bytes.to_vec(),
         })
         .collect();
-    import::run_sources(data, &sources).unwrap()
+    import::run_sources(data, &sources, None).unwrap()
 }
 
 /// Every entry of a log, by id.
@@ -141,6 +141,49 @@ fn export_then_import_into_a_fresh_dir_copies_the_log_and_is_idempotent() {
         format!("0 new, {total} already present, 0 rejected")
     );
     assert_eq!(verify::run(b.path()).unwrap().entries, total as u64);
+}
+
+#[test]
+fn import_takes_only_the_allowed_writers_and_keeps_one_run_open_at_a_time() {
+    let a = tempfile::tempdir().unwrap();
+    let (authors, batches) = three_author_batches();
+    write_log(a.path(), &batches);
+    let (bytes, _) = export_bytes(a.path(), None);
+    let allowed: std::collections::HashSet<NodeId> =
+        authors[..2].iter().map(|c| c.keypair.node_id()).collect();
+    let outsider = authors[2].keypair.node_id();
+
+    let b = tempfile::tempdir().unwrap();
+    let source = ImportSource {
+        name: "input".into(),
+        bytes,
+    };
+    let summary = import::run_sources(b.path(), &[source], Some(allowed.clone())).unwrap();
+    let of = |author: &NodeId| {
+        batches
+            .iter()
+            .flatten()
+            .filter(|e| e.entry.author == *author)
+            .count() as u64
+    };
+    assert_eq!(summary.new, allowed.iter().map(of).sum::<u64>());
+    assert_eq!(summary.rejected.len() as u64, of(&outsider));
+    for r in &summary.rejected {
+        assert!(
+            matches!(r, Rejection::Entry { author, reason: RejectReason::NotAllowed, .. } if *author == outsider),
+            "{r}"
+        );
+    }
+    // Runs are appended whole, one author's at a time.
+    let mut open = std::collections::HashSet::new();
+    for (lsn, e) in read_all_checked(&log_dir(b.path()), summary.new) {
+        if e.signature.is_some() {
+            open.remove(&e.entry.author);
+        } else {
+            open.insert(e.entry.author);
+        }
+        assert!(open.len() <= 1, "two authors' runs are open at LSN {lsn}");
+    }
 }
 
 #[test]
@@ -431,7 +474,7 @@ fn a_second_store_cannot_open_a_locked_log() {
     );
     // Import needs the lock. Export reads next to an appender only up to what a running node
     // reports durable; with no node to ask, it refuses instead of guessing.
-    let err = import::run_sources(a.path(), &[]).unwrap_err();
+    let err = import::run_sources(a.path(), &[], None).unwrap_err();
     assert!(
         err.to_string().contains("in use by another process"),
         "{err}"

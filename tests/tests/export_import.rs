@@ -79,7 +79,7 @@ fn import_into(dir: &std::path::Path, bytes: Vec<u8>) -> import::ImportSummary {
         name: "export".into(),
         bytes,
     };
-    import::run_sources(dir, &[source]).expect("import")
+    import::run_sources(dir, &[source], None).expect("import")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,7 +115,7 @@ async fn an_imported_node_serves_what_the_exporting_node_serves() -> anyhow::Res
     let have: export::VersionVector = cb.status().await?.version_vector.into_iter().collect();
 
     // While B serves, its log is locked.
-    let err = import::run_sources(b_dir.path(), &[]).unwrap_err();
+    let err = import::run_sources(b_dir.path(), &[], None).unwrap_err();
     assert!(
         err.to_string().contains("is kappakv serve running?"),
         "{err}"

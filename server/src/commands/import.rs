@@ -17,9 +17,13 @@
 //!    two different entries for one seq), the rest of that author's entries are rejected with
 //!    the reason, and so are unsigned entries before the break.
 //! 5. Append the accepted entries with [`LogStore::append`], interleaving authors by timestamp
-//!    (which follows causality for entries written on nodes that had seen each other), in
+//!    a signed run at a time (which follows causality for entries written on nodes that had
+//!    seen each other, and keeps one author's run open at a time, as the writer does), in
 //!    batches that each end with every author's run at a signed entry: the log's recovery
 //!    relies on that (see [`recovery`](crate::log::recovery)).
+//!
+//! With the node's `writers` allow-list, entries of other authors are rejected, as they are
+//! from peers.
 //!
 //! The views are not touched: the node's indexer catches up from the log when it next starts.
 //!
@@ -78,6 +82,9 @@ impl ImportSource {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RejectReason {
+    /// The node's `writers` allow-list does not name the author.
+    #[error("the author is not on the node's `writers` list")]
+    NotAllowed,
     /// The log has a different entry for this (author, seq).
     #[error("equivocation: the log has a different entry ({existing}) for this seq")]
     Equivocation {
@@ -221,9 +228,14 @@ pub enum ImportError {
     Append(#[from] AppendError),
 }
 
-/// Imports the files `paths` (`-` is standard input) into the log of `data_dir`.
-pub fn run(data_dir: &Path, paths: &[PathBuf]) -> Result<ImportSummary, ImportError> {
-    let mut importer = Importer::open(data_dir)?;
+/// Imports the files `paths` (`-` is standard input) into the log of `data_dir`. With
+/// `writers`, only entries of those authors are taken, as from peers.
+pub fn run(
+    data_dir: &Path,
+    paths: &[PathBuf],
+    writers: Option<HashSet<NodeId>>,
+) -> Result<ImportSummary, ImportError> {
+    let mut importer = Importer::open(data_dir, writers)?;
     for path in paths {
         let source = ImportSource::read(path)?;
         importer.add(&source);
@@ -235,8 +247,9 @@ pub fn run(data_dir: &Path, paths: &[PathBuf]) -> Result<ImportSummary, ImportEr
 pub fn run_sources(
     data_dir: &Path,
     sources: &[ImportSource],
+    writers: Option<HashSet<NodeId>>,
 ) -> Result<ImportSummary, ImportError> {
-    let mut importer = Importer::open(data_dir)?;
+    let mut importer = Importer::open(data_dir, writers)?;
     for source in sources {
         importer.add(source);
     }
@@ -252,10 +265,12 @@ struct Importer {
     input: BTreeMap<NodeId, BTreeMap<u64, Vec<SignedEntry>>>,
     summary: ImportSummary,
     record_rejections: Vec<Rejection>,
+    /// When set, only these authors' entries are taken.
+    writers: Option<HashSet<NodeId>>,
 }
 
 impl Importer {
-    fn open(data_dir: &Path) -> Result<Self, ImportError> {
+    fn open(data_dir: &Path, writers: Option<HashSet<NodeId>>) -> Result<Self, ImportError> {
         let log_dir = crate::log::log_dir(data_dir);
         let (store, recovery) = LogStore::open(&log_dir, &LogConfig::default())?;
         Ok(Self {
@@ -265,6 +280,7 @@ impl Importer {
             input: BTreeMap::new(),
             summary: ImportSummary::default(),
             record_rejections: Vec::new(),
+            writers,
         })
     }
 
@@ -335,6 +351,15 @@ impl Importer {
         let mut rejected = Vec::new();
         let mut accepted = Vec::new();
         for (author, by_seq) in input {
+            if self.writers.as_ref().is_some_and(|w| !w.contains(&author)) {
+                rejected.extend(by_seq.into_values().flatten().map(|e| Rejection::Entry {
+                    author,
+                    seq: e.entry.seq,
+                    id: e.id,
+                    reason: RejectReason::NotAllowed,
+                }));
+                continue;
+            }
             let head = self.recovery.heads.get(&author).copied();
             let plan = plan_author(author, by_seq, head, &known);
             self.summary.present += plan.present;
@@ -488,8 +513,11 @@ fn plan_author(
     plan
 }
 
-/// Appends every author's accepted entries, interleaved by timestamp (each author's in seq
-/// order), in batches that end with every author's run at a signed entry. Returns how many.
+/// Appends every author's accepted entries, interleaved by timestamp one signed run at a time
+/// (each author's in seq order): the run whose first entry is oldest goes next, whole, so only
+/// one author's run is open at any point of the log, as the writer keeps it (a peer replicating
+/// this log waits for one run's signature at a time). Batches end between runs, so every batch
+/// leaves each author's chain at a signed entry. Returns how many entries were appended.
 fn append_interleaved(
     store: &mut LogStore,
     mut queues: Vec<VecDeque<SignedEntry>>,
@@ -497,49 +525,35 @@ fn append_interleaved(
     let front = |queues: &[VecDeque<SignedEntry>], i: usize| -> Option<(Timestamp, usize)> {
         queues[i].front().map(|e| (e.entry.timestamp, i))
     };
-    // The next entry of every author, and of the authors whose run in the batch ends unsigned.
     let mut fronts: BTreeSet<(Timestamp, usize)> = (0..queues.len())
         .filter_map(|i| front(&queues, i))
         .collect();
-    let mut open_fronts: BTreeSet<(Timestamp, usize)> = BTreeSet::new();
     let mut batch: Vec<Vec<u8>> = Vec::new();
     let mut batch_bytes = 0;
     let mut appended = 0;
-    loop {
-        let full = batch.len() >= BATCH_ENTRIES_MAX || batch_bytes >= BATCH_BYTES_MAX;
-        if full && open_fronts.is_empty() {
+    while let Some((_, i)) = fronts.pop_first() {
+        loop {
+            let e = queues[i]
+                .pop_front()
+                .expect("an accepted run ends at a signed entry");
+            let signed = e.signature.is_some();
+            let payload = e.encode_payload();
+            batch_bytes += payload.len();
+            batch.push(payload);
+            if signed {
+                break;
+            }
+        }
+        if let Some(next) = front(&queues, i) {
+            fronts.insert(next);
+        }
+        if batch.len() >= BATCH_ENTRIES_MAX || batch_bytes >= BATCH_BYTES_MAX {
             appended += batch.len() as u64;
             store.append(&batch)?;
             batch.clear();
             batch_bytes = 0;
-            continue;
-        }
-        // A full batch only takes entries that bring an unsigned run to its signature.
-        let next = if full {
-            open_fronts.first()
-        } else {
-            fronts.first()
-        };
-        let Some(&(ts, i)) = next else {
-            break;
-        };
-        fronts.remove(&(ts, i));
-        open_fronts.remove(&(ts, i));
-        let e = queues[i].pop_front().expect("a front is an entry");
-        let signed = e.signature.is_some();
-        let payload = e.encode_payload();
-        batch_bytes += payload.len();
-        batch.push(payload);
-        if let Some(next) = front(&queues, i) {
-            fronts.insert(next);
-            if !signed {
-                open_fronts.insert(next);
-            }
-        } else {
-            assert!(signed, "an accepted run ends at a signed entry");
         }
     }
-    assert!(open_fronts.is_empty(), "every accepted run ends signed");
     if !batch.is_empty() {
         appended += batch.len() as u64;
         store.append(&batch)?;

@@ -135,13 +135,7 @@ impl Replication {
         let list = PeerList::load(node.data_dir.path(), &node.config.peers)
             .map_err(|e| StartError::Replication(format!("reading the peer list: {e}")))?;
         let peers: Vec<NodeId> = list.iter().map(|(id, _)| *id).collect();
-        let writers = (!node.config.writers.is_empty()).then(|| {
-            node.config
-                .writers
-                .iter()
-                .filter_map(|w| w.parse().ok())
-                .collect::<HashSet<NodeId>>()
-        });
+        let writers = node.config.writer_ids();
         let this = Arc::new(Self {
             node,
             endpoint,
