@@ -430,3 +430,61 @@ async fn strangers_and_plain_clients_cannot_speak_the_peer_protocol() -> anyhow:
     assert_eq!(status.peers.len(), 1, "the stranger was not added");
     Ok(())
 }
+
+/// A frame holding a message kind of a later protocol version, as a newer peer would send it:
+/// MessagePack `{"Gossip": ["peers", 3]}`.
+fn future_message_frame() -> Vec<u8> {
+    let mut body = vec![0x81, 0xa6];
+    body.extend_from_slice(b"Gossip");
+    body.extend_from_slice(&[0x92, 0xa5]);
+    body.extend_from_slice(b"peers");
+    body.push(0x03);
+    let mut frame = u32::try_from(body.len())
+        .expect("a short body")
+        .to_le_bytes()
+        .to_vec();
+    frame.extend_from_slice(&body);
+    frame
+}
+
+#[tokio::test]
+async fn a_message_of_a_newer_kind_is_skipped_and_the_session_goes_on() -> anyhow::Result<()> {
+    let (node, rogue_kp) = node_with_rogue().await?;
+    let mut rogue = Rogue::connect(&node, &rogue_kp).await?;
+    let mut good = Author::new(20);
+    rogue.tx.write_all(&future_message_frame()).await?;
+    rogue.send(&[good.signed("after/1", "1")]).await?;
+    eventually("the entry after the unknown message arrives", || async {
+        Ok(value(&node, "after/1").await? == [b"1"])
+    })
+    .await?;
+    assert!(rogue.conn.close_reason().is_none(), "the session ended");
+    Ok(())
+}
+
+#[tokio::test]
+async fn entries_of_a_small_order_author_key_are_refused() -> anyhow::Result<()> {
+    let (node, rogue_kp) = node_with_rogue().await?;
+    let mut rogue = Rogue::connect(&node, &rogue_kp).await?;
+    // The identity point as an author id: with R the identity and s = 0, the plain ed25519
+    // check holds for any entry id.
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    let mut forged_sig = [0u8; 64];
+    forged_sig[0] = 1;
+    let e = entry(NodeId(identity), 1, None, "weak/1", "forged");
+    let forged = SignedEntry {
+        id: e.id(),
+        entry: e,
+        signature: Some(kappakv_protocol::Signature(forged_sig)),
+    };
+    let mut good = Author::new(21);
+    rogue.send(&[forged, good.signed("good/1", "1")]).await?;
+    eventually("the good entry after the forgery arrives", || async {
+        Ok(value(&node, "good/1").await? == [b"1"])
+    })
+    .await?;
+    assert!(value(&node, "weak/1").await?.is_empty());
+    assert_eq!(rejected(&node, "bad_signature"), 1);
+    Ok(())
+}

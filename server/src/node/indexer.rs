@@ -328,6 +328,9 @@ impl IndexerHandle {
                                 &select,
                                 |_| {},
                             )?;
+                            // The views' LSNs first: whoever sees `indexed` reach an LSN then
+                            // reads views (such as `/metrics`) at least that far.
+                            views_tx.send_replace(indexes.applied_lsns()?);
                             indexed_tx.send_replace(applied);
                             worked = true;
                         }
@@ -345,10 +348,10 @@ impl IndexerHandle {
                             catch_up(&indexes, &reader, from, upto, batch, false, &only, |_| {})?;
                             last_background = Instant::now();
                             worked = true;
+                            views_tx.send_replace(indexes.applied_lsns()?);
                         }
                         if worked {
                             dirty = true;
-                            views_tx.send_replace(indexes.applied_lsns()?);
                         }
                         if dirty && last_durable.elapsed() >= durable_interval {
                             indexes.persist()?;
