@@ -7,9 +7,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use common::{ChainBuilder, payloads, read_all_checked};
-use kappakv_protocol::SignedEntry;
 use kappakv_protocol::record::RECORD_HEADER_LEN;
+use kappakv_protocol::{FramingError, SignedEntry};
 use kappakv_server::commands::verify::{self, VerifyLogError};
+use kappakv_server::log::recovery::{TORN_WRITE_BLOCK_BYTES, TORN_WRITE_BYTES_MAX, TornWrite};
 use kappakv_server::log::segment::{RecordDamage, segment_name};
 use kappakv_server::log::{LogConfig, LogReader, LogStore, OpenLogError};
 
@@ -487,4 +488,282 @@ fn a_missing_segment_is_an_error() {
         verify::run(dir.path()),
         Err(VerifyLogError::SegmentBase { expected: 2, .. })
     ));
+}
+
+/// Offset of the first aligned block that starts at or after `at`.
+fn block_at_or_after(at: u64) -> u64 {
+    at.div_ceil(TORN_WRITE_BLOCK_BYTES) * TORN_WRITE_BLOCK_BYTES
+}
+
+/// Writes `bytes` as the first segment of a fresh data dir.
+fn data_dir_with_segment(bytes: &[u8]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(log_dir(dir.path())).unwrap();
+    fs::write(first_segment(dir.path()), bytes).unwrap();
+    dir
+}
+
+/// What a crash can leave of the last batch when the file system persisted later blocks of its
+/// write but not an earlier one: a block of zeros with whole records of the batch after it.
+/// Every such block of the last batch in turn: the log opens at the end of the batches before it
+/// (all acknowledged), and the truncation says where the hole was and what was cut.
+#[test]
+fn a_hole_in_the_last_batch_before_whole_records_of_it_is_cut_back_to_the_batches_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = ChainBuilder::new(1);
+    let mut batches: Vec<_> = (0..6).map(|_| a.batch(2, 300)).collect();
+    batches.push(a.batch(60, 300));
+    let ends = write_log(dir.path(), &batches);
+    let original = fs::read(first_segment(dir.path())).unwrap();
+    let acknowledged = 12;
+    let batch_start = ends[acknowledged - 1];
+    let start_of = |i: usize| if i == 0 { 0 } else { ends[i - 1] };
+    let entries: Vec<SignedEntry> = batches.iter().flatten().cloned().collect();
+
+    let mut cases = 0;
+    let mut hole = block_at_or_after(batch_start);
+    // Blocks with a whole record of the batch after them.
+    while hole + TORN_WRITE_BLOCK_BYTES <= start_of(ends.len() - 1) {
+        let mut bytes = original.clone();
+        bytes[hole as usize..(hole + TORN_WRITE_BLOCK_BYTES) as usize].fill(0);
+        let case = data_dir_with_segment(&bytes);
+        let seg = first_segment(case.path());
+        // The damaged record is the one the hole begins in; the first good one starts after it.
+        let damaged = ends.iter().position(|&end| end > hole).unwrap();
+        let next = (damaged..ends.len())
+            .find(|&i| start_of(i) >= hole + TORN_WRITE_BLOCK_BYTES)
+            .unwrap();
+
+        let (mut store, recovery) = LogStore::open(&log_dir(case.path()), &LogConfig::default())
+            .unwrap_or_else(|e| panic!("hole at {hole}: {e}"));
+        assert_eq!(recovery.last_lsn, acknowledged as u64, "hole at {hole}");
+        let t = recovery.truncated.expect("the torn write was cut");
+        assert_eq!(
+            (t.segment.clone(), t.old_len, t.new_len),
+            (seg.clone(), original.len() as u64, batch_start),
+            "hole at {hole}"
+        );
+        assert_eq!(
+            t.torn.as_ref().map(|(offset, _)| *offset),
+            Some(start_of(damaged))
+        );
+        assert_eq!(
+            t.torn_write,
+            Some(TornWrite {
+                hole,
+                next_good: start_of(next),
+                records_after: (ends.len() - next) as u64,
+            }),
+            "hole at {hole}"
+        );
+        assert_eq!(t.unsigned_records, (damaged - acknowledged) as u64);
+        assert_eq!(fs::metadata(&seg).unwrap().len(), batch_start);
+        let head = recovery.heads[&a.keypair.node_id()];
+        assert_eq!(head.id, entries[acknowledged - 1].id);
+
+        // The log goes on from the acknowledged batches.
+        let mut resume = ChainBuilder {
+            keypair: a.keypair.clone(),
+            head: Some(head),
+        };
+        let more = resume.batch(2, 10);
+        assert_eq!(
+            store.append(&payloads(&more)).unwrap(),
+            acknowledged as u64 + 2
+        );
+        drop(store);
+        let all = read_all_checked(&log_dir(case.path()), acknowledged as u64 + 2);
+        assert_eq!(
+            all[..acknowledged],
+            read_all_checked(&log_dir(dir.path()), 72)[..acknowledged]
+        );
+        verify::run(case.path()).unwrap();
+        cases += 1;
+        hole += TORN_WRITE_BLOCK_BYTES;
+    }
+    assert!(cases >= 4, "{cases} holes tried");
+}
+
+/// A hole that begins exactly where a record of the last batch begins: the damaged record's
+/// length reads zero.
+#[test]
+fn a_hole_at_a_record_boundary_of_the_last_batch_is_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = ChainBuilder::new(1);
+    let first = a.batch(3, 200);
+    // The last batch: a record sized so that the next one starts on a block boundary, then
+    // whole records filling two more blocks.
+    let start = payloads(&first)
+        .iter()
+        .map(|p| (RECORD_HEADER_LEN + p.len()) as u64)
+        .sum::<u64>();
+    let probe_len = {
+        let mut probe = ChainBuilder {
+            keypair: a.keypair.clone(),
+            head: a.head,
+        };
+        (RECORD_HEADER_LEN + probe.next(1000, false).encode_payload().len()) as u64
+    };
+    let boundary = block_at_or_after(start + probe_len);
+    let value_len = 1000 + (boundary - start - probe_len) as usize;
+    let mut last = vec![a.next(value_len, false)];
+    last.extend(a.batch(30, 300));
+    let ends = write_log(dir.path(), &[first, last]);
+    assert_eq!(ends[3], boundary);
+
+    let mut bytes = fs::read(first_segment(dir.path())).unwrap();
+    bytes[boundary as usize..(boundary + TORN_WRITE_BLOCK_BYTES) as usize].fill(0);
+    let case = data_dir_with_segment(&bytes);
+    let (_store, recovery) = LogStore::open(&log_dir(case.path()), &LogConfig::default()).unwrap();
+    assert_eq!(recovery.last_lsn, 3);
+    let t = recovery.truncated.unwrap();
+    assert_eq!(
+        t.torn,
+        Some((boundary, RecordDamage::Framing(FramingError::Empty)))
+    );
+    assert_eq!(t.torn_write.unwrap().hole, boundary);
+    assert_eq!((t.new_len, t.unsigned_records), (ends[2], 1));
+    verify::run(case.path()).unwrap();
+}
+
+/// Damage a crash cannot leave is refused with its segment and offset, while the same block of
+/// zeros in the last batch is cut: non-zero bytes in place of the zeros, a block of zeros in an
+/// acknowledged batch further from the end than one write spans, and a block of zeros in a
+/// segment that is not the last.
+#[test]
+fn damage_a_crash_cannot_leave_is_refused_while_a_hole_in_the_last_batch_is_cut() {
+    fn refused_at(data: &Path, seg: &Path, offset: u64, next_good: Option<u64>) {
+        let before = fs::read(seg).unwrap();
+        match LogStore::open(&log_dir(data), &LogConfig::default()) {
+            Err(OpenLogError::Corrupt {
+                segment,
+                offset: at,
+                next_good: good,
+                ..
+            }) => assert_eq!(
+                (&segment, at, good),
+                (&seg.to_path_buf(), offset, next_good)
+            ),
+            Err(other) => panic!("unexpected {other}"),
+            Ok(_) => panic!("damage at {offset} of {} was accepted", seg.display()),
+        }
+        assert_eq!(fs::read(seg).unwrap(), before, "the segment changed");
+    }
+
+    // One small acknowledged batch, acknowledged batches of about 1 MB each filling more than
+    // one write's span, and a last batch of small records.
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = ChainBuilder::new(1);
+    let mut batches = vec![a.batch(30, 300)];
+    let big = (TORN_WRITE_BYTES_MAX / 1_000_000 + 2) as usize;
+    batches.extend((0..big).map(|_| a.batch(1, 1_000_000)));
+    batches.push(a.batch(60, 300));
+    let ends = write_log(dir.path(), &batches);
+    let original = fs::read(first_segment(dir.path())).unwrap();
+    let start_of = |i: usize| if i == 0 { 0 } else { ends[i - 1] };
+    let record_at = |offset: u64| ends.iter().position(|&end| end > offset).unwrap();
+    let next_after = |offset: u64| {
+        let i = (0..ends.len()).find(|&i| start_of(i) >= offset).unwrap();
+        start_of(i)
+    };
+    let acknowledged = 30 + big;
+    let last_start = ends[acknowledged - 1];
+
+    // Zeros in the last batch: cut back to the batches before it.
+    let hole = block_at_or_after(last_start);
+    let mut bytes = original.clone();
+    bytes[hole as usize..(hole + TORN_WRITE_BLOCK_BYTES) as usize].fill(0);
+    let case = data_dir_with_segment(&bytes);
+    let (_store, recovery) = LogStore::open(&log_dir(case.path()), &LogConfig::default()).unwrap();
+    assert_eq!(recovery.last_lsn, acknowledged as u64);
+    let t = recovery.truncated.unwrap();
+    assert_eq!(t.new_len, last_start);
+    assert_eq!(t.torn_write.unwrap().hole, hole);
+    drop(case);
+
+    // Non-zero bytes in the same block: refused.
+    let mut bytes = original.clone();
+    bytes[hole as usize..(hole + TORN_WRITE_BLOCK_BYTES) as usize].fill(0x5a);
+    let case = data_dir_with_segment(&bytes);
+    refused_at(
+        case.path(),
+        &first_segment(case.path()),
+        start_of(record_at(hole)),
+        Some(next_after(hole + TORN_WRITE_BLOCK_BYTES)),
+    );
+    drop(case);
+
+    // Zeros in the first batch, more than one write's span from the end: refused.
+    let early = TORN_WRITE_BLOCK_BYTES;
+    assert!(early + TORN_WRITE_BLOCK_BYTES < ends[29]);
+    assert!(original.len() as u64 - start_of(record_at(early)) > TORN_WRITE_BYTES_MAX);
+    let mut bytes = original.clone();
+    bytes[early as usize..(early + TORN_WRITE_BLOCK_BYTES) as usize].fill(0);
+    let case = data_dir_with_segment(&bytes);
+    refused_at(
+        case.path(),
+        &first_segment(case.path()),
+        start_of(record_at(early)),
+        Some(next_after(early + TORN_WRITE_BLOCK_BYTES)),
+    );
+    drop(case);
+
+    // Zeros in a segment that is not the last, with good records after them in it: refused,
+    // though the same zeros in the last segment's last batch are cut.
+    let cfg = LogConfig {
+        segment_bytes_max: 64 * 1024,
+    };
+    let multi = tempfile::tempdir().unwrap();
+    let (mut store, _) = LogStore::open(&log_dir(multi.path()), &cfg).unwrap();
+    let mut b = ChainBuilder::new(2);
+    for _ in 0..12 {
+        store.append(&payloads(&b.batch(30, 300))).unwrap();
+    }
+    drop(store);
+    let mut names: Vec<String> = fs::read_dir(log_dir(multi.path()))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name != kappakv_server::log::LOCK_FILE_NAME)
+        .collect();
+    names.sort();
+    assert!(names.len() >= 2, "{names:?}");
+    let last_name = names.last().unwrap().clone();
+    for (name, accepted) in [(names[0].clone(), false), (last_name, true)] {
+        let case = tempfile::tempdir().unwrap();
+        fs::create_dir(log_dir(case.path())).unwrap();
+        for n in &names {
+            fs::copy(log_dir(multi.path()).join(n), log_dir(case.path()).join(n)).unwrap();
+        }
+        let seg = log_dir(case.path()).join(&name);
+        // Record boundaries of this segment, the end included.
+        let mut bytes = fs::read(&seg).unwrap();
+        let mut starts = vec![0u64];
+        let mut at = 0usize;
+        while at < bytes.len() {
+            let n = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            at += RECORD_HEADER_LEN + n;
+            starts.push(at as u64);
+        }
+        // A block in the segment's last batch of 30 records.
+        let hole = block_at_or_after(starts[starts.len() - 31]);
+        bytes[hole as usize..(hole + TORN_WRITE_BLOCK_BYTES) as usize].fill(0);
+        fs::write(&seg, &bytes).unwrap();
+        let damaged = *starts.iter().filter(|&&s| s <= hole).max().unwrap();
+        let next_good = *starts
+            .iter()
+            .find(|&&s| s >= hole + TORN_WRITE_BLOCK_BYTES)
+            .unwrap();
+        if accepted {
+            let (_store, recovery) = LogStore::open(&log_dir(case.path()), &cfg).unwrap();
+            let t = recovery.truncated.unwrap();
+            let w = t.torn_write.unwrap();
+            assert_eq!(
+                (t.segment, t.torn.unwrap().0, w.hole, w.next_good),
+                (seg, damaged, hole, next_good)
+            );
+        } else {
+            // Only the last segment is searched for good records after damage.
+            refused_at(case.path(), &seg, damaged, None);
+        }
+    }
 }

@@ -61,11 +61,12 @@ pub enum OpenLogError {
         /// Records found in the segments before it.
         expected: u64,
     },
-    /// A damaged record before the tail: good records follow it, or it is in a segment that is
-    /// not the last. Nothing is truncated; the log needs an operator (restore, or copy the
-    /// entries from a peer).
+    /// A damaged record that a crash cannot have left (see [`recovery`](super::recovery)): it
+    /// is in a segment that is not the last, or good records follow it and it is not a torn
+    /// write (no block of zeros under it, or too far from the end). Nothing is truncated; the
+    /// log needs an operator (restore, or copy the entries from a peer).
     #[error(
-        "segment {segment} at offset {offset} (lsn {lsn}): {damage}, and it is not the torn tail of the log{}",
+        "segment {segment} at offset {offset} (lsn {lsn}): {damage}, and it is not the torn end of the log{}",
         match next_good { Some(at) => format!(" (a good record follows at offset {at})"), None => String::new() }
     )]
     Corrupt {
