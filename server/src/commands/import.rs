@@ -230,6 +230,7 @@ pub enum ImportError {
 
 /// Imports the files `paths` (`-` is standard input) into the log of `data_dir`. With
 /// `writers`, only entries of those authors are taken, as from peers.
+#[allow(clippy::implicit_hasher)]
 pub fn run(
     data_dir: &Path,
     paths: &[PathBuf],
@@ -244,6 +245,7 @@ pub fn run(
 }
 
 /// Imports in-memory inputs into the log of `data_dir` (see [`run`]).
+#[allow(clippy::implicit_hasher)]
 pub fn run_sources(
     data_dir: &Path,
     sources: &[ImportSource],

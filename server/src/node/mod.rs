@@ -353,7 +353,7 @@ impl Node {
             ),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
-                tracing::warn!(path = %marker.display(), error = %e, "could not remove the marker of an unconfirmed chain")
+                tracing::warn!(path = %marker.display(), error = %e, "could not remove the marker of an unconfirmed chain");
             }
         }
     }
