@@ -759,5 +759,14 @@ mod tests {
         );
         assert_eq!(snap.entry_lsn(&entries[1].id).unwrap(), Some(2));
         assert_eq!(snap.entry_lsn(&EntryId([0; 32])).unwrap(), None);
+        // Where each (author, seq) is: the first record, should the log hold it twice.
+        let seq_lsn = |author: u8, seq| snap.author_seq_lsn(&NodeId([author; 32]), seq).unwrap();
+        assert_eq!(seq_lsn(7, 1), Some(1));
+        assert_eq!(seq_lsn(7, 2), Some(2));
+        assert_eq!(seq_lsn(7, 3), Some(3));
+        assert_eq!(seq_lsn(7, 4), None);
+        assert_eq!(seq_lsn(1, 1), Some(4));
+        assert_eq!(seq_lsn(2, 1), None);
+        assert_eq!(snap.log_lookup_applied_lsn().unwrap(), 5);
     }
 }

@@ -17,7 +17,7 @@ use crate::error::{CorruptRecord, ReadError};
 use crate::record::{CurrentVersion, HistoryRecord, decode_current};
 use crate::tables::{
     HISTORY_BY_KEY, HISTORY_BY_KEY_NAME, HISTORY_RECORDS, KV_CURRENT, KV_SUPERSEDED, KV_VIEW,
-    LOG_AUTHOR_HEAD, LOG_ENTRY_LSN, VIEW_CHECKPOINTS,
+    LOG_AUTHOR_HEAD, LOG_AUTHOR_SEQ_LSN, LOG_ENTRY_LSN, LOG_LOOKUP_VIEW, VIEW_CHECKPOINTS,
 };
 
 /// A consistent, read-only view of every index as of one commit.
@@ -232,6 +232,20 @@ impl Snapshot {
             return Ok(None);
         };
         Ok(table.get(&id.0)?.map(|g| g.value()))
+    }
+
+    /// The LSN of the record holding `author`'s entry `seq`, if the log holds it.
+    pub fn author_seq_lsn(&self, author: &NodeId, seq: u64) -> Result<Option<Lsn>, ReadError> {
+        let Some(table) = self.table(LOG_AUTHOR_SEQ_LSN)? else {
+            return Ok(None);
+        };
+        Ok(table.get((&author.0, seq))?.map(|g| g.value()))
+    }
+
+    /// The LSN the log lookup view has applied: its answers ([`Snapshot::version_vector`],
+    /// [`Snapshot::entry_lsn`], [`Snapshot::author_seq_lsn`]…) reflect exactly the log up to it.
+    pub fn log_lookup_applied_lsn(&self) -> Result<Lsn, ReadError> {
+        self.applied_lsn(LOG_LOOKUP_VIEW)
     }
 
     /// The ids of every current version of `key`, tombstones included, ascending: what a write

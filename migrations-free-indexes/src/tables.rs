@@ -34,8 +34,8 @@ pub const FRAMEWORK_TABLES: &[&str] = &[VIEW_CHECKPOINTS_NAME, VIEW_TABLES_NAME]
 
 /// Name of the log lookup view.
 pub const LOG_LOOKUP_VIEW: &str = "log_lookup";
-/// Definition version of the log lookup view.
-pub const LOG_LOOKUP_VERSION: u64 = 1;
+/// Definition version of the log lookup view. 2: adds [`LOG_AUTHOR_SEQ_LSN`].
+pub const LOG_LOOKUP_VERSION: u64 = 2;
 
 /// Which entries the log holds. Key: `EntryId`. Value: the LSN of its record (the first, should
 /// the log ever hold it twice).
@@ -48,6 +48,16 @@ pub const LOG_AUTHOR_HEAD: TableDefinition<&[u8; 32], (u64, &[u8; 32])> =
     TableDefinition::new(LOG_AUTHOR_HEAD_NAME);
 /// Name of [`LOG_AUTHOR_HEAD`].
 pub const LOG_AUTHOR_HEAD_NAME: &str = "log_lookup.author_head";
+
+/// Where each author's entries are. Key: `(author NodeId, seq)`. Value: the LSN of the record
+/// holding that entry (the first, should the log ever hold it twice). A peer session starts
+/// reading the log at the first entry the peer lacks, found here from the peer's version
+/// vector alone. Keys of one author grow with the log, so applying the log only ever appends
+/// at the end of each author's range.
+pub const LOG_AUTHOR_SEQ_LSN: TableDefinition<(&[u8; 32], u64), u64> =
+    TableDefinition::new(LOG_AUTHOR_SEQ_LSN_NAME);
+/// Name of [`LOG_AUTHOR_SEQ_LSN`].
+pub const LOG_AUTHOR_SEQ_LSN_NAME: &str = "log_lookup.author_seq_lsn";
 
 // ---- Key/value (multi-value register) view -------------------------------------------------
 

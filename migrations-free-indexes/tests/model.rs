@@ -402,7 +402,8 @@ type Row = (Vec<u8>, Vec<u8>);
 /// stores, beyond what its queries answer.
 fn table_rows(path: &std::path::Path) -> BTreeMap<&'static str, Vec<Row>> {
     use kappakv_indexes::tables::{
-        HISTORY_BY_KEY, HISTORY_RECORDS, KV_CURRENT, KV_SUPERSEDED, LOG_AUTHOR_HEAD, LOG_ENTRY_LSN,
+        HISTORY_BY_KEY, HISTORY_RECORDS, KV_CURRENT, KV_SUPERSEDED, LOG_AUTHOR_HEAD,
+        LOG_AUTHOR_SEQ_LSN, LOG_ENTRY_LSN,
     };
     use redb::{ReadableDatabase as _, ReadableTable as _};
 
@@ -435,6 +436,7 @@ fn table_rows(path: &std::path::Path) -> BTreeMap<&'static str, Vec<Row>> {
         ("history.records", rows(&txn, HISTORY_RECORDS)),
         ("log_lookup.entry_lsn", rows(&txn, LOG_ENTRY_LSN)),
         ("log_lookup.author_head", rows(&txn, LOG_AUTHOR_HEAD)),
+        ("log_lookup.author_seq_lsn", rows(&txn, LOG_AUTHOR_SEQ_LSN)),
     ])
 }
 

@@ -62,6 +62,8 @@ pub const REBUILD_REMAINING: &str = "kappakv_index_rebuild_remaining_entries";
 pub const PEER_CONNECTED: &str = "kappakv_peer_connected";
 /// Entries sent to a peer, by `peer`.
 pub const PEER_SENT: &str = "kappakv_peer_entries_sent_total";
+/// Entries read from the log to send to a peer, sent or not, by `peer`.
+pub const PEER_READ: &str = "kappakv_peer_entries_read_total";
 /// Entries received from a peer and appended, by `peer`.
 pub const PEER_RECEIVED: &str = "kappakv_peer_entries_received_total";
 /// Entries this node has that a peer lacks, as last known, by `peer`.
@@ -140,6 +142,10 @@ pub fn describe() {
     describe_gauge!(PEER_CONNECTED, "1 while the peer is connected");
     describe_counter!(PEER_SENT, "Entries sent to the peer");
     describe_counter!(PEER_RECEIVED, "Entries received from the peer");
+    describe_counter!(
+        PEER_READ,
+        "Entries read from the log to send to the peer, sent or not"
+    );
     describe_gauge!(PEER_THEY_LACK, "Entries the peer lacks");
     describe_gauge!(PEER_WE_LACK, "Entries this node lacks from the peer");
     describe_counter!(PEER_CONNECTS, "Sessions established with the peer");
@@ -196,6 +202,11 @@ pub fn log_write_failed(kind: &'static str) {
 /// One `fdatasync` of the log, started at `started`.
 pub fn fsync(started: Instant) {
     histogram!(FSYNC_SECONDS).record(started.elapsed().as_secs_f64());
+}
+
+/// The send loop to `peer` read `n` entries from the log.
+pub fn peer_entries_read(peer: &NodeId, n: u64) {
+    counter!(PEER_READ, "peer" => peer.to_string()).increment(n);
 }
 
 /// A session with `peer` was established.

@@ -4,7 +4,8 @@
 //! real views (`Indexes` on redb's in-memory backend), are connected along a random topology by
 //! simulated streams. Each direction of a connection is ordered and reliable while it is up, as
 //! a QUIC stream is; the simulator, driven by a seeded PRNG, cuts connections (dropping what is
-//! in flight), reconnects them (new sessions, hello exchange, resend from LSN 0), partitions the
+//! in flight), reconnects them (new sessions, hello exchange, resend from the first entry the
+//! peer lacks, found in the node's log lookup view by `resume_after`), partitions the
 //! nodes, restarts nodes (their writer queue and sessions are lost, their log kept, sometimes
 //! their views rebuilt from it), interleaves work across connections, sends log chunks split at
 //! any point (so unsigned prefixes of a run arrive before its signed end), and has nodes write
@@ -12,7 +13,8 @@
 //! and merges with a context read earlier.
 //!
 //! The nodes use the sans-IO session (`SyncSession`, `classify`) as `driver.rs` does: the send
-//! side walks the log in order through `should_send`; the receive side takes entries one by one
+//! side starts where `resume_after` says and walks the log in order through `should_send`; the
+//! receive side takes entries one by one
 //! through `receive`, classifies each released run against the log's durable head, and hands an
 //! `Append` to the writer, waiting for its reply (classifying again after a link error, at most
 //! three times) before it reads on. The writer builds a batch like `writer.rs`: local entries
@@ -32,7 +34,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use kappakv_indexes::{Indexes, default_views};
 use kappakv_protocol::verify::{ChainChecker, ChainHead, check_link};
 use kappakv_protocol::{Entry, EntryId, HlcClock, KeyVersions, Keypair, NodeId, Op, SignedEntry};
-use kappakv_server::node::replication::session::{Classified, SyncSession, classify};
+use kappakv_server::node::replication::session::{Classified, SyncSession, classify, resume_after};
 
 /// Seeds run by default.
 const DEFAULT_SEEDS: u64 = 200;
@@ -217,6 +219,20 @@ impl Node {
                 "the model rebuilt from the log is the same"
             );
         }
+    }
+
+    /// Where a send loop to a peer holding `theirs` starts in the log, asked of the views as
+    /// `driver.rs` asks them (they are always caught up here).
+    fn resume_at(&self, theirs: &std::collections::HashMap<NodeId, u64>) -> usize {
+        let snapshot = self.indexes.snapshot().expect("snapshot");
+        let end = snapshot.log_lookup_applied_lsn().expect("applied lsn");
+        assert_eq!(end, self.log.len() as u64, "the views have applied the log");
+        let ours = snapshot.version_vector().expect("version vector");
+        let after = resume_after(end, &ours, theirs, |author, seq| {
+            snapshot.author_seq_lsn(author, seq)
+        })
+        .expect("lookups");
+        usize::try_from(after).expect("an LSN of an in-memory log fits usize")
     }
 
     fn push(&mut self, e: SignedEntry, touched: &mut BTreeSet<Vec<u8>>) {
@@ -723,6 +739,7 @@ impl Sim {
                 Frame::Hello(vv) => {
                     me.session.on_hello(&vv);
                     me.hello_seen = true;
+                    me.send_at = self.nodes[n].resume_at(me.session.their_version_vector());
                 }
                 Frame::Entries(payloads) => {
                     me.reading.extend(payloads.iter().map(|p| {

@@ -145,3 +145,106 @@ async fn a_node_not_on_the_peer_list_is_refused() -> anyhow::Result<()> {
     assert!(a.client().await?.status().await?.peers.is_empty());
     Ok(())
 }
+
+/// Writes `n` entries on `client`, from 8 concurrent writers, keys `{prefix}-{i}`.
+async fn write_many(client: &Client, prefix: &str, n: usize) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let (client, prefix) = (client.clone(), prefix.to_string());
+        tasks.push(tokio::spawn(async move {
+            for i in (w..n).step_by(8) {
+                client.put(format!("{prefix}-{i}"), "v").await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+async fn same_version_vectors(a: &Client, b: &Client) -> anyhow::Result<bool> {
+    Ok(a.status().await?.version_vector == b.status().await?.version_vector)
+}
+
+#[tokio::test]
+async fn a_restarted_peer_resumes_without_its_peer_rereading_the_shared_history()
+-> anyhow::Result<()> {
+    const SHARED: usize = 2000;
+    const WHILE_DOWN: usize = 20;
+    const AFTER: usize = 10;
+    let a = TestNode::start().await?;
+    let b_dir = tempfile::tempdir()?;
+    let b_port = free_udp_port()?;
+    let b = TestNode {
+        server: start_at(b_dir.path(), b_port).await?,
+        dir: tempfile::tempdir()?,
+    };
+    peer(&a, &b).await?;
+    peer(&b, &a).await?;
+    let (ca, cb) = (a.client().await?, b.client().await?);
+    let (a_id, b_id) = (a.server.node_id(), b.server.node_id());
+    let a_replication = a.server.node().replication().expect("A replicates");
+
+    // A shared history written on both sides.
+    let (wa, wb) = tokio::join!(
+        write_many(&ca, "a", SHARED * 3 / 4),
+        write_many(&cb, "b", SHARED / 4)
+    );
+    wa?;
+    wb?;
+    eventually("A and B share the history", || {
+        same_version_vectors(&ca, &cb)
+    })
+    .await?;
+    let a_read_before = a_replication.entries_read(&b_id);
+    assert!(
+        a_read_before >= SHARED as u64,
+        "A's first session with B read its log: {a_read_before}"
+    );
+
+    // B stops; A writes; B comes back on the same data dir and writes too.
+    let b_ticket = b.ticket();
+    b.server.shutdown().await;
+    write_many(&ca, "down", WHILE_DOWN).await?;
+    let b = start_at(b_dir.path(), b_port).await?;
+    let cb = Client::connect(&b_ticket).await?;
+    write_many(&cb, "after", AFTER).await?;
+    eventually("A and B converge after the restart", || {
+        same_version_vectors(&ca, &cb)
+    })
+    .await?;
+    for (name, client, key) in [
+        ("B", &cb, format!("down-{}", WHILE_DOWN - 1)),
+        ("A", &ca, format!("after-{}", AFTER - 1)),
+    ] {
+        eventually(&format!("{name} has {key}"), || async {
+            Ok(values(client, &key).await? == BTreeSet::from([b"v".to_vec()]))
+        })
+        .await?;
+    }
+    let status = ca.status().await?;
+    assert_eq!(status.log_lsn, (SHARED + WHILE_DOWN + AFTER) as u64);
+
+    // Neither side reread the history they share: A read what B lacked and what it received
+    // from B since, the restarted B only what came after what A has.
+    let a_read = a_replication.entries_read(&b_id) - a_read_before;
+    let b_read = b
+        .node()
+        .replication()
+        .expect("B replicates")
+        .entries_read(&a_id);
+    let bound = (WHILE_DOWN + AFTER) as u64 * 2;
+    assert!(
+        a_read <= bound,
+        "A read {a_read} entries for B after its restart, at most {bound} expected"
+    );
+    assert!(
+        b_read <= bound,
+        "B read {b_read} entries for A after its restart, at most {bound} expected"
+    );
+    a.server.shutdown().await;
+    b.shutdown().await;
+    Ok(())
+}

@@ -1,6 +1,7 @@
-//! The log's own lookup tables: which entries the log holds, and each author's head (the
-//! version vector). The server uses them to answer "do we already have entry X", to build sync
-//! offers, and to detect equivocation: an entry for `(author, seq ≤ head)` whose id is not in
+//! The log's own lookup tables: which entries the log holds, each author's head (the version
+//! vector), and where each `(author, seq)` sits in the log. The server uses them to answer "do
+//! we already have entry X", to start a peer session at the first entry the peer lacks, and to
+//! detect equivocation: an entry for `(author, seq ≤ head)` whose id is not in
 //! [`LOG_ENTRY_LSN`] is a second, different entry for a position the log already holds.
 
 use std::collections::BTreeMap;
@@ -9,12 +10,12 @@ use redb::{ReadableTable, WriteTransaction};
 
 use crate::error::ApplyError;
 use crate::tables::{
-    LOG_AUTHOR_HEAD, LOG_AUTHOR_HEAD_NAME, LOG_ENTRY_LSN, LOG_ENTRY_LSN_NAME, LOG_LOOKUP_VERSION,
-    LOG_LOOKUP_VIEW,
+    LOG_AUTHOR_HEAD, LOG_AUTHOR_HEAD_NAME, LOG_AUTHOR_SEQ_LSN, LOG_AUTHOR_SEQ_LSN_NAME,
+    LOG_ENTRY_LSN, LOG_ENTRY_LSN_NAME, LOG_LOOKUP_VERSION, LOG_LOOKUP_VIEW,
 };
 use crate::view::{Batch, View};
 
-/// EntryId → LSN and author → (latest seq, EntryId).
+/// EntryId → LSN, author → (latest seq, EntryId) and (author, seq) → LSN.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LogLookupView;
 
@@ -28,7 +29,11 @@ impl View for LogLookupView {
     }
 
     fn tables(&self) -> Vec<&str> {
-        vec![LOG_ENTRY_LSN_NAME, LOG_AUTHOR_HEAD_NAME]
+        vec![
+            LOG_ENTRY_LSN_NAME,
+            LOG_AUTHOR_HEAD_NAME,
+            LOG_AUTHOR_SEQ_LSN_NAME,
+        ]
     }
 
     fn apply(&self, txn: &WriteTransaction, batch: &Batch<'_>) -> Result<(), ApplyError> {
@@ -50,6 +55,22 @@ impl View for LogLookupView {
                 && earlier < lsn
             {
                 entry_lsn.insert(&id, earlier)?;
+            }
+        }
+
+        // Sorted, so that each author's rows go in at the end of its range in one pass.
+        let mut seqs: Vec<([u8; 32], u64, u64)> = batch
+            .iter()
+            .map(|(lsn, se)| (se.entry.author.0, se.entry.seq, *lsn))
+            .collect();
+        seqs.sort_unstable();
+        let mut seq_lsn = txn.open_table(LOG_AUTHOR_SEQ_LSN)?;
+        for (author, seq, lsn) in seqs {
+            let earlier = seq_lsn.insert((&author, seq), lsn)?.map(|g| g.value());
+            if let Some(earlier) = earlier
+                && earlier < lsn
+            {
+                seq_lsn.insert((&author, seq), earlier)?;
             }
         }
 

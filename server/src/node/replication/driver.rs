@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use super::peers::PeerList;
-use super::session::{Classified, Runs, SyncSession, classify};
+use super::session::{Classified, Runs, SyncSession, classify, resume_after};
 use crate::log::LogReader;
 use crate::net::close;
 use crate::net::tls::TlsIdentity;
@@ -73,6 +73,8 @@ struct PeerState {
     since_ms: u64,
     sent: u64,
     received: u64,
+    /// Entries read from the log by send loops to the peer, sent or not.
+    read: u64,
     /// The peer's version vector as the live session knows it.
     theirs: HashMap<NodeId, u64>,
     /// The live connection, which node dialled it, and when it was registered.
@@ -389,7 +391,8 @@ impl Replication {
         hello.wait_for(|h| *h).await?;
         let reader = Arc::new(LogReader::open(&self.node.data_dir.log())?);
         let mut durable = self.node.durable.clone();
-        let mut at: Lsn = 0;
+        let mut at: Lsn = self.resume_after(&session).await?;
+        tracing::debug!(lsn = at, "sending from the first entry the peer lacks");
         loop {
             let head = *durable.borrow_and_update();
             if at >= head {
@@ -423,6 +426,14 @@ impl Replication {
             })
             .await??;
             at = read_to;
+            let read = entries.len() as u64;
+            self.state
+                .lock()
+                .expect("peer state lock")
+                .entry(peer)
+                .or_default()
+                .read += read;
+            crate::telemetry::peer_entries_read(&peer, read);
             let mut frame: Vec<ByteBuf> = Vec::new();
             let mut bytes = 0usize;
             let mut sent = 0u64;
@@ -458,6 +469,32 @@ impl Replication {
                 s.theirs = theirs;
             }
         }
+    }
+
+    /// The LSN after which the send loop reads: just before the first entry the peer lacks
+    /// by what the session knows it has ([`resume_after`]), asked of the log lookup view once
+    /// it has caught up with the durable log.
+    async fn resume_after(&self, session: &Mutex<SyncSession>) -> anyhow::Result<Lsn> {
+        let durable = *self.node.durable.borrow();
+        anyhow::ensure!(
+            self.node.wait_indexed(durable).await,
+            "the indexer has stopped"
+        );
+        let theirs = session
+            .lock()
+            .expect("session lock")
+            .their_version_vector()
+            .clone();
+        let indexes = self.node.indexes.clone();
+        Ok(tokio::task::spawn_blocking(move || {
+            let snapshot = indexes.snapshot()?;
+            let end = snapshot.log_lookup_applied_lsn()?;
+            let ours = snapshot.version_vector()?;
+            resume_after(end, &ours, &theirs, |author, seq| {
+                snapshot.author_seq_lsn(author, seq)
+            })
+        })
+        .await??)
     }
 
     async fn recv_loop(
@@ -792,6 +829,15 @@ impl Replication {
                 }
             })
             .collect()
+    }
+
+    /// Entries the send loops to `peer` have read from the log since start, sent or not.
+    pub fn entries_read(&self, peer: &NodeId) -> u64 {
+        self.state
+            .lock()
+            .expect("peer state lock")
+            .get(peer)
+            .map_or(0, |s| s.read)
     }
 
     /// Equivocations detected since start.

@@ -9,13 +9,15 @@
 //! chain head, because other sessions append too.
 //!
 //! Sending: the session tracks what the peer has (its version vector, advanced by everything
-//! sent to it and received from it) so that nothing the peer has is ever sent again.
+//! sent to it and received from it) so that nothing the peer has is ever sent again. It starts
+//! reading the log at the first entry the peer lacks ([`resume_after`]), so resuming a peer that
+//! shares a long history costs lookups, not a reread of that history.
 
 use std::collections::{HashMap, HashSet};
 
 use kappakv_protocol::limits::MAX_UNSIGNED_RUN_BYTES;
 use kappakv_protocol::verify::ChainHead;
-use kappakv_protocol::{EntryId, NodeId, SignedEntry, VerifyError, sign::verify_signature};
+use kappakv_protocol::{EntryId, Lsn, NodeId, SignedEntry, VerifyError, sign::verify_signature};
 
 /// Why a received entry was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -220,6 +222,38 @@ impl SyncSession {
     }
 }
 
+/// Where a session starts reading this node's log for a peer: the LSN after which it reads, so
+/// that the first entry read is the first one the peer lacks.
+///
+/// `ours` is this node's version vector and `lsn_of(author, seq)` the LSN of an entry, both
+/// describing the log up to `end`; `theirs` is what the peer has. The entries at or below `end`
+/// that the peer lacks are `(a, s)` with `theirs[a] < s <= ours[a]`, and the log holds an
+/// author's entries in seq order (an entry is appended only after its `prev`), so the first of
+/// them is at the lowest `lsn_of(a, theirs[a] + 1)`. With none, the session starts at `end`
+/// and sends only what comes after. Lookups are asked once per author the peer lags on. When
+/// one finds nothing, or an LSN past `end`, the lookups do not describe the log: the session
+/// starts at 0, which costs a reread but skips nothing (the sender still filters every entry
+/// against what the peer has).
+pub fn resume_after<E, S: std::hash::BuildHasher>(
+    end: Lsn,
+    ours: &[(NodeId, u64)],
+    theirs: &HashMap<NodeId, u64, S>,
+    mut lsn_of: impl FnMut(&NodeId, u64) -> Result<Option<Lsn>, E>,
+) -> Result<Lsn, E> {
+    let mut after = end;
+    for (author, ours_seq) in ours {
+        let theirs_seq = theirs.get(author).copied().unwrap_or(0);
+        if *ours_seq <= theirs_seq {
+            continue;
+        }
+        match lsn_of(author, theirs_seq + 1)? {
+            Some(lsn) if (1..=end).contains(&lsn) => after = after.min(lsn - 1),
+            _ => return Ok(0),
+        }
+    }
+    Ok(after)
+}
+
 /// Released runs gathered for appending together, in the order they were released: the order
 /// of the peer's log, so this node's log stays causal (an entry that supersedes another is
 /// never appended before it). A run that continues the run released just before it (same
@@ -370,6 +404,138 @@ mod tests {
             id,
             entry,
             signature: Some(kp.sign(&id)),
+        }
+    }
+
+    /// A log of interleaved authors: `(lsn, author, seq)` for LSNs `1..=len`.
+    fn interleaved(len: u64, authors: u8, seed: u64) -> Vec<(Lsn, NodeId, u64)> {
+        let mut x = seed;
+        let mut seqs = vec![0u64; usize::from(authors)];
+        (1..=len)
+            .map(|lsn| {
+                x = x
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let a = ((x >> 33) % u64::from(authors)) as usize;
+                seqs[a] += 1;
+                (lsn, NodeId([a as u8 + 1; 32]), seqs[a])
+            })
+            .collect()
+    }
+
+    fn vv(log: &[(Lsn, NodeId, u64)]) -> Vec<(NodeId, u64)> {
+        let mut vv: HashMap<NodeId, u64> = HashMap::new();
+        for (_, a, s) in log {
+            vv.insert(*a, *s);
+        }
+        let mut vv: Vec<_> = vv.into_iter().collect();
+        vv.sort();
+        vv
+    }
+
+    fn lookup(
+        log: &[(Lsn, NodeId, u64)],
+    ) -> impl FnMut(&NodeId, u64) -> Result<Option<Lsn>, ()> + '_ {
+        |author, seq| {
+            Ok(log
+                .iter()
+                .find(|(_, a, s)| a == author && *s == seq)
+                .map(|(l, _, _)| *l))
+        }
+    }
+
+    #[test]
+    fn a_peer_holding_everything_resumes_at_the_end() {
+        let log = interleaved(100, 3, 1);
+        let theirs: HashMap<_, _> = vv(&log).into_iter().collect();
+        let mut asked = 0;
+        let after = resume_after(100, &vv(&log), &theirs, |a, s| {
+            asked += 1;
+            lookup(&log)(a, s)
+        });
+        assert_eq!(after, Ok(100));
+        assert_eq!(
+            asked, 0,
+            "nothing to look up when the peer lags on no author"
+        );
+        // Ahead of this node on every author, or holding authors this node lacks: the same.
+        let mut ahead = theirs.clone();
+        for s in ahead.values_mut() {
+            *s += 5;
+        }
+        ahead.insert(NodeId([9; 32]), 3);
+        assert_eq!(resume_after(100, &vv(&log), &ahead, lookup(&log)), Ok(100));
+    }
+
+    #[test]
+    fn a_peer_resumes_at_the_first_entry_it_lacks_over_every_author() {
+        let a = NodeId([1; 32]);
+        let b = NodeId([2; 32]);
+        // LSN:   1    2    3    4    5    6    7
+        let log = vec![
+            (1, a, 1),
+            (2, b, 1),
+            (3, a, 2),
+            (4, b, 2),
+            (5, a, 3),
+            (6, b, 3),
+            (7, a, 4),
+        ];
+        let ours = vv(&log);
+        let theirs = |va, vb| HashMap::from([(a, va), (b, vb)]);
+        assert_eq!(resume_after(7, &ours, &theirs(2, 3), lookup(&log)), Ok(4));
+        assert_eq!(resume_after(7, &ours, &theirs(4, 1), lookup(&log)), Ok(3));
+        assert_eq!(resume_after(7, &ours, &theirs(3, 1), lookup(&log)), Ok(3));
+        assert_eq!(resume_after(7, &ours, &theirs(3, 3), lookup(&log)), Ok(6));
+        // An author the peer lacks entirely starts at its first entry.
+        assert_eq!(
+            resume_after(7, &ours, &HashMap::from([(a, 4)]), lookup(&log)),
+            Ok(1)
+        );
+        assert_eq!(resume_after(7, &ours, &HashMap::new(), lookup(&log)), Ok(0));
+    }
+
+    #[test]
+    fn lookups_that_do_not_describe_the_log_start_from_the_beginning() {
+        let log = interleaved(50, 2, 7);
+        let ours = vv(&log);
+        let theirs = HashMap::from([(NodeId([1; 32]), 3)]);
+        let missing = |_: &NodeId, _| Ok::<_, ()>(None);
+        assert_eq!(resume_after(50, &ours, &theirs, missing), Ok(0));
+        let past_end = |_: &NodeId, _| Ok::<_, ()>(Some(51));
+        assert_eq!(resume_after(50, &ours, &theirs, past_end), Ok(0));
+        let zero = |_: &NodeId, _| Ok::<_, ()>(Some(0));
+        assert_eq!(resume_after(50, &ours, &theirs, zero), Ok(0));
+        let failing = |_: &NodeId, _| Err::<Option<Lsn>, _>("view unreadable");
+        assert_eq!(
+            resume_after(50, &ours, &theirs, failing),
+            Err("view unreadable")
+        );
+    }
+
+    #[test]
+    fn the_start_is_just_before_the_first_entry_the_peer_lacks_for_any_peer() {
+        for seed in 0..200 {
+            let log = interleaved(200, 4, seed);
+            // A peer holding a prefix of each author's chain, cut at random.
+            let mut x = seed.wrapping_add(12345);
+            let theirs: HashMap<NodeId, u64> = vv(&log)
+                .into_iter()
+                .filter_map(|(a, s)| {
+                    x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    let cut = (x >> 33) % (s + 2);
+                    (cut > 0).then_some((a, cut.min(s)))
+                })
+                .collect();
+            let first_lacked = log
+                .iter()
+                .find(|(_, a, s)| *s > theirs.get(a).copied().unwrap_or(0))
+                .map_or(200, |(l, _, _)| l - 1);
+            assert_eq!(
+                resume_after(200, &vv(&log), &theirs, lookup(&log)),
+                Ok(first_lacked),
+                "seed {seed}"
+            );
         }
     }
 
