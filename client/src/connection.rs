@@ -326,6 +326,7 @@ pub(crate) fn response_kind(response: &Response) -> &'static str {
         Response::Heartbeat { .. } => "heartbeat",
         Response::Status(_) => "status",
         Response::Ok => "ok",
+        Response::SyncStarted => "sync_started",
         Response::Error { .. } => "error",
         _ => "unknown",
     }

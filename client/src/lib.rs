@@ -53,6 +53,7 @@ mod connection;
 pub mod error;
 pub mod query;
 pub mod scan;
+pub mod sync;
 pub mod value;
 pub mod watch;
 
@@ -65,5 +66,6 @@ pub use kappakv_protocol::{
 };
 pub use query::{QueryCursor, QueryOptions, QueryPage};
 pub use scan::{Scan, ScanOptions};
+pub use sync::{SyncOptions, SyncStream};
 pub use value::{GetResult, Typed, TypedVersion};
 pub use watch::Watch;

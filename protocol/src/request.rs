@@ -136,6 +136,19 @@ pub enum Request {
         /// answering `IndexBuilding` at once.
         wait_ms: u64,
     },
+    /// Runs one peer session on this stream, for a peer the client relays (over a pipe, ssh,
+    /// a serial line) or for export files the client hands in. Answered with `SyncStarted` (or
+    /// `Error`); from then on the stream carries [`crate::peer::PeerMessage`] frames both ways,
+    /// as a `kappakv-peer/1` connection does, each side starting with its `Hello`.
+    Sync {
+        /// The node sends the entries the other side lacks.
+        send: bool,
+        /// The node takes in the entries it is sent (a read-write token only).
+        receive: bool,
+        /// The session goes on with new entries; otherwise it ends once each side has sent
+        /// `Synced` and the node has taken in everything before the other side's.
+        live: bool,
+    },
 }
 
 impl Request {
@@ -143,7 +156,10 @@ impl Request {
     pub fn is_write(&self) -> bool {
         matches!(
             self,
-            Request::Write { .. } | Request::PeerAdd { .. } | Request::PeerRemove { .. }
+            Request::Write { .. }
+                | Request::PeerAdd { .. }
+                | Request::PeerRemove { .. }
+                | Request::Sync { receive: true, .. }
         )
     }
 
@@ -161,6 +177,7 @@ impl Request {
             Request::PeerRemove { .. } => "peer_remove",
             Request::PeerList => "peer_list",
             Request::Query { .. } => "query",
+            Request::Sync { .. } => "sync",
         }
     }
 }

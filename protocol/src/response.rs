@@ -186,6 +186,8 @@ pub enum Response {
     },
     /// The node's state.
     Status(Box<Status>),
+    /// A `Sync` request was taken: peer messages follow on the stream.
+    SyncStarted,
     /// Done, nothing to return.
     Ok,
     /// The request failed.

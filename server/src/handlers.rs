@@ -29,6 +29,8 @@ pub enum Reply {
         /// Replay changes after this LSN; `None` starts live.
         from_lsn: Option<Lsn>,
     },
+    /// A peer session on the stream (`Request::Sync`).
+    Sync(crate::node::replication::driver::StreamMode),
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Reply {
@@ -99,6 +101,20 @@ pub async fn handle(node: &Node, request: Request, role: Role) -> Reply {
             query(node, &index, q, limit, start_after, min_lsn, wait).await
         }
         Request::Watch { prefix, from_lsn } => Reply::Watch { prefix, from_lsn },
+        Request::Sync {
+            send,
+            receive,
+            live,
+        } => {
+            if node.replication().is_none() {
+                return error(ErrorCode::Unavailable, "replication is not running");
+            }
+            Reply::Sync(crate::node::replication::driver::StreamMode {
+                send,
+                receive,
+                live,
+            })
+        }
         Request::Status | Request::PeerList => Reply::One(Response::Status(Box::new(status(node)))),
         Request::PeerAdd { node_id, addr } => {
             if crate::net::peer_spec(&format!("{node_id}@{addr}")).is_none() {

@@ -119,6 +119,26 @@ enum Command {
         #[arg(value_name = "FILE", required = true)]
         files: Vec<PathBuf>,
     },
+    /// Syncs this stopped node with another through any byte stream: runs one peer session on
+    /// standard input and output (the data dir's lock is held meanwhile). Two nodes sync when
+    /// two sessions are piped into each other: `dupsh 'kappakv sync --stdio' 'ssh host kappactl
+    /// sync --stdio'`, socat, a pair of named pipes. What arrives is verified as from any peer
+    /// (signatures, chains, equivocations, the `writers` list). Exits 0 once each side holds
+    /// everything the other had when they met, with a summary on standard error; 1 if the
+    /// session failed (nothing unverified is appended), 3 if the data dir is in use.
+    Sync {
+        #[command(flatten)]
+        data_dir: DataDirArg,
+        /// The node's config file, for its `writers` list and settings
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Use standard input and output (the only transport so far)
+        #[arg(long, required = true)]
+        stdio: bool,
+        /// Keep going with new entries instead of ending once synced
+        #[arg(long)]
+        live: bool,
+    },
     /// Copies a consistent log, the node key, tokens and peers into a new directory, while the
     /// node serves or not. Never the indexes: a restored node rebuilds them.
     ///
@@ -223,6 +243,44 @@ fn serve_args(arg: &DataDirArg) -> ServeArgs {
     }
 }
 
+/// `kappakv sync --stdio`: the node opened offline, one session on standard input and output.
+async fn sync_stdio(config: Config, live: bool) -> Result<ExitCode> {
+    use kappakv_server::node::Node;
+    use kappakv_server::node::replication::Replication;
+    use kappakv_server::node::replication::driver::StreamMode;
+    let node = match Node::open(config).await {
+        Ok(node) => node,
+        Err(e) => {
+            let e = anyhow::Error::new(kappakv_server::server::ServeError::Start(e));
+            eprintln!("kappakv: {}", one_line(&e));
+            return Ok(ExitCode::from(exit::of_serve_error(&e)));
+        }
+    };
+    let replication = Replication::detached(node.clone())?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mode = StreamMode {
+        send: true,
+        receive: true,
+        live,
+    };
+    let result = tokio::select! {
+        r = replication.serve_stream(tokio::io::stdin(), tokio::io::stdout(), mode, &cancel) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    drop(replication);
+    node.shutdown().await;
+    match result {
+        Ok(summary) => {
+            eprintln!("sync: {summary}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("kappakv: sync failed: {}", one_line(&e));
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn"));
@@ -281,6 +339,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     Ok(ExitCode::from(exit::of_serve_error(&e)))
                 }
             }
+        }
+        Command::Sync {
+            data_dir,
+            config,
+            stdio: _,
+            live,
+        } => {
+            init_tracing(LogFormat::Text);
+            let config = layered(&ServeArgs {
+                config,
+                ..serve_args(&data_dir)
+            })?
+            .config;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(sync_stdio(config, live))
         }
         Command::Verify(arg) => {
             init_tracing(LogFormat::Text);

@@ -297,7 +297,7 @@ async fn serve_stream(
             return;
         }
     };
-    if !matches!(request, Request::Watch { .. }) {
+    if !matches!(request, Request::Watch { .. } | Request::Sync { .. }) {
         // Nothing more is read from the stream: the client's bytes past its frame, if any,
         // are dropped instead of held until the stream ends.
         let _ = rx.stop(0u32.into());
@@ -353,6 +353,32 @@ async fn serve_stream(
             drop(held);
             super::watch::stream(node, &mut tx, &mut rx, prefix, from_lsn, cancel).await;
             let _ = tx.finish();
+            return;
+        }
+        Reply::Sync(mode) => {
+            drop(held);
+            let Some(replication) = node.replication() else {
+                return;
+            };
+            let Some(permit) = replication.stream_permit() else {
+                let busy = Response::Error {
+                    code: ErrorCode::Busy,
+                    message: "too many sync sessions through clients at once; retry later".into(),
+                };
+                send(&mut tx, &encode_frame(&busy), timeout).await;
+                let _ = tx.finish();
+                return;
+            };
+            if send(&mut tx, &encode_frame(&Response::SyncStarted), timeout).await
+                && let Err(e) = replication
+                    .serve_stream(&mut rx, &mut tx, mode, cancel)
+                    .await
+            {
+                tracing::info!(error = %e, "sync stream failed");
+                // Not a clean end: the other side must not take it for one.
+                let _ = tx.reset(1u32.into());
+            }
+            drop(permit);
             return;
         }
     };

@@ -314,7 +314,7 @@ impl Node {
     /// A peer said, in its hello, that it holds this node's own chain up to `seq`. Local
     /// writes are held while the log has less of it (they would fork the chain); a node
     /// restored from a backup learns here how far its chain goes.
-    pub fn peer_holds_own_chain(&self, peer: NodeId, seq: u64) {
+    pub fn peer_holds_own_chain(&self, peer: &dyn std::fmt::Display, seq: u64) {
         let have = self.writer.head(&self.node_id).map_or(0, |h| h.seq);
         if self.config.accept_chain_loss {
             if seq > have {

@@ -4,6 +4,7 @@ mod bench;
 mod histogram;
 mod input;
 mod output;
+mod sync;
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -176,6 +177,27 @@ enum Command {
     /// Manage the node's peers.
     #[command(subcommand)]
     Peer(PeerCommand),
+    /// Sync the node with another through any byte stream: runs one peer session of the node
+    /// on standard input and output. Two nodes sync when two of these are piped into each
+    /// other (`dupsh 'kappactl sync --stdio' 'ssh host kappactl sync --stdio'`, socat, a pair
+    /// of named pipes); what arrives is verified as from any peer. Exits 0 once each side
+    /// holds everything the other had when they met, with a summary on standard error. With
+    /// a read-only ticket the node only sends.
+    Sync {
+        /// Use standard input and output (the only transport so far).
+        #[arg(long, required = true)]
+        stdio: bool,
+        /// Keep going with new entries instead of ending once synced.
+        #[arg(long)]
+        live: bool,
+    },
+    /// Hand export files (`kappakv export`) to the running node, which verifies and appends
+    /// what it lacks as from a peer; `-` reads standard input. Exits 1 when any entry was
+    /// refused (the node's log says why).
+    Import {
+        #[arg(value_name = "FILE", required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Load the node and report throughput and latency percentiles.
     Bench(bench::BenchArgs),
 }
@@ -514,6 +536,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 out.write_all(output::status_human(&status).as_bytes())?;
             }
         }
+        Command::Sync { stdio: _, live } => sync::stdio(&client, live).await?,
+        Command::Import { files } => sync::import(&client, &files).await?,
         Command::Peer(PeerCommand::Add { peer }) => {
             let (id, addr) = input::parse_peer(&peer)?;
             client.peer_add(id, addr).await?;

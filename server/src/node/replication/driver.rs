@@ -19,6 +19,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
+mod stream;
+
+pub use stream::{STREAM_SESSIONS_MAX, StreamMode, StreamSummary};
+
 use super::peers::PeerList;
 use super::session::{Classified, Runs, SyncSession, classify, resume_after};
 use crate::log::LogReader;
@@ -92,12 +96,26 @@ struct Plan {
     append: Vec<SignedEntry>,
     /// The runs refused (equivocations and gaps), with why.
     refused: Vec<(Vec<SignedEntry>, Classified)>,
+    /// Entries of the runs the log already has.
+    present: u64,
+}
+
+/// What became of the entries of received runs.
+#[derive(Debug, Clone, Copy, Default)]
+struct Ingested {
+    appended: u64,
+    present: u64,
+    refused: u64,
 }
 
 /// Replication with every peer of this node.
 pub struct Replication {
     node: Arc<Node>,
-    endpoint: quinn::Endpoint,
+    /// Where peers are dialled; `None` for a node that only syncs over streams
+    /// ([`Replication::detached`]).
+    endpoint: Option<quinn::Endpoint>,
+    /// Places for sessions through client streams ([`STREAM_SESSIONS_MAX`]).
+    streams: Arc<tokio::sync::Semaphore>,
     identity: TlsIdentity,
     list: Mutex<PeerList>,
     /// Never held across an await.
@@ -132,15 +150,42 @@ impl Replication {
         cancel: CancellationToken,
         tracker: TaskTracker,
     ) -> Result<Arc<Self>, StartError> {
-        let identity =
-            TlsIdentity::new(&node.keypair).map_err(|e| StartError::Replication(e.to_string()))?;
         let list = PeerList::load(node.data_dir.path(), &node.config.peers)
             .map_err(|e| StartError::Replication(format!("reading the peer list: {e}")))?;
         let peers: Vec<NodeId> = list.iter().map(|(id, _)| *id).collect();
+        let this = Self::new(node, Some(endpoint), list, cancel, tracker)?;
+        for peer in peers {
+            this.spawn_dialer(peer);
+        }
+        Ok(this)
+    }
+
+    /// Replication with no endpoint and no peer dialled: for sessions over streams only, on a
+    /// node that does not serve ([`Replication::serve_stream`]).
+    pub fn detached(node: Arc<Node>) -> Result<Arc<Self>, StartError> {
+        Self::new(
+            node,
+            None,
+            PeerList::default(),
+            CancellationToken::new(),
+            TaskTracker::new(),
+        )
+    }
+
+    fn new(
+        node: Arc<Node>,
+        endpoint: Option<quinn::Endpoint>,
+        list: PeerList,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Result<Arc<Self>, StartError> {
+        let identity =
+            TlsIdentity::new(&node.keypair).map_err(|e| StartError::Replication(e.to_string()))?;
         let writers = node.config.writer_ids();
-        let this = Arc::new(Self {
+        Ok(Arc::new(Self {
             node,
             endpoint,
+            streams: Arc::new(tokio::sync::Semaphore::new(STREAM_SESSIONS_MAX)),
             identity,
             list: Mutex::new(list),
             state: Mutex::new(BTreeMap::new()),
@@ -150,11 +195,7 @@ impl Replication {
             writers,
             cancel,
             tracker,
-        });
-        for peer in peers {
-            this.spawn_dialer(peer);
-        }
-        Ok(this)
+        }))
     }
 
     fn spawn_dialer(self: &Arc<Self>, peer: NodeId) {
@@ -254,8 +295,10 @@ impl Replication {
         let tls = self.identity.peer_client_config(peer)?;
         let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
         config.transport_config(Arc::new(peer_transport()));
-        let conn = self
-            .endpoint
+        let Some(endpoint) = &self.endpoint else {
+            anyhow::bail!("this node does not dial peers")
+        };
+        let conn = endpoint
             .connect_with(config, target, kappakv_protocol::tls::SERVER_NAME)?
             .await?;
         Ok(conn)
@@ -528,7 +571,7 @@ impl Replication {
                         .iter()
                         .find(|(author, _)| *author == self.node.node_id)
                         .map_or(0, |(_, seq)| *seq);
-                    self.node.peer_holds_own_chain(peer, own);
+                    self.node.peer_holds_own_chain(&peer, own);
                     let mut s = session.lock().expect("session lock");
                     s.on_hello(&version_vector);
                     let theirs = s.their_version_vector().clone();
@@ -561,7 +604,7 @@ impl Replication {
                             Err(refusal) => self.reject(refusal.reason(), &refusal.to_string()),
                         }
                     }
-                    self.ingest(peer, runs.take()).await?;
+                    self.ingest(Some(peer), runs.take()).await?;
                 }
                 _ => tracing::debug!("ignoring a peer message this session does not use"),
             }
@@ -581,7 +624,12 @@ impl Replication {
     /// Appends verified runs through the writer, in the order given (the peer's log order, so
     /// the log stays causal), after classifying each against the log: all that extend it go in
     /// one append.
-    async fn ingest(&self, peer: NodeId, runs: Vec<Vec<SignedEntry>>) -> anyhow::Result<()> {
+    /// `peer` is the peer connection's, whose counters grow; `None` for a stream session.
+    async fn ingest(
+        &self,
+        peer: Option<NodeId>,
+        runs: Vec<Vec<SignedEntry>>,
+    ) -> anyhow::Result<Ingested> {
         // Each `Link` refusal means another session moved a head forward, so classifying again
         // ends: at the latest when every run is a duplicate.
         let plan = loop {
@@ -592,12 +640,14 @@ impl Replication {
             let n = plan.append.len() as u64;
             match self.node.writer.append_remote(plan.append.clone()).await {
                 Ok(_) => {
-                    self.state
-                        .lock()
-                        .expect("peer state lock")
-                        .entry(peer)
-                        .or_default()
-                        .received += n;
+                    if let Some(peer) = peer {
+                        self.state
+                            .lock()
+                            .expect("peer state lock")
+                            .entry(peer)
+                            .or_default()
+                            .received += n;
+                    }
                     self.node.own_chain_received();
                     break plan;
                 }
@@ -605,6 +655,11 @@ impl Replication {
                 Err(WriteError::Link { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
+        };
+        let ingested = Ingested {
+            appended: plan.append.len() as u64,
+            present: plan.present,
+            refused: plan.refused.iter().map(|(run, _)| run.len() as u64).sum(),
         };
         for (run, refused) in plan.refused {
             match refused {
@@ -642,7 +697,7 @@ impl Replication {
                 Classified::Append(_) | Classified::Duplicate => {}
             }
         }
-        Ok(())
+        Ok(ingested)
     }
 
     /// Classifies `runs`, in order, against the log's heads as the runs before each would
@@ -664,6 +719,7 @@ impl Replication {
                 && (planned.contains(&last.id) || self.contains(&last.id).await?);
             match classify(run.clone(), head, |_| known) {
                 Classified::Append(entries) => {
+                    plan.present += (run.len() - entries.len()) as u64;
                     let tail = entries.last().expect("an append is not empty");
                     heads.insert(
                         author,
@@ -675,7 +731,7 @@ impl Replication {
                     planned.extend(entries.iter().map(|e| e.id));
                     plan.append.extend(entries);
                 }
-                Classified::Duplicate => {}
+                Classified::Duplicate => plan.present += run.len() as u64,
                 refused => plan.refused.push((run, refused)),
             }
         }
