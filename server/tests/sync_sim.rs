@@ -12,7 +12,7 @@
 //! concurrently to a few shared keys: plain puts and deletes that supersede what the node sees,
 //! and merges with a context read earlier.
 //!
-//! The nodes use the sans-IO session (`SyncSession`, `classify`) as `driver.rs` does: the send
+//! The nodes use the sans-IO session (`SyncSession`, `plan`) as `driver.rs` does: the send
 //! side starts where `resume_after` says and walks the log in order through `should_send`; the
 //! receive side takes entries one by one
 //! through `receive`, classifies each released run against the log's durable head, and hands an
@@ -34,7 +34,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use kappakv_indexes::{Indexes, default_views};
 use kappakv_protocol::verify::{ChainChecker, ChainHead, check_link};
 use kappakv_protocol::{Entry, EntryId, HlcClock, KeyVersions, Keypair, NodeId, Op, SignedEntry};
-use kappakv_server::node::replication::session::{Classified, SyncSession, classify, resume_after};
+use kappakv_server::node::replication::session::{Classified, SyncSession, plan, resume_after};
 
 /// Seeds run by default.
 const DEFAULT_SEEDS: u64 = 200;
@@ -774,8 +774,9 @@ impl Sim {
         true
     }
 
-    /// Classifies a released run against the node's log and queues an append, as `driver.rs`
-    /// `ingest`. Returns what the receive side then waits for.
+    /// Classifies a released run against the node's log with the production planner
+    /// (`session::plan`, which `driver.rs` `ingest` calls) and queues an append. Returns what
+    /// the receive side then waits for.
     fn ingest(
         node: &mut Node,
         stats: &mut Stats,
@@ -783,27 +784,30 @@ impl Sim {
         attempt: u32,
         tag: Tag,
     ) -> Option<Ingest> {
-        let last = run.last().expect("a released run is not empty");
-        let head = node.heads.get(&last.entry.author).copied();
-        let known = last.entry.seq < head.map_or(0, |h| h.seq) && node.ids.contains(&last.id);
-        match classify(run.clone(), head, |_| known) {
-            Classified::Append(entries) => {
-                node.queue.push_back(Command::Remote { entries, tag });
-                Some(Ingest::Queued { run, attempt })
-            }
-            Classified::Duplicate => {
-                stats.duplicates += 1;
-                None
-            }
-            Classified::Equivocation { .. } => {
-                stats.equivocations += 1;
-                None
-            }
-            Classified::Gap { .. } => {
-                stats.gaps += 1;
-                None
+        let plan = plan(
+            std::slice::from_ref(&run),
+            |author| node.heads.get(author).copied(),
+            |id| Ok::<_, std::convert::Infallible>(node.ids.contains(id)),
+        )
+        .unwrap_or_else(|never| match never {});
+        for (_, refused) in &plan.refused {
+            match refused {
+                Classified::Equivocation { .. } => stats.equivocations += 1,
+                Classified::Gap { .. } => stats.gaps += 1,
+                Classified::Append(_) | Classified::Duplicate => {}
             }
         }
+        if plan.append.is_empty() {
+            if plan.refused.is_empty() {
+                stats.duplicates += 1;
+            }
+            return None;
+        }
+        node.queue.push_back(Command::Remote {
+            entries: plan.append,
+            tag,
+        });
+        Some(Ingest::Queued { run, attempt })
     }
 
     fn up_sides(&self) -> Vec<(usize, usize)> {

@@ -6,15 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use kappakv_protocol::frame::{Decoded, FRAME_HEADER_LEN, decode_message, encode_frame, frame_len};
-use kappakv_protocol::limits::{MAX_ENTRY_BYTES, MAX_FRAME_BYTES, MAX_UNSIGNED_RUN_BYTES};
-use kappakv_protocol::peer::PeerMessage;
+use kappakv_protocol::limits::MAX_UNSIGNED_RUN_BYTES;
 use kappakv_protocol::record::encode_record;
 use kappakv_protocol::verify::ChainHead;
-use kappakv_protocol::{EntryId, Lsn, NodeId, PeerStatus, SignedEntry};
+use kappakv_protocol::{Lsn, NodeId, PeerStatus, SignedEntry};
 use quinn::crypto::rustls::QuicClientConfig;
-use serde_bytes::ByteBuf;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
@@ -24,7 +21,7 @@ mod stream;
 pub use stream::{STREAM_SESSIONS_MAX, StreamMode, StreamSummary};
 
 use super::peers::PeerList;
-use super::session::{Classified, Runs, SyncSession, classify, resume_after};
+use super::session::{self, Classified, Plan, SyncSession, resume_after};
 use crate::log::LogReader;
 use crate::net::close;
 use crate::net::tls::TlsIdentity;
@@ -87,17 +84,6 @@ struct PeerState {
     ended: Arc<Notify>,
     /// Ends the dial loop when the peer is removed.
     cancel: CancellationToken,
-}
-
-/// What to do with the runs of one received frame.
-#[derive(Default)]
-struct Plan {
-    /// The entries that extend the log, in order.
-    append: Vec<SignedEntry>,
-    /// The runs refused (equivocations and gaps), with why.
-    refused: Vec<(Vec<SignedEntry>, Classified)>,
-    /// Entries of the runs the log already has.
-    present: u64,
 }
 
 /// What became of the entries of received runs.
@@ -393,125 +379,29 @@ impl Replication {
             return;
         }
         tracing::info!(remote = %conn.remote_address(), "peer connected");
-        let writers = self.writers.clone();
-        let session = Arc::new(Mutex::new(SyncSession::new(
-            peer,
-            PENDING_BYTES_MAX,
-            writers,
-        )));
-        let (hello_tx, hello_rx) = watch::channel(false);
-        let send = self
-            .clone()
-            .send_loop(conn.clone(), peer, session.clone(), hello_rx);
-        let recv = self
-            .clone()
-            .recv_loop(conn.clone(), peer, session.clone(), hello_tx);
+        // One unidirectional stream each way carries the session.
+        let streams = async {
+            let tx = conn.open_uni().await?;
+            let rx = async { Ok(conn.accept_uni().await?) };
+            let live = StreamMode {
+                send: true,
+                receive: true,
+                live: true,
+            };
+            self.run_stream(rx, tx, live, Some(peer), &self.cancel)
+                .await
+        };
         let reason = tokio::select! {
             () = self.cancel.cancelled() => {
                 conn.close(close::SHUTDOWN.into(), b"node shutting down");
                 "shutdown".to_string()
             }
-            r = send => format!("send: {}", r.err().map_or_else(|| "done".into(), |e| e.to_string())),
-            r = recv => format!("receive: {}", r.err().map_or_else(|| "done".into(), |e| e.to_string())),
+            r = streams => r.err().map_or_else(|| "done".into(), |e| format!("{e:#}")),
             e = conn.closed() => format!("closed: {e}"),
         };
         conn.close(close::SHUTDOWN.into(), b"session ended");
         tracing::info!(%reason, "peer disconnected");
         self.unregister(peer, &conn);
-    }
-
-    async fn send_loop(
-        self: Arc<Self>,
-        conn: quinn::Connection,
-        peer: NodeId,
-        session: Arc<Mutex<SyncSession>>,
-        mut hello: watch::Receiver<bool>,
-    ) -> anyhow::Result<()> {
-        let mut tx = conn.open_uni().await?;
-        let vv = self.node.writer.version_vector();
-        tx.write_all(&encode_frame(&PeerMessage::Hello { version_vector: vv }))
-            .await?;
-        hello.wait_for(|h| *h).await?;
-        let reader = Arc::new(LogReader::open(&self.node.data_dir.log())?);
-        let mut durable = self.node.durable.clone();
-        let mut at: Lsn = self.resume_after(&session).await?;
-        tracing::debug!(lsn = at, "sending from the first entry the peer lacks");
-        loop {
-            let head = *durable.borrow_and_update();
-            if at >= head {
-                tokio::select! {
-                    () = self.cancel.cancelled() => return Ok(()),
-                    r = durable.changed() => r?,
-                }
-                continue;
-            }
-            let upto = head.min(at + SEND_CHUNK);
-            let r = reader.clone();
-            let (entries, read_to) = tokio::task::spawn_blocking(move || {
-                let mut entries: Vec<SignedEntry> = Vec::new();
-                let mut bytes = 0;
-                let mut read_to = at;
-                for item in r.iter(at, upto)? {
-                    let (lsn, e) = item?;
-                    bytes += e
-                        .entry
-                        .ops
-                        .iter()
-                        .map(|op| op.key().len() + op.value().map_or(0, <[u8]>::len))
-                        .sum::<usize>();
-                    read_to = lsn;
-                    entries.push(e);
-                    if bytes >= SEND_CHUNK_BYTES {
-                        break;
-                    }
-                }
-                Ok::<_, crate::log::ReadLogError>((entries, read_to))
-            })
-            .await??;
-            at = read_to;
-            let read = entries.len() as u64;
-            self.state
-                .lock()
-                .expect("peer state lock")
-                .entry(peer)
-                .or_default()
-                .read += read;
-            crate::telemetry::peer_entries_read(&peer, read);
-            let mut frame: Vec<ByteBuf> = Vec::new();
-            let mut bytes = 0usize;
-            let mut sent = 0u64;
-            for e in &entries {
-                if !session.lock().expect("session lock").should_send(e) {
-                    continue;
-                }
-                let payload = e.encode_payload();
-                if !frame.is_empty() && bytes + payload.len() > MAX_ENTRY_BYTES {
-                    tx.write_all(&encode_frame(&PeerMessage::Entries {
-                        payloads: std::mem::take(&mut frame),
-                    }))
-                    .await?;
-                    bytes = 0;
-                }
-                bytes += payload.len();
-                sent += 1;
-                frame.push(ByteBuf::from(payload));
-            }
-            if !frame.is_empty() {
-                tx.write_all(&encode_frame(&PeerMessage::Entries { payloads: frame }))
-                    .await?;
-            }
-            if sent > 0 {
-                let theirs = session
-                    .lock()
-                    .expect("session lock")
-                    .their_version_vector()
-                    .clone();
-                let mut state = self.state.lock().expect("peer state lock");
-                let s = state.entry(peer).or_default();
-                s.sent += sent;
-                s.theirs = theirs;
-            }
-        }
     }
 
     /// The LSN after which the send loop reads: just before the first entry the peer lacks
@@ -540,77 +430,6 @@ impl Replication {
         .await??)
     }
 
-    async fn recv_loop(
-        self: Arc<Self>,
-        conn: quinn::Connection,
-        peer: NodeId,
-        session: Arc<Mutex<SyncSession>>,
-        hello: watch::Sender<bool>,
-    ) -> anyhow::Result<()> {
-        let mut rx = conn.accept_uni().await?;
-        loop {
-            let mut header = [0u8; FRAME_HEADER_LEN];
-            rx.read_exact(&mut header).await?;
-            let len = frame_len(header, MAX_FRAME_BYTES)?;
-            let mut body = vec![0u8; len];
-            rx.read_exact(&mut body).await?;
-            let message = match decode_message::<PeerMessage>(&body)? {
-                Decoded::Message(message) => message,
-                // A newer peer's message: the session goes on without it.
-                Decoded::UnknownKind(kind) => {
-                    tracing::debug!(%kind, "ignoring a peer message of a kind this version does not know");
-                    continue;
-                }
-            };
-            match message {
-                PeerMessage::Hello { version_vector } => {
-                    if *hello.borrow() {
-                        anyhow::bail!("the peer sent a second hello");
-                    }
-                    let own = version_vector
-                        .iter()
-                        .find(|(author, _)| *author == self.node.node_id)
-                        .map_or(0, |(_, seq)| *seq);
-                    self.node.peer_holds_own_chain(&peer, own);
-                    let mut s = session.lock().expect("session lock");
-                    s.on_hello(&version_vector);
-                    let theirs = s.their_version_vector().clone();
-                    drop(s);
-                    self.state
-                        .lock()
-                        .expect("peer state lock")
-                        .entry(peer)
-                        .or_default()
-                        .theirs = theirs;
-                    hello.send_replace(true);
-                }
-                PeerMessage::Entries { payloads } => {
-                    let mut runs = Runs::default();
-                    for payload in payloads {
-                        let entry = match SignedEntry::decode_payload(&payload) {
-                            Ok(e) => e,
-                            Err(e) => {
-                                self.reject("malformed", &e.to_string());
-                                continue;
-                            }
-                        };
-                        let run = session
-                            .lock()
-                            .expect("session lock")
-                            .receive(entry, payload.len());
-                        match run {
-                            Ok(None) => {}
-                            Ok(Some(run)) => runs.push(run),
-                            Err(refusal) => self.reject(refusal.reason(), &refusal.to_string()),
-                        }
-                    }
-                    self.ingest(Some(peer), runs.take()).await?;
-                }
-                _ => tracing::debug!("ignoring a peer message this session does not use"),
-            }
-        }
-    }
-
     fn reject(&self, reason: &'static str, detail: &str) {
         tracing::warn!(reason, detail, "refused an entry from a peer");
         *self
@@ -633,7 +452,7 @@ impl Replication {
         // Each `Link` refusal means another session moved a head forward, so classifying again
         // ends: at the latest when every run is a duplicate.
         let plan = loop {
-            let plan = self.plan(runs.clone()).await?;
+            let plan = self.plan(&runs).await?;
             if plan.append.is_empty() {
                 break plan;
             }
@@ -700,42 +519,37 @@ impl Replication {
         Ok(ingested)
     }
 
-    /// Classifies `runs`, in order, against the log's heads as the runs before each would
-    /// leave them.
-    async fn plan(&self, runs: Vec<Vec<SignedEntry>>) -> anyhow::Result<Plan> {
-        let mut plan = Plan::default();
-        // Heads as the planned appends leave them, and the ids planned.
-        let mut heads: HashMap<NodeId, Option<ChainHead>> = HashMap::new();
-        let mut planned: HashSet<EntryId> = HashSet::new();
-        for run in runs {
-            let Some(last) = run.last() else {
-                continue;
-            };
-            let author = last.entry.author;
-            let head = *heads
-                .entry(author)
-                .or_insert_with(|| self.node.writer.head(&author));
-            let known = last.entry.seq < head.map_or(0, |h| h.seq)
-                && (planned.contains(&last.id) || self.contains(&last.id).await?);
-            match classify(run.clone(), head, |_| known) {
-                Classified::Append(entries) => {
-                    plan.present += (run.len() - entries.len()) as u64;
-                    let tail = entries.last().expect("an append is not empty");
-                    heads.insert(
-                        author,
-                        Some(ChainHead {
-                            seq: tail.entry.seq,
-                            id: tail.id,
-                        }),
-                    );
-                    planned.extend(entries.iter().map(|e| e.id));
-                    plan.append.extend(entries);
-                }
-                Classified::Duplicate => plan.present += run.len() as u64,
-                refused => plan.refused.push((run, refused)),
-            }
+    /// [`session::plan`] against the log's durable heads, looking entries up in the views only
+    /// when a run ends below its author's head (a repeat, or an equivocation).
+    async fn plan(&self, runs: &[Vec<SignedEntry>]) -> anyhow::Result<Plan> {
+        struct NotLookedUp;
+        let writer = &self.node.writer;
+        if let Ok(plan) = session::plan(runs, |a| writer.head(a), |_| Err(NotLookedUp)) {
+            return Ok(plan);
         }
-        Ok(plan)
+        // The heads first: every head the writer shows is durable, so the views hold it once
+        // they reach the durable LSN read after it.
+        let heads: HashMap<NodeId, Option<ChainHead>> = runs
+            .iter()
+            .filter_map(|run| run.last())
+            .map(|e| (e.entry.author, writer.head(&e.entry.author)))
+            .collect();
+        let durable = *self.node.durable.borrow();
+        anyhow::ensure!(
+            self.node.wait_indexed(durable).await,
+            "the indexer has stopped"
+        );
+        let indexes = self.node.indexes.clone();
+        let runs = runs.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let snapshot = indexes.snapshot()?;
+            session::plan(
+                &runs,
+                |a| heads.get(a).copied().flatten(),
+                |id| Ok(snapshot.entry_lsn(id)?.is_some()),
+            )
+        })
+        .await?
     }
 
     /// Stores the proof of an equivocation in `DATA_DIR/equivocations/AUTHOR-SEQ.records`, in
@@ -814,22 +628,6 @@ impl Replication {
         })
         .await??;
         Ok(Some(path))
-    }
-
-    /// Whether the log holds `id`, asked of the log lookup view once it has caught up.
-    async fn contains(&self, id: &kappakv_protocol::EntryId) -> anyhow::Result<bool> {
-        let durable = *self.node.durable.borrow();
-        anyhow::ensure!(
-            self.node.wait_indexed(durable).await,
-            "the indexer has stopped"
-        );
-        let indexes = self.node.indexes.clone();
-        let id = *id;
-        Ok(
-            tokio::task::spawn_blocking(move || indexes.snapshot()?.entry_lsn(&id))
-                .await??
-                .is_some(),
-        )
     }
 
     /// Adds a peer at run time and starts dialling it.

@@ -15,9 +15,11 @@
 
 use std::collections::{HashMap, HashSet};
 
-use kappakv_protocol::limits::MAX_UNSIGNED_RUN_BYTES;
+use kappakv_protocol::limits::{MAX_ENTRY_BYTES, MAX_UNSIGNED_RUN_BYTES};
+use kappakv_protocol::peer::PeerMessage;
 use kappakv_protocol::verify::ChainHead;
 use kappakv_protocol::{EntryId, Lsn, NodeId, SignedEntry, VerifyError, sign::verify_signature};
+use serde_bytes::ByteBuf;
 
 /// Why a received entry was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -32,6 +34,9 @@ pub enum Refusal {
     /// The entry does not link to the one before it, or its signature is bad.
     #[error(transparent)]
     Invalid(#[from] VerifyError),
+    /// The payload is not a canonical entry record: what is wrong with it.
+    #[error("malformed entry: {0}")]
+    Malformed(String),
     /// Too many bytes of unsigned entries waiting for a signature: more than the protocol lets
     /// one author's run hold ([`MAX_UNSIGNED_RUN_BYTES`]), or than the session buffers over all
     /// authors.
@@ -56,6 +61,7 @@ impl Refusal {
             Refusal::Invalid(VerifyError::PrevMismatch { .. }) => "bad_prev",
             Refusal::Invalid(_) => "invalid",
             Refusal::BufferFull { .. } => "buffer_full",
+            Refusal::Malformed(_) => "malformed",
         }
     }
 }
@@ -216,6 +222,60 @@ impl SyncSession {
         run
     }
 
+    /// Takes in one received frame of entries (record payloads, in the sender's log order).
+    /// Returns the runs verified signatures released, in the order released ([`Runs`]), and
+    /// what was refused.
+    pub fn on_entries(&mut self, payloads: &[ByteBuf]) -> Incoming {
+        let mut incoming = Incoming::default();
+        let mut runs = Runs::default();
+        for payload in payloads {
+            let entry = match SignedEntry::decode_payload(payload) {
+                Ok(e) => e,
+                Err(e) => {
+                    incoming.refused.push(Refusal::Malformed(e.to_string()));
+                    continue;
+                }
+            };
+            incoming.authors.insert(entry.entry.author);
+            match self.receive(entry, payload.len()) {
+                Ok(None) => {}
+                Ok(Some(run)) => runs.push(run),
+                Err(refusal) => incoming.refused.push(refusal),
+            }
+        }
+        incoming.runs = runs.take();
+        incoming
+    }
+
+    /// The frames that carry the entries of `entries` (this node's log, in order) that the
+    /// peer lacks, each of at most [`MAX_ENTRY_BYTES`] of payloads besides one entry that
+    /// crosses the line; records them as sent.
+    pub fn outgoing(&mut self, entries: &[SignedEntry]) -> Outgoing {
+        let mut out = Outgoing::default();
+        let mut frame: Vec<ByteBuf> = Vec::new();
+        let mut bytes = 0usize;
+        for e in entries {
+            if !self.should_send(e) {
+                continue;
+            }
+            let payload = e.encode_payload();
+            if !frame.is_empty() && bytes + payload.len() > MAX_ENTRY_BYTES {
+                out.frames.push(PeerMessage::Entries {
+                    payloads: std::mem::take(&mut frame),
+                });
+                bytes = 0;
+            }
+            bytes += payload.len();
+            out.entries += 1;
+            out.authors.insert(e.entry.author);
+            frame.push(ByteBuf::from(payload));
+        }
+        if !frame.is_empty() {
+            out.frames.push(PeerMessage::Entries { payloads: frame });
+        }
+        out
+    }
+
     /// Unsigned entries buffered, over all authors.
     pub fn pending_len(&self) -> usize {
         self.pending.values().map(|(run, _)| run.len()).sum()
@@ -252,6 +312,82 @@ pub fn resume_after<E, S: std::hash::BuildHasher>(
         }
     }
     Ok(after)
+}
+
+/// What a received frame of entries brought ([`SyncSession::on_entries`]).
+#[derive(Debug, Default)]
+pub struct Incoming {
+    /// Runs a verified signature covers, ready for [`plan`], in the order released.
+    pub runs: Vec<Vec<SignedEntry>>,
+    /// Entries refused, with why.
+    pub refused: Vec<Refusal>,
+    /// Authors of the entries that decoded.
+    pub authors: HashSet<NodeId>,
+}
+
+/// What to send for a chunk of the log ([`SyncSession::outgoing`]).
+#[derive(Debug, Default)]
+pub struct Outgoing {
+    /// `Entries` messages, in order.
+    pub frames: Vec<PeerMessage>,
+    /// Entries in them.
+    pub entries: u64,
+    /// Their authors.
+    pub authors: HashSet<NodeId>,
+}
+
+/// What to do with the released runs of one received frame ([`plan`]).
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// The entries that extend the log, in order: one append.
+    pub append: Vec<SignedEntry>,
+    /// The runs refused (equivocations and gaps), with why.
+    pub refused: Vec<(Vec<SignedEntry>, Classified)>,
+    /// Entries of the runs the log already has.
+    pub present: u64,
+}
+
+/// Classifies `runs`, in order, each against the chain heads the runs before it leave, starting
+/// from `head_of` (the log's durable heads). `contains` says whether the log holds an entry; it
+/// is asked only about a run that ends below its author's head, so a caller may answer from a
+/// view that has caught up with the durable log, and may answer an error (such as "not looked
+/// up yet") to be asked again later.
+pub fn plan<E>(
+    runs: &[Vec<SignedEntry>],
+    mut head_of: impl FnMut(&NodeId) -> Option<ChainHead>,
+    mut contains: impl FnMut(&EntryId) -> Result<bool, E>,
+) -> Result<Plan, E> {
+    let mut plan = Plan::default();
+    // Heads as the planned appends leave them, and the ids planned.
+    let mut heads: HashMap<NodeId, Option<ChainHead>> = HashMap::new();
+    let mut planned: HashSet<EntryId> = HashSet::new();
+    for run in runs {
+        let Some(last) = run.last() else {
+            continue;
+        };
+        let author = last.entry.author;
+        let head = *heads.entry(author).or_insert_with(|| head_of(&author));
+        let known = last.entry.seq < head.map_or(0, |h| h.seq)
+            && (planned.contains(&last.id) || contains(&last.id)?);
+        match classify(run.clone(), head, |_| known) {
+            Classified::Append(entries) => {
+                plan.present += (run.len() - entries.len()) as u64;
+                let tail = entries.last().expect("an append is not empty");
+                heads.insert(
+                    author,
+                    Some(ChainHead {
+                        seq: tail.entry.seq,
+                        id: tail.id,
+                    }),
+                );
+                planned.extend(entries.iter().map(|e| e.id));
+                plan.append.extend(entries);
+            }
+            Classified::Duplicate => plan.present += run.len() as u64,
+            refused => plan.refused.push((run.clone(), refused)),
+        }
+    }
+    Ok(plan)
 }
 
 /// Released runs gathered for appending together, in the order they were released: the order

@@ -1,29 +1,31 @@
-//! Peer sessions over a byte stream instead of a peer connection: a client stream
-//! (`Request::Sync`: `kappactl sync --stdio` relaying another node, `kappactl import` handing in
-//! export files) or standard input and output (`kappakv sync --stdio` on a stopped node).
+//! The session loop every transport runs: a peer connection's two QUIC streams, a client
+//! stream (`Request::Sync`: `kappactl sync --stdio` relaying another node, `kappactl import`
+//! handing in export files) and standard input and output (`kappakv sync --stdio` on a stopped
+//! node). The transport only moves bytes; what to send, what to take in and how to classify it
+//! is the sans-IO [`SyncSession`] and [`session::plan`](crate::node::replication::session::plan),
+//! and appends go through [`Replication::ingest`] to the writer.
 //!
-//! The session is the one peer connections run ([`SyncSession`], [`Replication::ingest`]):
-//! each side says `Hello` with its version vector, sends the entries of its log the other
-//! lacks in log order, and verifies what it receives exactly as from a peer. A session that is
-//! not live ends once each side has sent what it held when they met: each says `Synced`
-//! after its last entry, and the node, once it has taken in everything before the other
-//! side's `Synced`, reports what it took in (`Taken`) and closes its side. A stream cut
-//! anywhere leaves nothing unverified appended: only runs a verified signature covers are.
+//! Each side says `Hello` with its version vector, then sends, from the first entry the other
+//! lacks and in log order, what the other lacks, and verifies what it receives. A live session
+//! (peer connections) goes on with new entries until the stream ends. A session that is not
+//! live ends once each side has sent what it held when they met: each says `Synced` after its
+//! last entry, and the node, once it has taken in everything before the other side's `Synced`,
+//! reports what it took in (`Taken`) and closes its side. A stream cut anywhere leaves nothing
+//! unverified appended: only runs a verified signature covers are.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use kappakv_protocol::frame::{Decoded, FRAME_HEADER_LEN, decode_message, encode_frame, frame_len};
-use kappakv_protocol::limits::{MAX_ENTRY_BYTES, MAX_FRAME_BYTES};
+use kappakv_protocol::limits::MAX_FRAME_BYTES;
 use kappakv_protocol::peer::PeerMessage;
 use kappakv_protocol::{Lsn, NodeId, SignedEntry};
-use serde_bytes::ByteBuf;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
 use super::{PENDING_BYTES_MAX, Replication, SEND_CHUNK, SEND_CHUNK_BYTES};
 use crate::log::LogReader;
-use crate::node::replication::session::{Runs, SyncSession};
+use crate::node::replication::session::SyncSession;
 
 /// Most sessions through client streams at once; more are answered `Busy`. Each buffers up to
 /// [`PENDING_BYTES_MAX`] of unsigned entries and a frame.
@@ -107,8 +109,9 @@ impl Replication {
         self.streams.clone().try_acquire_owned().ok()
     }
 
-    /// Runs one session over `rx` and `tx` (see the module doc), ending when it is synced (not
-    /// live), when the other side goes away or breaks the protocol, or at `cancel`.
+    /// Runs one session for a client stream or standard input and output (see the module
+    /// doc), ending when it is synced (not live), when the other side goes away or breaks the
+    /// protocol, or at `cancel`.
     pub async fn serve_stream(
         self: &Arc<Self>,
         rx: impl AsyncRead + Unpin + Send,
@@ -116,10 +119,28 @@ impl Replication {
         mode: StreamMode,
         cancel: &CancellationToken,
     ) -> anyhow::Result<StreamSummary> {
-        let (mut rx, mut tx) = (rx, tx);
-        // The other side of a stream is not identified: the session's peer is this node.
+        let summary = self
+            .run_stream(async { Ok(rx) }, tx, mode, None, cancel)
+            .await?;
+        tracing::info!(%summary, "sync stream ended");
+        Ok(summary)
+    }
+
+    /// Runs one session over `tx` and the reader `rx` yields once the other side's stream is
+    /// there (a QUIC peer's stream arrives with its first bytes, which may wait for this side's
+    /// hello). `peer` is the peer connection's node id, whose status this session keeps; `None`
+    /// for a stream whose other side is not identified.
+    pub(super) async fn run_stream<R: AsyncRead + Unpin + Send>(
+        &self,
+        rx: impl Future<Output = anyhow::Result<R>> + Send,
+        tx: impl AsyncWrite + Unpin + Send,
+        mode: StreamMode,
+        peer: Option<NodeId>,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<StreamSummary> {
+        let mut tx = tx;
         let session = Mutex::new(SyncSession::new(
-            self.node.node_id,
+            peer.unwrap_or(self.node.node_id),
             PENDING_BYTES_MAX,
             self.writers.clone(),
         ));
@@ -130,6 +151,7 @@ impl Replication {
             },
         )
         .await?;
+        let mut rx = rx.await?;
         let their_vv = match read_message(&mut rx).await? {
             Some(Decoded::Message(PeerMessage::Hello { version_vector })) => version_vector,
             Some(_) => anyhow::bail!("the other side did not start with hello"),
@@ -139,25 +161,33 @@ impl Replication {
             .iter()
             .find(|(author, _)| *author == self.node.node_id)
             .map_or(0, |(_, seq)| *seq);
-        self.node.peer_holds_own_chain(&"a sync stream", own);
+        match &peer {
+            Some(peer) => self.node.peer_holds_own_chain(peer, own),
+            None => self.node.peer_holds_own_chain(&"a sync stream", own),
+        }
         session.lock().expect("session lock").on_hello(&their_vv);
+        self.note_theirs(peer, &session);
         // What this node held when the two sides met: a session that is not live sends that.
         let until = (!mode.live).then(|| *self.node.durable.borrow());
 
         let mut summary = StreamSummary::default();
-        // Either side failing ends the session: a live send never ends by itself, and a send
-        // held up by a reader that went away must not outlive the stream.
-        let (sent_authors, received) = {
-            let send = self.send_stream(&mut tx, &session, mode, until, &mut summary.sent, cancel);
-            let recv = self.receive_stream(&mut rx, &session, mode, cancel);
-            tokio::try_join!(send, recv)?
+        let send = self.send_stream(&mut tx, &session, mode, until, peer, &mut summary, cancel);
+        let recv = self.receive_stream(&mut rx, &session, mode, peer, cancel);
+        let taken = if mode.live {
+            // A live send ends only at `cancel`; the session ends with the stream.
+            tokio::select! {
+                r = send => { r?; Taken::default() }
+                r = recv => r?,
+            }
+        } else {
+            // Both sides must finish, and either failing ends the session.
+            tokio::try_join!(send, recv)?.1
         };
-        summary.sent_authors = sent_authors;
-        summary.received = received.entries;
-        summary.received_authors = received.authors;
-        summary.appended = received.appended;
-        summary.present = received.present;
-        summary.refused = received.refused;
+        summary.received = taken.entries;
+        summary.received_authors = taken.authors;
+        summary.appended = taken.appended;
+        summary.present = taken.present;
+        summary.refused = taken.refused;
         if !mode.live {
             write_message(
                 &mut tx,
@@ -170,26 +200,49 @@ impl Replication {
             .await?;
             tx.shutdown().await?;
         }
-        tracing::info!(%summary, "sync stream ended");
         Ok(summary)
     }
 
-    /// Sends the entries the other side lacks, then `Synced` once past `until`; returns how
-    /// many authors the entries sent had.
+    /// Keeps a peer's status up to date with what the session knows it has.
+    fn note_theirs(&self, peer: Option<NodeId>, session: &Mutex<SyncSession>) {
+        let Some(peer) = peer else {
+            return;
+        };
+        let theirs = session
+            .lock()
+            .expect("session lock")
+            .their_version_vector()
+            .clone();
+        self.state
+            .lock()
+            .expect("peer state lock")
+            .entry(peer)
+            .or_default()
+            .theirs = theirs;
+    }
+
+    /// Sends the entries the other side lacks, from the first one it lacks, then `Synced` once
+    /// past `until` (not live).
+    #[allow(clippy::too_many_arguments)]
     async fn send_stream(
         &self,
         tx: &mut (impl AsyncWrite + Unpin),
         session: &Mutex<SyncSession>,
         mode: StreamMode,
         until: Option<Lsn>,
-        sent: &mut u64,
+        peer: Option<NodeId>,
+        summary: &mut StreamSummary,
         cancel: &CancellationToken,
-    ) -> anyhow::Result<usize> {
+    ) -> anyhow::Result<()> {
         let mut authors: HashSet<NodeId> = HashSet::new();
         if mode.send {
             let reader = Arc::new(LogReader::open(&self.node.data_dir.log())?);
             let mut durable = self.node.durable.clone();
             let mut at: Lsn = self.resume_after(session).await?;
+            tracing::debug!(
+                lsn = at,
+                "sending from the first entry the other side lacks"
+            );
             loop {
                 let head = (*durable.borrow_and_update()).min(until.unwrap_or(Lsn::MAX));
                 if at >= head {
@@ -197,7 +250,7 @@ impl Replication {
                         break;
                     }
                     tokio::select! {
-                        () = cancel.cancelled() => return Ok(authors.len()),
+                        () = cancel.cancelled() => break,
                         r = durable.changed() => r?,
                     }
                     continue;
@@ -207,37 +260,40 @@ impl Replication {
                 let (entries, read_to) =
                     tokio::task::spawn_blocking(move || read_chunk(&r, at, upto)).await??;
                 at = read_to;
-                let mut frame: Vec<ByteBuf> = Vec::new();
-                let mut bytes = 0usize;
-                for e in &entries {
-                    if !session.lock().expect("session lock").should_send(e) {
-                        continue;
-                    }
-                    let payload = e.encode_payload();
-                    if !frame.is_empty() && bytes + payload.len() > MAX_ENTRY_BYTES {
-                        write_message(
-                            tx,
-                            &PeerMessage::Entries {
-                                payloads: std::mem::take(&mut frame),
-                            },
-                        )
-                        .await?;
-                        bytes = 0;
-                    }
-                    bytes += payload.len();
-                    *sent += 1;
-                    authors.insert(e.entry.author);
-                    frame.push(ByteBuf::from(payload));
+                if let Some(peer) = peer {
+                    let read = entries.len() as u64;
+                    self.state
+                        .lock()
+                        .expect("peer state lock")
+                        .entry(peer)
+                        .or_default()
+                        .read += read;
+                    crate::telemetry::peer_entries_read(&peer, read);
                 }
-                if !frame.is_empty() {
-                    write_message(tx, &PeerMessage::Entries { payloads: frame }).await?;
+                let out = session.lock().expect("session lock").outgoing(&entries);
+                for frame in &out.frames {
+                    write_message(tx, frame).await?;
+                }
+                summary.sent += out.entries;
+                authors.extend(out.authors);
+                if out.entries > 0
+                    && let Some(peer) = peer
+                {
+                    self.state
+                        .lock()
+                        .expect("peer state lock")
+                        .entry(peer)
+                        .or_default()
+                        .sent += out.entries;
+                    self.note_theirs(Some(peer), session);
                 }
             }
         }
+        summary.sent_authors = authors.len();
         if !mode.live {
             write_message(tx, &PeerMessage::Synced).await?;
         }
-        Ok(authors.len())
+        Ok(())
     }
 
     /// Takes in what the other side sends until its `Synced` (not live) or the end of the
@@ -247,6 +303,7 @@ impl Replication {
         rx: &mut (impl AsyncRead + Unpin),
         session: &Mutex<SyncSession>,
         mode: StreamMode,
+        peer: Option<NodeId>,
         cancel: &CancellationToken,
     ) -> anyhow::Result<Taken> {
         let mut out = Taken::default();
@@ -258,6 +315,7 @@ impl Replication {
             };
             let message = match message {
                 Some(Decoded::Message(m)) => m,
+                // A newer peer's message: the session goes on without it.
                 Some(Decoded::UnknownKind(kind)) => {
                     tracing::debug!(%kind, "ignoring a peer message of a kind this version does not know");
                     continue;
@@ -272,34 +330,17 @@ impl Replication {
                         out.refused += payloads.len() as u64;
                         continue;
                     }
-                    let mut runs = Runs::default();
-                    for payload in payloads {
-                        let entry = match SignedEntry::decode_payload(&payload) {
-                            Ok(e) => e,
-                            Err(e) => {
-                                self.reject("malformed", &e.to_string());
-                                out.refused += 1;
-                                continue;
-                            }
-                        };
-                        authors.insert(entry.entry.author);
-                        let run = session
-                            .lock()
-                            .expect("session lock")
-                            .receive(entry, payload.len());
-                        match run {
-                            Ok(None) => {}
-                            Ok(Some(run)) => runs.push(run),
-                            Err(refusal) => {
-                                self.reject(refusal.reason(), &refusal.to_string());
-                                out.refused += 1;
-                            }
-                        }
+                    let incoming = session.lock().expect("session lock").on_entries(&payloads);
+                    authors.extend(incoming.authors);
+                    for refusal in &incoming.refused {
+                        self.reject(refusal.reason(), &refusal.to_string());
                     }
-                    let ingested = self.ingest(None, runs.take()).await?;
+                    out.refused += incoming.refused.len() as u64;
+                    let ingested = self.ingest(peer, incoming.runs).await?;
                     out.appended += ingested.appended;
                     out.present += ingested.present;
                     out.refused += ingested.refused;
+                    self.note_theirs(peer, session);
                 }
                 PeerMessage::Synced if !mode.live => {
                     // What waits unsigned now never will be covered: refused.
@@ -307,7 +348,7 @@ impl Replication {
                     break;
                 }
                 PeerMessage::Hello { .. } => anyhow::bail!("the other side sent a second hello"),
-                _ => {}
+                _ => tracing::debug!("ignoring a peer message this session does not use"),
             }
         }
         out.authors = authors.len();
