@@ -803,4 +803,40 @@ mod tests {
         );
         assert_eq!(session.pending_len(), 0);
     }
+
+    #[test]
+    fn entries_no_signature_covers_teach_the_session_nothing() {
+        let peer = Keypair::from_secret([6; 32]).node_id();
+        let mut session = SyncSession::new(peer, MAX_UNSIGNED_RUN_BYTES, None);
+        for author in 0..200u8 {
+            let kp = Keypair::from_secret([author; 32]);
+            // Signed by someone else: refused.
+            let mut forged = signed(&kp, 1, None, b"x");
+            forged.signature = Some(Keypair::from_secret([255; 32]).sign(&forged.id));
+            assert!(receive(&mut session, &forged).is_err());
+            // Never signed: waits, counted only in the bounded buffer.
+            let mut unsigned = signed(&kp, 7, None, b"y");
+            unsigned.signature = None;
+            assert_eq!(receive(&mut session, &unsigned), Ok(None));
+        }
+        assert!(session.their_version_vector().is_empty());
+        assert!(session.released.is_empty());
+        assert_eq!(session.pending_len(), 200);
+        // A frame of them is taken in the same way.
+        let kp = Keypair::from_secret([9; 32]);
+        let mut e = signed(&kp, 1, None, b"z");
+        e.signature = Some(Keypair::from_secret([255; 32]).sign(&e.id));
+        let incoming =
+            session.on_entries(&[ByteBuf::from(e.encode_payload()), ByteBuf::from(vec![1, 2])]);
+        assert!(incoming.runs.is_empty());
+        assert_eq!(
+            incoming
+                .refused
+                .iter()
+                .map(Refusal::reason)
+                .collect::<Vec<_>>(),
+            ["bad_signature", "malformed"]
+        );
+        assert!(session.their_version_vector().is_empty());
+    }
 }
