@@ -246,7 +246,8 @@ pub struct IndexerHandle {
     durable_tx_wake: watch::Sender<()>,
     /// Its applied LSN and the error it stopped with, once it has.
     shared: Arc<IndexerShared>,
-    thread: Option<JoinHandle<Result<(), IndexError>>>,
+    /// Taken by the first [`shutdown`](Self::shutdown), which joins it.
+    thread: std::sync::Mutex<Option<JoinHandle<Result<(), IndexError>>>>,
 }
 
 impl IndexerHandle {
@@ -392,7 +393,7 @@ impl IndexerHandle {
             waiting,
             durable_tx_wake: wake_tx,
             shared,
-            thread: Some(thread),
+            thread: std::sync::Mutex::new(Some(thread)),
         })
     }
 
@@ -433,10 +434,10 @@ impl IndexerHandle {
     }
 
     /// Applies what is left of the durable log, makes the views durable, and joins the thread.
-    pub async fn shutdown(mut self) -> Result<(), IndexError> {
+    pub async fn shutdown(&self) -> Result<(), IndexError> {
         self.stop.store(true, Ordering::Release);
         self.durable_tx_wake.send_replace(());
-        let Some(thread) = self.thread.take() else {
+        let Some(thread) = self.thread.lock().expect("thread lock").take() else {
             return Ok(());
         };
         tokio::task::spawn_blocking(move || thread.join())

@@ -404,29 +404,11 @@ impl Node {
     }
 
     /// Stops the writer (flushing the log) and then the indexer (making the views durable).
-    pub async fn shutdown(self: Arc<Self>) {
-        // Tasks that still hold the node (a read finishing on a blocking thread) let go of it
-        // within moments of the endpoint closing.
-        let mut this = self;
-        let mut waited = Duration::ZERO;
-        let node = loop {
-            match Arc::try_unwrap(this) {
-                Ok(node) => break node,
-                Err(still) if waited < Duration::from_secs(5) => {
-                    this = still;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    waited += Duration::from_millis(20);
-                }
-                Err(_) => {
-                    tracing::warn!(
-                        "node still referenced after 5 s; its threads stop when it is dropped"
-                    );
-                    return;
-                }
-            }
-        };
-        node.writer.shutdown().await;
-        if let Err(e) = node.indexer.shutdown().await {
+    /// Whoever still holds the node afterwards reads what the views hold; a write is refused
+    /// as the writer shutting down.
+    pub async fn shutdown(&self) {
+        self.writer.shutdown().await;
+        if let Err(e) = self.indexer.shutdown().await {
             tracing::error!(error = %e, "indexer stopped with an error; the views will be replayed on start");
         }
     }

@@ -318,8 +318,9 @@ pub struct WriterHandle {
     /// Read by the thread before every local entry.
     own_chain: Arc<OwnChain>,
     /// Fires when the thread is about to return, so `shutdown` can join without blocking long.
-    exited: oneshot::Receiver<()>,
-    thread: Option<JoinHandle<()>>,
+    exited: std::sync::Mutex<Option<oneshot::Receiver<()>>>,
+    /// Taken by the first [`shutdown`](Self::shutdown), which joins it.
+    thread: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for WriterHandle {
@@ -390,8 +391,8 @@ impl WriterHandle {
             heads: shared_heads,
             failed,
             own_chain,
-            exited,
-            thread: Some(thread),
+            exited: std::sync::Mutex::new(Some(exited)),
+            thread: std::sync::Mutex::new(Some(thread)),
         }
     }
 
@@ -478,12 +479,17 @@ impl WriterHandle {
     }
 
     /// Lets the thread finish every command queued before this call (appending and syncing
-    /// them), then waits for it to exit.
-    pub async fn shutdown(mut self) {
+    /// them), then waits for it to exit. Commands sent after it are refused with
+    /// [`WriteError::ShuttingDown`]; a second call returns at once.
+    pub async fn shutdown(&self) {
         // A failed send means the thread is already gone.
         let _ = self.tx.send(Command::Shutdown).await;
-        let _ = (&mut self.exited).await;
-        if let Some(thread) = self.thread.take() {
+        let exited = self.exited.lock().expect("exit lock").take();
+        if let Some(exited) = exited {
+            let _ = exited.await;
+        }
+        let thread = self.thread.lock().expect("thread lock").take();
+        if let Some(thread) = thread {
             // The thread has signalled its exit: this join waits only for it to return.
             if thread.join().is_err() {
                 tracing::error!("the writer thread panicked");
