@@ -4,6 +4,7 @@
 //! - [`indexer`]: the indexer thread, the only one that writes the views.
 //! - [`resolver`]: how the writer resolves a plain put's `supersedes` while the indexer lags.
 
+pub mod chains;
 pub mod indexer;
 pub mod replication;
 pub mod resolver;

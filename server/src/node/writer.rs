@@ -1,8 +1,8 @@
 //! The writer thread: the only code that appends to the log.
 //!
 //! It blocks on its bounded queue for the first command, drains every command already waiting
-//! (up to the batch limits), turns them into entries, signs the batch's last local entry, and
-//! appends the whole batch with one write and one `fdatasync` (group commit). Only then does it
+//! (up to the batch limits), turns them into entries and signs them ([`Chains`], which does no
+//! I/O), and appends the whole batch with one write and one `fdatasync` (group commit). Only then does it
 //! publish the durable LSN and answer each caller on its oneshot channel: a caller learns its
 //! LSN only once its record is durable.
 //!
@@ -34,24 +34,22 @@
 //! views have failed for good ([`SupersedeResolver::refusal`]), every write is refused until the
 //! node is restarted.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use kappakv_protocol::limits::{
-    MAX_ENTRY_BYTES, MAX_OPS_PER_ENTRY, MAX_UNSIGNED_RUN_BYTES, UNSIGNED_PAYLOAD_OVERHEAD,
-};
+use kappakv_protocol::limits::MAX_ENTRY_BYTES;
 use kappakv_protocol::record::RECORD_HEADER_LEN;
-use kappakv_protocol::verify::{ChainHead, check_link};
+use kappakv_protocol::verify::ChainHead;
 use kappakv_protocol::{
-    Entry, EntryId, HlcClock, InvalidEntry, Keypair, Lsn, NodeId, Op, SignedEntry, VerifyError,
-    WriteOp,
+    EntryId, InvalidEntry, Keypair, Lsn, NodeId, SignedEntry, VerifyError, WriteOp,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::log::{AppendError, LogStore};
+use crate::node::chains::{BatchCommand, Built, Chains, OwnChain};
 
 /// Default for [`WriterConfig::queue_capacity`].
 pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
@@ -180,22 +178,6 @@ pub enum WriteError {
     ShuttingDown,
 }
 
-/// How far this node's own chain must reach before it writes under its own id: nothing (0),
-/// a seq a peer holds, or [`OwnChain::UNKNOWN`] until a peer says.
-#[derive(Debug, Default)]
-struct OwnChain {
-    required: AtomicU64,
-}
-
-impl OwnChain {
-    const UNKNOWN: u64 = u64::MAX;
-
-    /// The seq the chain must reach, `None` until a peer has said.
-    fn required(&self) -> Option<u64> {
-        Some(self.required.load(Ordering::Acquire)).filter(|&s| s != Self::UNKNOWN)
-    }
-}
-
 /// How the writer fills in `supersedes` for a write that does not give it.
 pub trait SupersedeResolver: Send + 'static {
     /// Ids of every version of `key` current after all entries appended so far (tombstones
@@ -286,19 +268,6 @@ impl Command {
     }
 }
 
-/// How far ahead of this node's wall clock a received timestamp may be and still move its
-/// clock forward.
-const CLOCK_SKEW_MAX_MS: u64 = 10 * 60 * 1000;
-
-/// Takes in a timestamp seen in the log or on a received entry, unless it is further in the
-/// future than any honest clock could be: a peer cannot push this node's clock to the end of
-/// its range. The entry itself is still accepted; timestamps only order siblings for display.
-fn observe_bounded(clock: &mut HlcClock, seen: kappakv_protocol::Timestamp) {
-    if seen.millis() <= wall_millis().saturating_add(CLOCK_SKEW_MAX_MS) {
-        clock.observe(seen);
-    }
-}
-
 /// Chain heads shared by the writer thread with the readers of its handle.
 type SharedHeads = Arc<RwLock<HashMap<NodeId, ChainHead>>>;
 
@@ -348,24 +317,17 @@ impl WriterHandle {
         let (durable_tx, durable) = watch::channel(store.last_lsn());
         let shared_heads: SharedHeads = Arc::new(RwLock::new(heads.clone()));
         let failed = Arc::new(AtomicBool::new(false));
-        let own_chain = Arc::new(OwnChain::default());
+        let chains = Chains::new(heads, keypair, store.max_timestamp_at_open(), wall_millis());
+        let own_chain = chains.own_chain();
         let (exit_tx, exited) = oneshot::channel();
-        let mut clock = HlcClock::default();
-        observe_bounded(&mut clock, store.max_timestamp_at_open());
         let writer = Writer {
             store,
-            heads,
-            keypair,
-            node_id,
+            chains,
             resolver,
-            clock,
             durable: durable_tx,
             shared_heads: shared_heads.clone(),
-            own_chain: own_chain.clone(),
             cfg,
-            entries: Vec::new(),
             payloads: Vec::new(),
-            undo: Vec::new(),
             disk_full: None,
             disk_full_logged: None,
             appended_bytes: 0,
@@ -544,21 +506,14 @@ enum Pending {
 /// The thread's state.
 struct Writer {
     store: LogStore,
-    /// Each author's chain head, including entries of the batch being built.
-    heads: HashMap<NodeId, ChainHead>,
-    keypair: Keypair,
-    node_id: NodeId,
+    /// Every author's chain, and the batch being built.
+    chains: Chains,
     resolver: Box<dyn SupersedeResolver>,
-    clock: HlcClock,
     durable: watch::Sender<Lsn>,
     shared_heads: SharedHeads,
-    own_chain: Arc<OwnChain>,
     cfg: WriterConfig,
-    /// The batch being built, reused.
-    entries: Vec<SignedEntry>,
+    /// The batch's record payloads, reused.
     payloads: Vec<Vec<u8>>,
-    /// Each author's head before each entry of the batch changed it, to undo the batch.
-    undo: Vec<(NodeId, Option<ChainHead>)>,
     /// Set while the disk is full: from the first refused batch to the next durable one.
     disk_full: Option<DiskFull>,
     /// When a full disk was last logged as an error.
@@ -643,66 +598,35 @@ impl Writer {
             return Ok(());
         }
         let base = self.store.last_lsn();
-        self.entries.clear();
-        self.undo.clear();
-        let mut pending = Vec::with_capacity(commands.len());
-        // The local run not yet signed: the index of its last entry, and its payload bytes.
-        let mut open_local: Option<(usize, usize)> = None;
-        for cmd in commands.drain(..) {
-            match cmd {
-                Command::Local { ops, reply } => match self.build_local(ops) {
-                    Ok((entry, canonical_len)) => {
-                        let bytes = canonical_len + UNSIGNED_PAYLOAD_OVERHEAD;
-                        let mut run_bytes = bytes;
-                        if let Some((i, open)) = open_local {
-                            if open + bytes > MAX_UNSIGNED_RUN_BYTES {
-                                self.sign(i);
-                            } else {
-                                run_bytes += open;
-                            }
-                        }
-                        let lsn = self.push(base, entry);
-                        let i = self.entries.len() - 1;
-                        open_local = Some((i, run_bytes));
-                        pending.push(Pending::Local {
-                            reply,
-                            lsn,
-                            id: self.entries[i].id,
-                        });
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                },
-                Command::Remote { entries, reply } => match self.check_remote(&entries) {
-                    Ok(()) => {
-                        // Only one author's run is ever open at a point of the log: a receiver
-                        // then waits for at most one run's signature at a time.
-                        if let Some((i, _)) = open_local.take() {
-                            self.sign(i);
-                        }
-                        for entry in entries {
-                            observe_bounded(&mut self.clock, entry.entry.timestamp);
-                            self.push(base, entry);
-                        }
-                        pending.push(Pending::Remote {
-                            reply,
-                            lsn: base + self.entries.len() as u64,
-                        });
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                },
-                Command::Shutdown => {}
+        let commands = commands.drain(..).filter_map(|cmd| match cmd {
+            Command::Local { ops, reply } => Some(BatchCommand::Local { ops, reply }),
+            Command::Remote { entries, reply } => Some(BatchCommand::Remote { entries, reply }),
+            Command::Shutdown => None,
+        });
+        let built = self
+            .chains
+            .build(base, commands, self.resolver.as_mut(), wall_millis());
+        let mut pending = Vec::with_capacity(built.len());
+        for b in built {
+            match b {
+                Built::Local { reply, lsn, id } => pending.push(Pending::Local { reply, lsn, id }),
+                Built::Remote { reply, lsn } => pending.push(Pending::Remote { reply, lsn }),
+                Built::LocalRefused { reply, error } => {
+                    let _ = reply.send(Err(error));
+                }
+                Built::RemoteRefused { reply, error } => {
+                    let _ = reply.send(Err(error));
+                }
             }
         }
-        if let Some((i, _)) = open_local {
-            self.sign(i);
-        }
+        let batch_len = self.chains.entries().len() as u64;
         self.payloads.clear();
-        self.payloads
-            .extend(self.entries.iter().map(SignedEntry::encode_payload));
+        self.payloads.extend(
+            self.chains
+                .entries()
+                .iter()
+                .map(SignedEntry::encode_payload),
+        );
         let batch_bytes: u64 = self
             .payloads
             .iter()
@@ -713,10 +637,10 @@ impl Writer {
             Ok(last) => {
                 assert_eq!(
                     last,
-                    base + self.entries.len() as u64,
+                    base + batch_len,
                     "the store assigned the LSNs the writer did"
                 );
-                if track && !self.entries.is_empty() {
+                if track && batch_len > 0 {
                     self.appended_bytes += batch_bytes;
                     self.backlog.push_back((last, self.appended_bytes));
                 }
@@ -726,7 +650,7 @@ impl Writer {
                 self.durable.send_replace(last);
                 {
                     let mut shared = self.shared_heads.write().expect("heads lock");
-                    for e in &self.entries {
+                    for e in self.chains.entries() {
                         shared.insert(
                             e.entry.author,
                             ChainHead {
@@ -740,7 +664,7 @@ impl Writer {
                     .iter()
                     .filter(|p| matches!(p, Pending::Local { .. }))
                     .count() as u64;
-                crate::telemetry::group_commit(local, self.entries.len() as u64 - local);
+                crate::telemetry::group_commit(local, batch_len - local);
                 for p in pending {
                     // A caller that went away still has its entry written.
                     let _ = match p {
@@ -843,144 +767,14 @@ impl Writer {
     /// Forgets the batch built on `base`, which did not reach the log: each author's head goes
     /// back to where the log has it, and the resolver drops the batch's entries.
     fn discard(&mut self, base: Lsn) {
-        for (author, head) in self.undo.drain(..).rev() {
-            match head {
-                Some(h) => self.heads.insert(author, h),
-                None => self.heads.remove(&author),
-            };
-        }
+        self.chains.discard();
         debug_assert_eq!(
-            self.heads,
+            *self.chains.heads(),
             *self.shared_heads.read().expect("heads lock"),
             "after a discarded batch the heads are the durable ones"
         );
-        self.entries.clear();
         self.resolver.discarded(base);
         self.resolver.batch_done();
-    }
-
-    /// Places `entry` in the batch: assigns its LSN, advances its author's head and tells the
-    /// resolver.
-    fn push(&mut self, base: Lsn, entry: SignedEntry) -> Lsn {
-        let lsn = base + self.entries.len() as u64 + 1;
-        let before = self.heads.insert(
-            entry.entry.author,
-            ChainHead {
-                seq: entry.entry.seq,
-                id: entry.id,
-            },
-        );
-        self.undo.push((entry.entry.author, before));
-        self.resolver.appended(lsn, &entry);
-        self.entries.push(entry);
-        lsn
-    }
-
-    /// Signs the local entry at `i` of the batch, closing its run.
-    fn sign(&mut self, i: usize) {
-        let e = &mut self.entries[i];
-        debug_assert!(e.signature.is_none() && e.entry.author == self.node_id);
-        e.signature = Some(self.keypair.sign(&e.id));
-    }
-
-    /// The next local entry, carrying `ops`, and the length of its canonical encoding.
-    fn build_local(&mut self, writes: Vec<WriteOp>) -> Result<(SignedEntry, usize), WriteError> {
-        if writes.is_empty() {
-            return Err(InvalidEntry::NoOps.into());
-        }
-        let have = self.heads.get(&self.node_id).map_or(0, |h| h.seq);
-        let peer_holds = self.own_chain.required();
-        if peer_holds.is_none_or(|seq| have < seq) {
-            return Err(WriteError::OwnChainBehind { have, peer_holds });
-        }
-        if writes.len() > MAX_OPS_PER_ENTRY {
-            return Err(InvalidEntry::TooManyOps {
-                count: writes.len(),
-                max: MAX_OPS_PER_ENTRY,
-            }
-            .into());
-        }
-        let mut ops = Vec::with_capacity(writes.len());
-        for w in writes {
-            let mut supersedes = match w.supersedes {
-                Some(ids) => ids,
-                None => self
-                    .resolver
-                    .current(&w.key)
-                    .map_err(WriteError::Unresolved)?,
-            };
-            supersedes.sort_unstable();
-            supersedes.dedup();
-            ops.push(match w.value {
-                Some(value) => Op::Put {
-                    key: w.key,
-                    value,
-                    supersedes,
-                },
-                None => Op::Delete {
-                    key: w.key,
-                    supersedes,
-                },
-            });
-        }
-        let head = self.heads.get(&self.node_id);
-        let entry = Entry {
-            author: self.node_id,
-            seq: head.map_or(1, |h| h.seq + 1),
-            prev: head.map(|h| h.id),
-            timestamp: self.clock.now(wall_millis()),
-            ops,
-        };
-        entry.validate()?;
-        let bytes = entry.to_canonical_bytes();
-        if bytes.len() > MAX_ENTRY_BYTES {
-            return Err(InvalidEntry::TooLarge {
-                len: bytes.len(),
-                max: MAX_ENTRY_BYTES,
-            }
-            .into());
-        }
-        Ok((
-            SignedEntry {
-                id: EntryId::of_canonical_bytes(&bytes),
-                entry,
-                signature: None,
-            },
-            bytes.len(),
-        ))
-    }
-
-    /// Checks that `entries` extend the chains as they stand (batch included), and that each
-    /// author's last entry among them is signed.
-    fn check_remote(&self, entries: &[SignedEntry]) -> Result<(), WriteError> {
-        let mut heads: HashMap<NodeId, ChainHead> = HashMap::new();
-        for (index, e) in entries.iter().enumerate() {
-            debug_assert_eq!(
-                e.id,
-                e.entry.id(),
-                "a remote entry's id is the hash of its entry"
-            );
-            let author = e.entry.author;
-            let head = heads.get(&author).or_else(|| self.heads.get(&author));
-            check_link(head, &e.entry).map_err(|source| WriteError::Link { index, source })?;
-            heads.insert(
-                author,
-                ChainHead {
-                    seq: e.entry.seq,
-                    id: e.id,
-                },
-            );
-        }
-        let mut seen = HashSet::new();
-        for e in entries.iter().rev() {
-            if seen.insert(e.entry.author) && e.signature.is_none() {
-                return Err(WriteError::Unsigned {
-                    author: e.entry.author,
-                    seq: e.entry.seq,
-                });
-            }
-        }
-        Ok(())
     }
 }
 
