@@ -12,15 +12,16 @@
 //! concurrently to a few shared keys: plain puts and deletes that supersede what the node sees,
 //! and merges with a context read earlier.
 //!
-//! The nodes use the sans-IO session (`SyncSession`, `plan`) as `driver.rs` does: the send
-//! side starts where `resume_after` says and walks the log in order through `should_send`; the
-//! receive side takes entries one by one
-//! through `receive`, classifies each released run against the log's durable head, and hands an
-//! `Append` to the writer, waiting for its reply (classifying again after a link error, at most
-//! three times) before it reads on. The writer builds a batch like `writer.rs`: local entries
-//! get seq, prev and an HLC timestamp and supersede what is current, remote runs must extend
-//! the chains and end signed, and the batch's last local entry is signed.
-//!
+//! The nodes run the production code that does no I/O: the receive side takes entries one by
+//! one through `SyncSession::receive`, classifies each released run with `session::plan` (as
+//! `driver.rs` `ingest` does) and hands an append to the writer, waiting for its reply
+//! (classifying again after a link error) before it reads on; the send side starts where
+//! `resume_after` says and walks the log through `should_send`; the writer builds each batch
+//! with `Chains`, as the writer thread does (local entries get seq, prev, an HLC timestamp on
+//! the simulated clock and supersede what the model says is current; remote runs must extend
+//! the chains and end signed; the signing rules), and the simulation appends it to an
+//! in-memory log. What is simulated is only the I/O: streams, the log's storage, time.
+
 //! After a random number of steps everything heals and runs to quiescence. Then every node
 //! must hold the same entries (per author the same chain, no duplicates, every chain verifying
 //! in the node's local order with `ChainChecker`), the same kv state (every key: same values
@@ -29,12 +30,16 @@
 //!
 //! `SYNC_SIM_SEEDS=N` runs seeds `0..N` (default 200); `SYNC_SIM_SEED=S` runs seed `S` alone.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use kappakv_indexes::{Indexes, default_views};
-use kappakv_protocol::verify::{ChainChecker, ChainHead, check_link};
-use kappakv_protocol::{Entry, EntryId, HlcClock, KeyVersions, Keypair, NodeId, Op, SignedEntry};
+use kappakv_protocol::verify::ChainChecker;
+use kappakv_protocol::{
+    Entry, EntryId, KeyVersions, Keypair, NodeId, Op, SignedEntry, Timestamp, WriteOp,
+};
+use kappakv_server::node::chains::{BatchCommand, Built, Chains};
 use kappakv_server::node::replication::session::{Classified, SyncSession, plan, resume_after};
+use kappakv_server::node::writer::SupersedeResolver;
 
 /// Seeds run by default.
 const DEFAULT_SEEDS: u64 = 200;
@@ -98,6 +103,33 @@ enum LocalOp {
     },
 }
 
+impl LocalOp {
+    /// The write as the writer takes it.
+    fn into_write(self) -> WriteOp {
+        match self {
+            LocalOp::Put { key, value } => WriteOp {
+                key,
+                value: Some(value),
+                supersedes: None,
+            },
+            LocalOp::Delete { key } => WriteOp {
+                key,
+                value: None,
+                supersedes: None,
+            },
+            LocalOp::Merge {
+                key,
+                value,
+                context,
+            } => WriteOp {
+                key,
+                value: Some(value),
+                supersedes: Some(context),
+            },
+        }
+    }
+}
+
 /// Who waits for a remote append: a receive side of one connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Tag {
@@ -117,6 +149,21 @@ enum Command {
 struct Mvr {
     current: BTreeMap<Vec<u8>, BTreeSet<EntryId>>,
     superseded: BTreeSet<(Vec<u8>, EntryId)>,
+}
+
+/// The writer resolves plain writes from the model, which follows every entry it places.
+impl SupersedeResolver for Mvr {
+    fn current(&mut self, key: &[u8]) -> Result<Vec<EntryId>, String> {
+        Ok(Mvr::current(self, key))
+    }
+
+    fn appended(&mut self, _lsn: u64, e: &SignedEntry) {
+        self.apply(e);
+    }
+
+    fn discarded(&mut self, _after: u64) {
+        unreachable!("the simulated log never refuses a batch");
+    }
 }
 
 impl Mvr {
@@ -148,11 +195,12 @@ struct Node {
     /// The log, in local order; every entry here is durable.
     log: Vec<SignedEntry>,
     ids: BTreeSet<EntryId>,
-    /// Each author's chain head in the log.
-    heads: BTreeMap<NodeId, ChainHead>,
+    /// The writer's chains (each author's head in the log) and its batch building: the
+    /// production code, without the thread and the files.
+    chains: Chains,
+    /// The kv state as a model, which also resolves the writer's plain writes.
     model: Mvr,
     indexes: Indexes,
-    clock: HlcClock,
     /// The writer's queue; lost on restart.
     queue: VecDeque<Command>,
     /// The context of the last get of each key, for merges.
@@ -166,13 +214,12 @@ impl Node {
         let (indexes, _) = Indexes::open_in_memory(default_views()).expect("open views");
         Self {
             id: keypair.node_id(),
+            chains: Chains::new(HashMap::new(), keypair.clone(), Timestamp(0), 0),
             keypair,
             log: Vec::new(),
             ids: BTreeSet::new(),
-            heads: BTreeMap::new(),
             model: Mvr::default(),
             indexes,
-            clock: HlcClock::default(),
             queue: VecDeque::new(),
             read_contexts: BTreeMap::new(),
             writes: 0,
@@ -180,7 +227,14 @@ impl Node {
     }
 
     fn version_vector(&self) -> Vec<(NodeId, u64)> {
-        self.heads.iter().map(|(a, h)| (*a, h.seq)).collect()
+        let mut vv: Vec<(NodeId, u64)> = self
+            .chains
+            .heads()
+            .iter()
+            .map(|(a, h)| (*a, h.seq))
+            .collect();
+        vv.sort_unstable();
+        vv
     }
 
     fn get(&self, key: &[u8]) -> KeyVersions {
@@ -193,13 +247,20 @@ impl Node {
 
     /// A crash and restart: the writer queue is lost, the log kept; the clock restarts from the
     /// log's latest timestamp, and the views, when `rebuild`, are rebuilt from the log.
-    fn restart(&mut self, rebuild: bool) {
+    fn restart(&mut self, rebuild: bool, now_ms: u64) {
         self.queue.clear();
-        let mut clock = HlcClock::default();
-        if let Some(max) = self.log.iter().map(|e| e.entry.timestamp).max() {
-            clock.observe(max);
-        }
-        self.clock = clock;
+        let max = self
+            .log
+            .iter()
+            .map(|e| e.entry.timestamp)
+            .max()
+            .unwrap_or_default();
+        self.chains = Chains::new(
+            self.chains.heads().clone(),
+            self.keypair.clone(),
+            max,
+            now_ms,
+        );
         if rebuild {
             let (indexes, _) = Indexes::open_in_memory(default_views()).expect("open views");
             let batch: Vec<(u64, &SignedEntry)> = self
@@ -235,128 +296,49 @@ impl Node {
         usize::try_from(after).expect("an LSN of an in-memory log fits usize")
     }
 
-    fn push(&mut self, e: SignedEntry, touched: &mut BTreeSet<Vec<u8>>) {
-        assert!(self.ids.insert(e.id), "entry {} appended twice", e.id);
-        self.heads.insert(
-            e.entry.author,
-            ChainHead {
-                seq: e.entry.seq,
-                id: e.id,
-            },
-        );
-        self.model.apply(&e);
-        touched.extend(e.entry.ops.iter().map(|op| op.key().to_vec()));
-        self.log.push(e);
-    }
-
-    fn build_local(&mut self, ops: Vec<LocalOp>, now_ms: u64) -> SignedEntry {
-        let ops = ops
-            .into_iter()
-            .map(|op| match op {
-                LocalOp::Put { key, value } => {
-                    let supersedes = self.model.current(&key);
-                    Op::Put {
-                        key,
-                        value,
-                        supersedes,
-                    }
-                }
-                LocalOp::Delete { key } => {
-                    let supersedes = self.model.current(&key);
-                    Op::Delete { key, supersedes }
-                }
-                LocalOp::Merge {
-                    key,
-                    value,
-                    mut context,
-                } => {
-                    context.sort_unstable();
-                    context.dedup();
-                    Op::Put {
-                        key,
-                        value,
-                        supersedes: context,
-                    }
-                }
+    /// One group commit of the first `n` queued commands, built by the production `Chains`.
+    /// Returns the acknowledged local entry ids and the replies owed to receive sides.
+    fn batch(&mut self, n: usize, now_ms: u64) -> (Vec<EntryId>, Vec<(Tag, bool)>) {
+        let base = self.log.len() as u64;
+        let commands: Vec<BatchCommand<(), Tag>> = self
+            .queue
+            .drain(..n)
+            .map(|cmd| match cmd {
+                Command::Local(ops) => BatchCommand::Local {
+                    ops: ops.into_iter().map(LocalOp::into_write).collect(),
+                    reply: (),
+                },
+                Command::Remote { entries, tag } => BatchCommand::Remote {
+                    entries,
+                    reply: tag,
+                },
             })
             .collect();
-        let head = self.heads.get(&self.id);
-        let entry = Entry {
-            author: self.id,
-            seq: head.map_or(1, |h| h.seq + 1),
-            prev: head.map(|h| h.id),
-            timestamp: self.clock.now(now_ms),
-            ops,
-        };
-        entry.validate().expect("a valid local entry");
-        SignedEntry {
-            id: entry.id(),
-            entry,
-            signature: None,
-        }
-    }
-
-    /// Whether `entries` extend the chains as they stand and end signed per author, as the
-    /// writer's `check_remote`.
-    fn check_remote(&self, entries: &[SignedEntry]) -> bool {
-        let mut heads: BTreeMap<NodeId, ChainHead> = BTreeMap::new();
-        for e in entries {
-            let author = e.entry.author;
-            let head = heads.get(&author).or_else(|| self.heads.get(&author));
-            if check_link(head, &e.entry).is_err() {
-                return false;
-            }
-            heads.insert(
-                author,
-                ChainHead {
-                    seq: e.entry.seq,
-                    id: e.id,
-                },
-            );
-        }
-        let mut seen = BTreeSet::new();
-        entries
-            .iter()
-            .rev()
-            .all(|e| !seen.insert(e.entry.author) || e.signature.is_some())
-    }
-
-    /// One group commit of the first `n` queued commands. Returns the acknowledged local entry
-    /// ids and the replies owed to receive sides.
-    fn batch(&mut self, n: usize, now_ms: u64) -> (Vec<EntryId>, Vec<(Tag, bool)>) {
-        let base = self.log.len();
-        let mut touched = BTreeSet::new();
         let mut acked = Vec::new();
         let mut replies = Vec::new();
-        let mut last_local = None;
-        for cmd in self.queue.drain(..n).collect::<Vec<_>>() {
-            match cmd {
-                Command::Local(ops) => {
-                    let e = self.build_local(ops, now_ms);
-                    acked.push(e.id);
-                    last_local = Some(self.log.len());
-                    self.push(e, &mut touched);
-                }
-                Command::Remote { entries, tag } => {
-                    let ok = self.check_remote(&entries);
-                    if ok {
-                        for e in entries {
-                            self.clock.observe(e.entry.timestamp);
-                            self.push(e, &mut touched);
-                        }
-                    }
-                    replies.push((tag, ok));
+        for built in self.chains.build(base, commands, &mut self.model, now_ms) {
+            match built {
+                Built::Local { id, .. } => acked.push(id),
+                Built::Remote { reply, .. } => replies.push((reply, true)),
+                Built::RemoteRefused { reply, .. } => replies.push((reply, false)),
+                Built::LocalRefused { error, .. } => {
+                    panic!(
+                        "node {}: a local write was refused: {error}",
+                        self.id.short()
+                    )
                 }
             }
         }
-        if let Some(i) = last_local {
-            let e = &mut self.log[i];
-            e.signature = Some(self.keypair.sign(&e.id));
+        let mut touched = BTreeSet::new();
+        for e in self.chains.entries() {
+            assert!(self.ids.insert(e.id), "entry {} appended twice", e.id);
+            touched.extend(e.entry.ops.iter().map(|op| op.key().to_vec()));
+            self.log.push(e.clone());
         }
-        let batch: Vec<(u64, &SignedEntry)> = self.log[base..]
+        let batch: Vec<(u64, &SignedEntry)> = self.log[base as usize..]
             .iter()
             .enumerate()
-            .map(|(i, e)| ((base + i) as u64 + 1, e))
+            .map(|(i, e)| (base + i as u64 + 1, e))
             .collect();
         self.indexes.apply(&batch, false).expect("apply to views");
         for key in &touched {
@@ -577,7 +559,7 @@ impl Sim {
         }
         self.stats.restarts += 1;
         let rebuild = self.rng.chance(1, 2);
-        self.nodes[n].restart(rebuild);
+        self.nodes[n].restart(rebuild, self.now_ms);
         self.note(format!("restart {n} rebuild={rebuild}"));
     }
 
@@ -754,7 +736,8 @@ impl Sim {
         };
         let (seq, author) = (e.entry.seq, e.entry.author.short());
         let have = self.nodes[n]
-            .heads
+            .chains
+            .heads()
             .get(&e.entry.author)
             .map_or(0, |h| h.seq);
         match conn.sides[s].session.receive(e, len) {
@@ -786,7 +769,7 @@ impl Sim {
     ) -> Option<Ingest> {
         let plan = plan(
             std::slice::from_ref(&run),
-            |author| node.heads.get(author).copied(),
+            |author| node.chains.heads().get(author).copied(),
             |id| Ok::<_, std::convert::Infallible>(node.ids.contains(id)),
         )
         .unwrap_or_else(|never| match never {});
