@@ -256,7 +256,7 @@ async fn sync_stdio(config: Config, live: bool) -> Result<ExitCode> {
             return Ok(ExitCode::from(exit::of_serve_error(&e)));
         }
     };
-    let replication = Replication::detached(node.clone())?;
+    let replication = Replication::detached(&node)?;
     let cancel = tokio_util::sync::CancellationToken::new();
     let mode = StreamMode {
         send: true,

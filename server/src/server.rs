@@ -70,7 +70,7 @@ impl Server {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let replication = crate::node::replication::Replication::start(
-            node.clone(),
+            &node,
             endpoint.clone(),
             cancel.clone(),
             tracker.clone(),
@@ -141,7 +141,6 @@ impl Server {
             .close(crate::net::close::SHUTDOWN.into(), b"node shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         drop(self.endpoint);
-        drop(self.node.take_replication());
         self.node.shutdown().await;
         tracing::info!("stopped");
     }

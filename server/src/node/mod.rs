@@ -113,7 +113,7 @@ pub struct Node {
     /// Client tokens.
     pub tokens: Tokens,
     /// The writer thread. Every append goes through it.
-    pub writer: WriterHandle,
+    pub writer: Arc<WriterHandle>,
     /// The views. Reads take snapshots; only the indexer thread writes.
     pub indexes: Arc<Indexes>,
     /// LSN of the last durable log record.
@@ -124,13 +124,100 @@ pub struct Node {
     pub reads: Semaphore,
     /// Bounds open watches: each holds a log file open and a stream.
     pub watches: Semaphore,
-    /// Replication with peers, set once the endpoint is up and taken at shutdown (it holds
-    /// the node, so it must be let go of for the node to be dropped).
+    /// Replication with peers, set once the endpoint is up. It holds only
+    /// [`NodeHandles`], never the node, so the two do not keep each other alive.
     replication: Mutex<Option<Arc<replication::Replication>>>,
-    indexer: IndexerHandle,
-    /// Whether the data dir holds [`OWN_CHAIN_UNCONFIRMED`], which goes once the node holds
-    /// its own chain as far as its peers do.
-    own_chain_marker: AtomicBool,
+    indexer: Arc<IndexerHandle>,
+    /// Whether this node may write under its own id, as peers report its chain.
+    pub own_chain: Arc<OwnChainGuard>,
+}
+
+/// What replication needs of a node: narrow handles, so that replication, which the node
+/// holds, does not hold the node.
+#[derive(Clone)]
+pub struct NodeHandles {
+    /// The node's id.
+    pub node_id: NodeId,
+    /// The writer: version vector, heads, remote appends.
+    pub writer: Arc<WriterHandle>,
+    /// The views, for lookups.
+    pub indexes: Arc<Indexes>,
+    /// LSN of the last durable log record.
+    pub durable: watch::Receiver<Lsn>,
+    /// The data dir: the log to read, equivocation proofs to store.
+    pub data_dir: DataDir,
+    /// Whether the node may write under its own id.
+    pub own_chain: Arc<OwnChainGuard>,
+    indexer: Arc<IndexerHandle>,
+}
+
+impl NodeHandles {
+    /// Waits until the views that serve reads have applied `lsn`; `false` if the indexer has
+    /// stopped first.
+    pub async fn wait_indexed(&self, lsn: Lsn) -> bool {
+        self.indexer.wait_indexed(lsn).await
+    }
+}
+
+/// Whether this node may write under its own id: its log must hold its own chain as far as any
+/// peer does. Fed by peers' hellos and by entries of its own chain received back.
+pub struct OwnChainGuard {
+    node_id: NodeId,
+    writer: Arc<WriterHandle>,
+    accept_chain_loss: bool,
+    /// [`OWN_CHAIN_UNCONFIRMED`] in the data dir.
+    marker_path: PathBuf,
+    /// Whether the marker is there; it goes once the node holds its own chain as far as its
+    /// peers do.
+    marker: AtomicBool,
+}
+
+impl OwnChainGuard {
+    /// A peer said, in its hello, that it holds this node's own chain up to `seq`. Local
+    /// writes are held while the log has less of it (they would fork the chain); a node
+    /// restored from a backup learns here how far its chain goes.
+    pub fn peer_holds(&self, peer: &dyn std::fmt::Display, seq: u64) {
+        let have = self.writer.head(&self.node_id).map_or(0, |h| h.seq);
+        if self.accept_chain_loss {
+            if seq > have {
+                tracing::warn!(
+                    %peer, have, peer_holds = seq,
+                    "a peer holds more of this node's own chain than its log, and accept_chain_loss is set: new local entries fork the chain, and peers refuse them"
+                );
+            }
+            return;
+        }
+        let was_unknown = self.writer.own_chain_unknown();
+        if let Some(required) = self.writer.peer_holds_own(seq) {
+            tracing::warn!(
+                %peer, have, peer_holds = required,
+                "a peer holds more of this node's own chain than its log: local writes are held until the node has received it"
+            );
+            return;
+        }
+        if was_unknown {
+            tracing::info!(%peer, have, peer_holds = seq, "a peer confirmed how far this node's own chain goes: local writes resume");
+        }
+        self.received();
+    }
+
+    /// Called after entries from a peer were appended: once local writes are no longer held,
+    /// the data dir's marker of an unconfirmed chain goes (a restart then holds nothing).
+    pub fn received(&self) {
+        if !self.marker.load(Ordering::Acquire) || self.writer.own_writes_held() {
+            return;
+        }
+        self.marker.store(false, Ordering::Release);
+        match std::fs::remove_file(&self.marker_path) {
+            Ok(()) => tracing::info!(
+                "this node holds its own chain as far as its peers do: local writes resume"
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %self.marker_path.display(), error = %e, "could not remove the marker of an unconfirmed chain");
+            }
+        }
+    }
 }
 
 /// A file in the data dir saying that its log may lack the end of the node's own chain, which
@@ -277,8 +364,14 @@ impl Node {
             Box::new(resolver),
             writer_config,
         );
-        let own_chain_marker =
-            AtomicBool::new(hold_writes_if_restored(&data_dir, &config, &writer));
+        let writer = Arc::new(writer);
+        let own_chain = Arc::new(OwnChainGuard {
+            node_id,
+            writer: writer.clone(),
+            accept_chain_loss: config.accept_chain_loss,
+            marker_path: data_dir.path().join(OWN_CHAIN_UNCONFIRMED),
+            marker: AtomicBool::new(hold_writes_if_restored(&data_dir, &config, &writer)),
+        });
         let durable = writer.durable_lsn();
         let indexer = IndexerHandle::spawn(
             indexes.clone(),
@@ -307,55 +400,21 @@ impl Node {
             durable,
             indexed,
             replication: Mutex::new(None),
-            indexer,
-            own_chain_marker,
+            indexer: Arc::new(indexer),
+            own_chain,
         }))
     }
 
-    /// A peer said, in its hello, that it holds this node's own chain up to `seq`. Local
-    /// writes are held while the log has less of it (they would fork the chain); a node
-    /// restored from a backup learns here how far its chain goes.
-    pub fn peer_holds_own_chain(&self, peer: &dyn std::fmt::Display, seq: u64) {
-        let have = self.writer.head(&self.node_id).map_or(0, |h| h.seq);
-        if self.config.accept_chain_loss {
-            if seq > have {
-                tracing::warn!(
-                    %peer, have, peer_holds = seq,
-                    "a peer holds more of this node's own chain than its log, and accept_chain_loss is set: new local entries fork the chain, and peers refuse them"
-                );
-            }
-            return;
-        }
-        let was_unknown = self.writer.own_chain_unknown();
-        if let Some(required) = self.writer.peer_holds_own(seq) {
-            tracing::warn!(
-                %peer, have, peer_holds = required,
-                "a peer holds more of this node's own chain than its log: local writes are held until the node has received it"
-            );
-            return;
-        }
-        if was_unknown {
-            tracing::info!(%peer, have, peer_holds = seq, "a peer confirmed how far this node's own chain goes: local writes resume");
-        }
-        self.own_chain_received();
-    }
-
-    /// Called after entries from a peer were appended: once local writes are no longer held,
-    /// the data dir's marker of an unconfirmed chain goes (a restart then holds nothing).
-    pub fn own_chain_received(&self) {
-        if !self.own_chain_marker.load(Ordering::Acquire) || self.writer.own_writes_held() {
-            return;
-        }
-        self.own_chain_marker.store(false, Ordering::Release);
-        let marker = self.data_dir.path().join(OWN_CHAIN_UNCONFIRMED);
-        match std::fs::remove_file(&marker) {
-            Ok(()) => tracing::info!(
-                "this node holds its own chain as far as its peers do: local writes resume"
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(path = %marker.display(), error = %e, "could not remove the marker of an unconfirmed chain");
-            }
+    /// What replication needs of this node.
+    pub fn handles(&self) -> NodeHandles {
+        NodeHandles {
+            node_id: self.node_id,
+            writer: self.writer.clone(),
+            indexes: self.indexes.clone(),
+            durable: self.durable.clone(),
+            data_dir: self.data_dir.clone(),
+            own_chain: self.own_chain.clone(),
+            indexer: self.indexer.clone(),
         }
     }
 
@@ -397,11 +456,6 @@ impl Node {
     /// Sets replication, once the endpoint is up.
     pub fn set_replication(&self, r: Arc<replication::Replication>) {
         *self.replication.lock().expect("replication lock") = Some(r);
-    }
-
-    /// Lets go of replication; called at shutdown once its tasks have ended.
-    pub fn take_replication(&self) -> Option<Arc<replication::Replication>> {
-        self.replication.lock().expect("replication lock").take()
     }
 
     /// Stops the writer (flushing the log) and then the indexer (making the views durable).

@@ -26,7 +26,7 @@ use crate::log::LogReader;
 use crate::net::close;
 use crate::net::tls::TlsIdentity;
 use crate::node::writer::WriteError;
-use crate::node::{Node, StartError};
+use crate::node::{Node, NodeHandles, StartError};
 
 /// Entries read from the log per blocking read on the send side.
 const SEND_CHUNK: u64 = 2048;
@@ -96,7 +96,8 @@ struct Ingested {
 
 /// Replication with every peer of this node.
 pub struct Replication {
-    node: Arc<Node>,
+    /// What replication needs of the node, and no more: the node holds replication.
+    node: NodeHandles,
     /// Where peers are dialled; `None` for a node that only syncs over streams
     /// ([`Replication::detached`]).
     endpoint: Option<quinn::Endpoint>,
@@ -131,7 +132,7 @@ pub enum PeerError {
 impl Replication {
     /// Loads the peer list and starts dialling every peer.
     pub fn start(
-        node: Arc<Node>,
+        node: &Node,
         endpoint: quinn::Endpoint,
         cancel: CancellationToken,
         tracker: TaskTracker,
@@ -148,7 +149,7 @@ impl Replication {
 
     /// Replication with no endpoint and no peer dialled: for sessions over streams only, on a
     /// node that does not serve ([`Replication::serve_stream`]).
-    pub fn detached(node: Arc<Node>) -> Result<Arc<Self>, StartError> {
+    pub fn detached(node: &Node) -> Result<Arc<Self>, StartError> {
         Self::new(
             node,
             None,
@@ -159,7 +160,7 @@ impl Replication {
     }
 
     fn new(
-        node: Arc<Node>,
+        node: &Node,
         endpoint: Option<quinn::Endpoint>,
         list: PeerList,
         cancel: CancellationToken,
@@ -169,7 +170,7 @@ impl Replication {
             TlsIdentity::new(&node.keypair).map_err(|e| StartError::Replication(e.to_string()))?;
         let writers = node.config.writer_ids();
         Ok(Arc::new(Self {
-            node,
+            node: node.handles(),
             endpoint,
             streams: Arc::new(tokio::sync::Semaphore::new(STREAM_SESSIONS_MAX)),
             identity,
@@ -467,7 +468,7 @@ impl Replication {
                             .or_default()
                             .received += n;
                     }
-                    self.node.own_chain_received();
+                    self.node.own_chain.received();
                     break plan;
                 }
                 // Another session appended some of these first: classify again.

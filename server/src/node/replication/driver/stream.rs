@@ -162,8 +162,8 @@ impl Replication {
             .find(|(author, _)| *author == self.node.node_id)
             .map_or(0, |(_, seq)| *seq);
         match &peer {
-            Some(peer) => self.node.peer_holds_own_chain(peer, own),
-            None => self.node.peer_holds_own_chain(&"a sync stream", own),
+            Some(peer) => self.node.own_chain.peer_holds(peer, own),
+            None => self.node.own_chain.peer_holds(&"a sync stream", own),
         }
         session.lock().expect("session lock").on_hello(&their_vv);
         self.note_theirs(peer, &session);
