@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ids::NodeId;
+use crate::limits::{MAX_ENTRY_BYTES, MAX_FRAME_BYTES, MAX_RECORD_BYTES};
 
 /// A peer message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +34,43 @@ pub enum PeerMessage {
         refused: u64,
     },
 }
+
+/// Most entries one `Entries` message carries.
+pub const MAX_ENTRIES_PER_MESSAGE: usize = 2048;
+/// What a record payload adds to an `Entries` message besides its bytes: its MessagePack `bin`
+/// header, at most.
+const PAYLOAD_HEADER_MAX: usize = 5;
+
+/// Packs record payloads, in order, into `Entries` messages that each fit a frame: at most
+/// [`MAX_ENTRIES_PER_MESSAGE`] payloads and [`MAX_ENTRY_BYTES`] of payloads and their headers,
+/// or one payload alone.
+pub fn entries_messages(payloads: impl IntoIterator<Item = Vec<u8>>) -> Vec<PeerMessage> {
+    let mut messages = Vec::new();
+    let mut batch: Vec<serde_bytes::ByteBuf> = Vec::new();
+    let mut bytes = 0usize;
+    for p in payloads {
+        let cost = p.len() + PAYLOAD_HEADER_MAX;
+        if !batch.is_empty()
+            && (bytes + cost > MAX_ENTRY_BYTES || batch.len() == MAX_ENTRIES_PER_MESSAGE)
+        {
+            messages.push(PeerMessage::Entries {
+                payloads: std::mem::take(&mut batch),
+            });
+            bytes = 0;
+        }
+        bytes += cost;
+        batch.push(serde_bytes::ByteBuf::from(p));
+    }
+    if !batch.is_empty() {
+        messages.push(PeerMessage::Entries { payloads: batch });
+    }
+    messages
+}
+
+/// The largest `Entries` message fits a frame: payloads and headers up to [`MAX_ENTRY_BYTES`]
+/// plus the message's own few bytes, or one record alone.
+const _: () = assert!(MAX_ENTRY_BYTES + 64 <= MAX_FRAME_BYTES);
+const _: () = assert!(MAX_RECORD_BYTES + PAYLOAD_HEADER_MAX + 64 <= MAX_FRAME_BYTES);
 
 impl crate::frame::MessageKinds for PeerMessage {
     const KINDS: &'static [&'static str] = &["Hello", "Entries", "Synced", "Taken"];
@@ -67,6 +105,33 @@ mod tests {
             let frame = encode_frame(&m);
             let kind = message_kind(&frame[FRAME_HEADER_LEN..]).expect("a tagged message");
             assert!(PeerMessage::KINDS.contains(&kind), "{kind} is not listed");
+        }
+    }
+
+    #[test]
+    fn packed_entries_always_fit_a_frame() {
+        use crate::frame::frame_len;
+        // Many small payloads: the entry cap and the per-payload headers decide.
+        let small = (0..10_000).map(|i| vec![i as u8; 117]);
+        // Payloads of all sizes, one as large as a record gets.
+        let mixed = (0..40).map(|i| vec![7u8; (i * 104_729) % (MAX_RECORD_BYTES + 1)]);
+        for (payloads, count) in [
+            (small.collect::<Vec<_>>(), 10_000),
+            (mixed.collect::<Vec<_>>(), 40),
+        ] {
+            let messages = entries_messages(payloads);
+            let mut seen = 0;
+            for m in &messages {
+                let frame = encode_frame(m);
+                let header: [u8; FRAME_HEADER_LEN] = frame[..FRAME_HEADER_LEN].try_into().unwrap();
+                frame_len(header, MAX_FRAME_BYTES).expect("the message fits a frame");
+                let PeerMessage::Entries { payloads } = m else {
+                    panic!("only entries")
+                };
+                assert!(payloads.len() <= MAX_ENTRIES_PER_MESSAGE);
+                seen += payloads.len();
+            }
+            assert_eq!(seen, count);
         }
     }
 }

@@ -113,6 +113,7 @@ pub async fn handle(node: &Node, request: Request, role: Role) -> Reply {
                 send,
                 receive,
                 live,
+                report: true,
             })
         }
         Request::Status | Request::PeerList => Reply::One(Response::Status(Box::new(status(node)))),

@@ -262,6 +262,7 @@ async fn sync_stdio(config: Config, live: bool) -> Result<ExitCode> {
         send: true,
         receive: true,
         live,
+        report: false,
     };
     let result = tokio::select! {
         r = replication.serve_stream(tokio::io::stdin(), tokio::io::stdout(), mode, &cancel) => r,
@@ -355,7 +356,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(sync_stdio(config, live))
+            let code = runtime.block_on(sync_stdio(config, live));
+            // Without waiting for the read of standard input, which the other side of the pipe
+            // closes only once this process has closed its output.
+            runtime.shutdown_background();
+            code
         }
         Command::Verify(arg) => {
             init_tracing(LogFormat::Text);

@@ -187,6 +187,29 @@ fn import_takes_only_the_allowed_writers_and_keeps_one_run_open_at_a_time() {
 }
 
 #[test]
+fn import_refuses_an_unsigned_run_longer_than_any_peer_would_take() {
+    let mut chain = ChainBuilder::new(9);
+    // 20 unsigned entries of 1 MiB, then one signed: 20 MiB waiting for one signature.
+    let mut entries: Vec<SignedEntry> = (0..20).map(|_| chain.next(1 << 20, false)).collect();
+    entries.push(chain.next(8, true));
+    let mut bytes = Vec::new();
+    for p in payloads(&entries) {
+        encode_record(&p, &mut bytes);
+    }
+    let b = tempfile::tempdir().unwrap();
+    let summary = import_bytes(b.path(), &[&bytes]);
+    assert_eq!(summary.new, 0);
+    assert_eq!(summary.rejected.len(), entries.len());
+    assert!(summary.rejected.iter().any(|r| matches!(
+        r,
+        Rejection::Entry {
+            reason: RejectReason::RunTooLong { .. },
+            ..
+        }
+    )));
+}
+
+#[test]
 fn concatenated_and_shuffled_exports_import_as_one() {
     let a = tempfile::tempdir().unwrap();
     let (mut authors, batches) = three_author_batches();

@@ -190,6 +190,27 @@ async fn a_node_restored_from_an_older_backup_gets_its_chain_back_before_it_writ
         .expect_err("a restored node holds writes until a peer confirms its chain");
     assert!(err.to_string().contains("fork its chain"), "{err}");
     assert_eq!(ca.status().await?.version_vector, vec![(a_id, 5)]);
+    // Whoever holds a ticket cannot say how far the node's chain goes: a session through a
+    // client stream whose hello lacks the node's chain confirms nothing.
+    let empty = root.path().join("empty.export");
+    std::fs::write(&empty, b"")?;
+    let out = run(
+        command("kappactl")?
+            .args(["--ticket", &restored.ticket()?.to_string(), "import"])
+            .arg(&empty),
+        Duration::from_secs(60),
+    )
+    .await?;
+    assert!(
+        out.status.success(),
+        "import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = ca
+        .put("k10", "still too early")
+        .await
+        .expect_err("a sync stream does not confirm the node's chain");
+    assert!(err.to_string().contains("fork its chain"), "{err}");
 
     // B returns with seqs 6 to 10: A takes them back, then writes seq 11.
     let b = ProcessNode::start(&b_dir, b_addr).await?;

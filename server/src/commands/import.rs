@@ -35,7 +35,7 @@ use std::fmt;
 use std::io::{self, Read as _};
 use std::path::{Path, PathBuf};
 
-use kappakv_protocol::limits::MAX_RECORD_BYTES;
+use kappakv_protocol::limits::{MAX_RECORD_BYTES, MAX_UNSIGNED_RUN_BYTES};
 use kappakv_protocol::record::{RecordDecode, decode_record};
 use kappakv_protocol::sign::verify_signature;
 use kappakv_protocol::verify::{ChainHead, check_link};
@@ -120,6 +120,12 @@ pub enum RejectReason {
     AfterRejected {
         /// The rejected seq.
         seq: u64,
+    },
+    /// It is part of a run of unsigned entries longer than the protocol lets a log hold.
+    #[error("part of an unsigned run of more than {max} bytes, which no peer would take")]
+    RunTooLong {
+        /// The protocol's bound, `MAX_UNSIGNED_RUN_BYTES`.
+        max: usize,
     },
     /// No verified signature covers it.
     #[error("not covered by a signature: {}", match broken_at {
@@ -454,8 +460,9 @@ fn plan_author(
     }
 
     let mut cursor = head;
-    // Entries that link but wait for a signature.
+    // Entries that link but wait for a signature, and their record payload bytes.
     let mut waiting: Vec<SignedEntry> = Vec::new();
+    let mut waiting_bytes = 0usize;
     // Once the chain breaks, why every later entry is rejected.
     let mut broken: Option<(u64, RejectReason)> = None;
     for (seq, copies) in above {
@@ -501,9 +508,23 @@ fn plan_author(
                 continue;
             }
             plan.accepted.append(&mut waiting);
+            waiting_bytes = 0;
             cursor = Some(ChainHead { seq, id: e.id });
             plan.accepted.push(e);
         } else {
+            // A run longer than the protocol allows would be refused by every peer of this
+            // node, for good: it is not taken in.
+            waiting_bytes += e.encode_payload().len();
+            if waiting_bytes > MAX_UNSIGNED_RUN_BYTES {
+                let reason = RejectReason::RunTooLong {
+                    max: MAX_UNSIGNED_RUN_BYTES,
+                };
+                for w in waiting.drain(..).chain(std::iter::once(e)) {
+                    reject(&mut plan, &w, reason.clone());
+                }
+                broken = Some((seq, RejectReason::AfterRejected { seq }));
+                continue;
+            }
             cursor = Some(ChainHead { seq, id: e.id });
             waiting.push(e);
         }

@@ -319,7 +319,11 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(ExitCode::Other as u8);
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // Without waiting for blocking reads: `sync --stdio` may still be reading standard input,
+    // which the other side of the pipe closes only once this process has closed its output.
+    runtime.shutdown_background();
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             // A closed pipe (e.g. `| head`) is not an error worth a message.

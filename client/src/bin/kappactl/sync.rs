@@ -11,11 +11,10 @@ use std::path::PathBuf;
 use anyhow::{Context as _, bail};
 use kappakv_client::{Client, SyncOptions};
 use kappakv_protocol::frame::{Decoded, FRAME_HEADER_LEN, decode_message, encode_frame, frame_len};
-use kappakv_protocol::limits::{MAX_ENTRY_BYTES, MAX_FRAME_BYTES, MAX_RECORD_BYTES};
-use kappakv_protocol::peer::PeerMessage;
+use kappakv_protocol::limits::{MAX_FRAME_BYTES, MAX_RECORD_BYTES};
+use kappakv_protocol::peer::{PeerMessage, entries_messages};
 use kappakv_protocol::record::{RecordDecode, decode_record};
 use kappakv_protocol::{NodeId, SignedEntry};
-use serde_bytes::ByteBuf;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 /// What passed one way through a relay.
@@ -28,7 +27,9 @@ struct Flow {
 }
 
 impl Flow {
-    fn count(&mut self, body: &[u8]) {
+    /// Counts what `body` holds; returns whether to pass it on (the node's `Taken` is for this
+    /// relay alone).
+    fn count(&mut self, body: &[u8]) -> bool {
         match decode_message::<PeerMessage>(body) {
             Ok(Decoded::Message(PeerMessage::Entries { payloads })) => {
                 self.entries += payloads.len() as u64;
@@ -43,9 +44,13 @@ impl Flow {
                 appended,
                 present,
                 refused,
-            })) => self.taken = Some((appended, present, refused)),
+            })) => {
+                self.taken = Some((appended, present, refused));
+                return false;
+            }
             _ => {}
         }
+        true
     }
 }
 
@@ -79,9 +84,10 @@ async fn relay(
 ) -> anyhow::Result<Flow> {
     let mut flow = Flow::default();
     while let Some(frame) = read_frame(&mut from).await? {
-        flow.count(&frame[FRAME_HEADER_LEN..]);
-        to.write_all(&frame).await?;
-        to.flush().await?;
+        if flow.count(&frame[FRAME_HEADER_LEN..]) {
+            to.write_all(&frame).await?;
+            to.flush().await?;
+        }
     }
     to.shutdown().await?;
     Ok(flow)
@@ -125,6 +131,18 @@ pub(crate) async fn stdio(client: &Client, live: bool) -> anyhow::Result<()> {
         down.entries,
         authors(&down)
     );
+    if let Some((_, _, refused)) = down.taken
+        && refused > 0
+    {
+        eprintln!(
+            "sync: the node refused {refused} entries{}; its log says why",
+            if receive {
+                ""
+            } else {
+                " (the ticket is read-only: it only sends)"
+            }
+        );
+    }
     let whole = down.synced && down.taken.is_some();
     if !live && !whole {
         bail!("the session ended before both sides were synced");
@@ -167,6 +185,7 @@ pub(crate) async fn import(client: &Client, files: &[PathBuf]) -> anyhow::Result
             }
         }
     }
+    let payloads = causal_order(payloads);
     let stream = client
         .sync(SyncOptions {
             send: false,
@@ -182,24 +201,8 @@ pub(crate) async fn import(client: &Client, files: &[PathBuf]) -> anyhow::Result
                 version_vector: Vec::new(),
             }))
             .await?;
-        let mut frame: Vec<ByteBuf> = Vec::new();
-        let mut bytes = 0;
-        for p in payloads {
-            if !frame.is_empty() && bytes + p.len() > MAX_ENTRY_BYTES {
-                to_node
-                    .write_all(&encode_frame(&PeerMessage::Entries {
-                        payloads: std::mem::take(&mut frame),
-                    }))
-                    .await?;
-                bytes = 0;
-            }
-            bytes += p.len();
-            frame.push(ByteBuf::from(p));
-        }
-        if !frame.is_empty() {
-            to_node
-                .write_all(&encode_frame(&PeerMessage::Entries { payloads: frame }))
-                .await?;
+        for message in entries_messages(payloads) {
+            to_node.write_all(&encode_frame(&message)).await?;
         }
         to_node
             .write_all(&encode_frame(&PeerMessage::Synced))
@@ -218,4 +221,68 @@ pub(crate) async fn import(client: &Client, files: &[PathBuf]) -> anyhow::Result
         bail!("{refused} entries were refused; the node's log says why");
     }
     Ok(())
+}
+
+/// The payloads in an order a session takes, whatever order the files held them in: each
+/// author's entries by seq (copies of one entry once), a whole run up to its signed entry at a
+/// time, runs interleaved by the timestamp of their first entry (which follows causality: a
+/// write that saw another has a later clock). A payload that does not decode is sent as it
+/// came, first, for the node to refuse and count.
+fn causal_order(payloads: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+
+    use kappakv_protocol::EntryId;
+    /// An entry and the payload it came in.
+    type Held = (SignedEntry, Vec<u8>);
+    let mut undecodable = Vec::new();
+    let mut chains: BTreeMap<NodeId, BTreeMap<(u64, EntryId), Held>> = BTreeMap::new();
+    for p in payloads {
+        match SignedEntry::decode_payload(&p) {
+            Ok(e) => {
+                let key = (e.entry.seq, e.id);
+                let copies = chains.entry(e.entry.author).or_default();
+                // Of copies of one entry, keep one that carries a signature.
+                if copies
+                    .get(&key)
+                    .is_none_or(|(kept, _)| kept.signature.is_none())
+                {
+                    copies.insert(key, (e, p));
+                }
+            }
+            Err(_) => undecodable.push(p),
+        }
+    }
+    // Each author's runs, in seq order.
+    let mut runs: Vec<VecDeque<Vec<Held>>> = Vec::new();
+    for chain in chains.into_values() {
+        let mut author_runs = VecDeque::new();
+        let mut run = Vec::new();
+        for (e, p) in chain.into_values() {
+            let signed = e.signature.is_some();
+            run.push((e, p));
+            if signed {
+                author_runs.push_back(std::mem::take(&mut run));
+            }
+        }
+        if !run.is_empty() {
+            author_runs.push_back(run);
+        }
+        runs.push(author_runs);
+    }
+    // The next run of every author, oldest first.
+    let first_ts = |run: &Vec<Held>| run[0].0.entry.timestamp;
+    let mut next: BinaryHeap<std::cmp::Reverse<(kappakv_protocol::Timestamp, usize)>> = runs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.front().map(|run| std::cmp::Reverse((first_ts(run), i))))
+        .collect();
+    let mut out = undecodable;
+    while let Some(std::cmp::Reverse((_, i))) = next.pop() {
+        let run = runs[i].pop_front().expect("a queued author has a run");
+        out.extend(run.into_iter().map(|(_, p)| p));
+        if let Some(run) = runs[i].front() {
+            next.push(std::cmp::Reverse((first_ts(run), i)));
+        }
+    }
+    out
 }

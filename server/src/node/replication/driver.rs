@@ -388,6 +388,7 @@ impl Replication {
                 send: true,
                 receive: true,
                 live: true,
+                report: false,
             };
             self.run_stream(rx, tx, live, Some(peer), &self.cancel)
                 .await

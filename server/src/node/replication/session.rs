@@ -15,8 +15,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use kappakv_protocol::limits::{MAX_ENTRY_BYTES, MAX_UNSIGNED_RUN_BYTES};
-use kappakv_protocol::peer::PeerMessage;
+use kappakv_protocol::limits::MAX_UNSIGNED_RUN_BYTES;
+use kappakv_protocol::peer::{PeerMessage, entries_messages};
 use kappakv_protocol::verify::ChainHead;
 use kappakv_protocol::{EntryId, Lsn, NodeId, SignedEntry, VerifyError, sign::verify_signature};
 use serde_bytes::ByteBuf;
@@ -247,32 +247,19 @@ impl SyncSession {
         incoming
     }
 
-    /// The frames that carry the entries of `entries` (this node's log, in order) that the
-    /// peer lacks, each of at most [`MAX_ENTRY_BYTES`] of payloads besides one entry that
-    /// crosses the line; records them as sent.
+    /// The messages that carry the entries of `entries` (this node's log, in order) that the
+    /// peer lacks, each fitting a frame ([`entries_messages`]); records them as sent.
     pub fn outgoing(&mut self, entries: &[SignedEntry]) -> Outgoing {
         let mut out = Outgoing::default();
-        let mut frame: Vec<ByteBuf> = Vec::new();
-        let mut bytes = 0usize;
+        let mut payloads = Vec::new();
         for e in entries {
-            if !self.should_send(e) {
-                continue;
+            if self.should_send(e) {
+                out.entries += 1;
+                out.authors.insert(e.entry.author);
+                payloads.push(e.encode_payload());
             }
-            let payload = e.encode_payload();
-            if !frame.is_empty() && bytes + payload.len() > MAX_ENTRY_BYTES {
-                out.frames.push(PeerMessage::Entries {
-                    payloads: std::mem::take(&mut frame),
-                });
-                bytes = 0;
-            }
-            bytes += payload.len();
-            out.entries += 1;
-            out.authors.insert(e.entry.author);
-            frame.push(ByteBuf::from(payload));
         }
-        if !frame.is_empty() {
-            out.frames.push(PeerMessage::Entries { payloads: frame });
-        }
+        out.frames = entries_messages(payloads);
         out
     }
 

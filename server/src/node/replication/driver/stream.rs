@@ -15,6 +15,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use kappakv_protocol::frame::{Decoded, FRAME_HEADER_LEN, decode_message, encode_frame, frame_len};
 use kappakv_protocol::limits::MAX_FRAME_BYTES;
@@ -31,6 +32,15 @@ use crate::node::replication::session::SyncSession;
 /// [`PENDING_BYTES_MAX`] of unsigned entries and a frame.
 pub const STREAM_SESSIONS_MAX: usize = 8;
 
+/// How long a session waits for the other side's hello: a stream that says nothing holds one of
+/// the few places for sessions through clients. Long enough for a relay that first has to set
+/// up its own connection (ssh).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a session over a stream that is not live waits for the other side to send a frame
+/// or to take one: such a session holds a place until it is synced, so one the other side lets
+/// stall is ended.
+const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// What a session over a stream does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamMode {
@@ -40,6 +50,9 @@ pub struct StreamMode {
     pub receive: bool,
     /// Go on with new entries instead of ending once each side has sent what it had.
     pub live: bool,
+    /// At the end of a session that is not live, send `Taken`: for the client that relays
+    /// the session (`kappactl`), which reads it and passes nothing of it on.
+    pub report: bool,
 }
 
 /// What a session over a stream did.
@@ -74,6 +87,19 @@ impl std::fmt::Display for StreamSummary {
             self.present,
             self.refused
         )
+    }
+}
+
+/// `op`, failing after `idle` when set.
+async fn bounded<O>(
+    idle: Option<Duration>,
+    op: impl Future<Output = anyhow::Result<O>>,
+) -> anyhow::Result<O> {
+    match idle {
+        None => op.await,
+        Some(after) => tokio::time::timeout(after, op)
+            .await
+            .map_err(|_| anyhow::anyhow!("the other side did nothing for {after:?}"))?,
     }
 }
 
@@ -144,26 +170,38 @@ impl Replication {
             PENDING_BYTES_MAX,
             self.writers.clone(),
         ));
-        write_message(
-            &mut tx,
-            &PeerMessage::Hello {
-                version_vector: self.node.writer.version_vector(),
-            },
-        )
-        .await?;
-        let mut rx = rx.await?;
-        let their_vv = match read_message(&mut rx).await? {
+        // The two hellos cross: over a pair of pipes, writing ours before reading theirs could
+        // block both sides on full pipes.
+        let ours = PeerMessage::Hello {
+            version_vector: self.node.writer.version_vector(),
+        };
+        let hellos = async {
+            let theirs = async {
+                let mut rx = rx.await?;
+                let first = read_message(&mut rx).await?;
+                anyhow::Ok((rx, first))
+            };
+            tokio::try_join!(write_message(&mut tx, &ours), theirs)
+        };
+        let ((), (mut rx, first)) =
+            tokio::time::timeout(HELLO_TIMEOUT, hellos)
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!("no hello from the other side within {HELLO_TIMEOUT:?}")
+                })??;
+        let their_vv = match first {
             Some(Decoded::Message(PeerMessage::Hello { version_vector })) => version_vector,
             Some(_) => anyhow::bail!("the other side did not start with hello"),
             None => anyhow::bail!("the other side closed the stream before its hello"),
         };
-        let own = their_vv
-            .iter()
-            .find(|(author, _)| *author == self.node.node_id)
-            .map_or(0, |(_, seq)| *seq);
-        match &peer {
-            Some(peer) => self.node.own_chain.peer_holds(peer, own),
-            None => self.node.own_chain.peer_holds(&"a sync stream", own),
+        // Only an authenticated peer says how far this node's own chain goes: the other side
+        // of a stream could be anyone with a ticket, read-only ones included.
+        if let Some(peer) = &peer {
+            let own = their_vv
+                .iter()
+                .find(|(author, _)| *author == self.node.node_id)
+                .map_or(0, |(_, seq)| *seq);
+            self.node.own_chain.peer_holds(peer, own);
         }
         session.lock().expect("session lock").on_hello(&their_vv);
         self.note_theirs(peer, &session);
@@ -171,8 +209,17 @@ impl Replication {
         let until = (!mode.live).then(|| *self.node.durable.borrow());
 
         let mut summary = StreamSummary::default();
-        let send = self.send_stream(&mut tx, &session, mode, until, peer, &mut summary, cancel);
-        let recv = self.receive_stream(&mut rx, &session, mode, peer, cancel);
+        let idle = (peer.is_none() && !mode.live).then_some(STREAM_IDLE_TIMEOUT);
+        let send = self.send_stream(
+            &mut tx,
+            &session,
+            mode,
+            until,
+            (peer, idle),
+            &mut summary,
+            cancel,
+        );
+        let recv = self.receive_stream(&mut rx, &session, mode, (peer, idle), cancel);
         let taken = if mode.live {
             // A live send ends only at `cancel`; the session ends with the stream.
             tokio::select! {
@@ -188,7 +235,7 @@ impl Replication {
         summary.appended = taken.appended;
         summary.present = taken.present;
         summary.refused = taken.refused;
-        if !mode.live {
+        if mode.report && !mode.live {
             write_message(
                 &mut tx,
                 &PeerMessage::Taken {
@@ -198,6 +245,8 @@ impl Replication {
                 },
             )
             .await?;
+        }
+        if !mode.live {
             tx.shutdown().await?;
         }
         Ok(summary)
@@ -230,7 +279,7 @@ impl Replication {
         session: &Mutex<SyncSession>,
         mode: StreamMode,
         until: Option<Lsn>,
-        peer: Option<NodeId>,
+        (peer, idle): (Option<NodeId>, Option<Duration>),
         summary: &mut StreamSummary,
         cancel: &CancellationToken,
     ) -> anyhow::Result<()> {
@@ -272,7 +321,7 @@ impl Replication {
                 }
                 let out = session.lock().expect("session lock").outgoing(&entries);
                 for frame in &out.frames {
-                    write_message(tx, frame).await?;
+                    bounded(idle, write_message(tx, frame)).await?;
                 }
                 summary.sent += out.entries;
                 authors.extend(out.authors);
@@ -290,8 +339,11 @@ impl Replication {
             }
         }
         summary.sent_authors = authors.len();
-        if !mode.live {
-            write_message(tx, &PeerMessage::Synced).await?;
+        if mode.live {
+            // A live session that sends nothing ends with the stream, not here.
+            cancel.cancelled().await;
+        } else {
+            bounded(idle, write_message(tx, &PeerMessage::Synced)).await?;
         }
         Ok(())
     }
@@ -303,7 +355,7 @@ impl Replication {
         rx: &mut (impl AsyncRead + Unpin),
         session: &Mutex<SyncSession>,
         mode: StreamMode,
-        peer: Option<NodeId>,
+        (peer, idle): (Option<NodeId>, Option<Duration>),
         cancel: &CancellationToken,
     ) -> anyhow::Result<Taken> {
         let mut out = Taken::default();
@@ -311,7 +363,7 @@ impl Replication {
         loop {
             let message = tokio::select! {
                 () = cancel.cancelled() => anyhow::bail!("the node is shutting down"),
-                m = read_message(rx) => m?,
+                m = bounded(idle, read_message(rx)) => m?,
             };
             let message = match message {
                 Some(Decoded::Message(m)) => m,
