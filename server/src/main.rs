@@ -229,6 +229,15 @@ fn data_dir_config(arg: &DataDirArg) -> Result<Config> {
     Ok(layered(&serve_args(arg))?.config)
 }
 
+/// The settings of an offline command that takes the node's config file.
+fn data_dir_config_with(arg: &DataDirArg, config: Option<PathBuf>) -> Result<Config> {
+    Ok(layered(&ServeArgs {
+        config,
+        ..serve_args(arg)
+    })?
+    .config)
+}
+
 /// The settings of `serve` with only a data dir given.
 fn serve_args(arg: &DataDirArg) -> ServeArgs {
     ServeArgs {
@@ -348,11 +357,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             live,
         } => {
             init_tracing(LogFormat::Text);
-            let config = layered(&ServeArgs {
-                config,
-                ..serve_args(&data_dir)
-            })?
-            .config;
+            let config = data_dir_config_with(&data_dir, config)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
@@ -382,11 +387,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             config,
         } => {
             init_tracing(LogFormat::Text);
-            let config = layered(&ServeArgs {
-                config,
-                ..serve_args(&data_dir)
-            })?
-            .config;
+            let config = data_dir_config_with(&data_dir, config)?;
             let summary =
                 kappakv_server::commands::rebuild_indexes::run(&config, index.as_deref())?;
             println!("{summary}");
@@ -406,11 +407,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             files,
         } => {
             init_tracing(LogFormat::Text);
-            let config = layered(&ServeArgs {
-                config,
-                ..serve_args(&data_dir)
-            })?
-            .config;
+            let config = data_dir_config_with(&data_dir, config)?;
             Ok(import(&config, &files))
         }
         Command::Backup { data_dir, out } => {

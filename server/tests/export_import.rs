@@ -175,15 +175,7 @@ fn import_takes_only_the_allowed_writers_and_keeps_one_run_open_at_a_time() {
         );
     }
     // Runs are appended whole, one author's at a time.
-    let mut open = std::collections::HashSet::new();
-    for (lsn, e) in read_all_checked(&log_dir(b.path()), summary.new) {
-        if e.signature.is_some() {
-            open.remove(&e.entry.author);
-        } else {
-            open.insert(e.entry.author);
-        }
-        assert!(open.len() <= 1, "two authors' runs are open at LSN {lsn}");
-    }
+    common::assert_one_open_run(&read_all_checked(&log_dir(b.path()), summary.new));
 }
 
 #[test]

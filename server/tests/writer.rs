@@ -643,15 +643,7 @@ async fn a_large_batch_is_signed_before_its_unsigned_run_passes_the_protocol_lim
         "an unsigned run of {longest} bytes, over the protocol's {MAX_UNSIGNED_RUN_BYTES}"
     );
     // Only one author's run is open at any point of the log.
-    let mut open = std::collections::HashSet::new();
-    for (lsn, e) in &all {
-        if e.signature.is_some() {
-            open.remove(&e.entry.author);
-        } else {
-            open.insert(e.entry.author);
-        }
-        assert!(open.len() <= 1, "two authors' runs are open at LSN {lsn}");
-    }
+    common::assert_one_open_run(&all);
 }
 
 #[test]

@@ -484,5 +484,6 @@ where
     }
 }
 
+pub mod bench;
 pub mod crash;
 pub mod crash_loop;

@@ -72,3 +72,17 @@ pub fn read_all_checked(log_dir: &Path, upto: Lsn) -> Vec<(Lsn, SignedEntry)> {
     checker.finish().unwrap();
     all
 }
+
+/// Asserts that at no point of `entries` (a log, in order) more than one author's run of
+/// unsigned entries is open.
+pub fn assert_one_open_run(entries: &[(Lsn, SignedEntry)]) {
+    let mut open = std::collections::HashSet::new();
+    for (lsn, e) in entries {
+        if e.signature.is_some() {
+            open.remove(&e.entry.author);
+        } else {
+            open.insert(e.entry.author);
+        }
+        assert!(open.len() <= 1, "two authors' runs are open at LSN {lsn}");
+    }
+}

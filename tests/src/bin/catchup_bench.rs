@@ -22,15 +22,14 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use kappakv_client::Client;
-use kappakv_protocol::{
-    Entry, EntryId, HlcClock, Keypair, NodeId, Op, SignedEntry, Status, Ticket,
-};
+use kappakv_protocol::{Entry, EntryId, HlcClock, Keypair, Op, SignedEntry, Status, Ticket};
 use kappakv_server::identity;
 use kappakv_server::log::{LogConfig, LogStore, log_dir};
+use kappakv_tests::bench::{Rng, median, vv, wall_millis};
 use kappakv_tests::free_udp_port;
 
 /// Entries per group commit when filling A's log; the last of each is signed.
@@ -91,25 +90,6 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
-/// splitmix64, for the key order.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
-fn wall_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Writes A's chain into the log of `data_dir`.
 fn fill(data_dir: &Path, keypair: &Keypair, args: &Args) -> Result<()> {
     let (mut store, recovery) = LogStore::open(&log_dir(data_dir), &LogConfig::default())?;
@@ -124,7 +104,7 @@ fn fill(data_dir: &Path, keypair: &Keypair, args: &Args) -> Result<()> {
     let mut payloads = Vec::with_capacity(FILL_BATCH);
     let mut value = vec![0u8; args.value_bytes];
     for seq in 1..=args.entries {
-        let k = rng.next() % args.keys;
+        let k = rng.next_u64() % args.keys;
         for (i, b) in value.iter_mut().enumerate() {
             *b = (seq as usize + i) as u8;
         }
@@ -290,10 +270,6 @@ async fn wait_client(node: &mut Node) -> Result<Client> {
     }
 }
 
-fn vv(status: &Status) -> BTreeMap<NodeId, u64> {
-    status.version_vector.iter().copied().collect()
-}
-
 /// One sample of B: seconds since its spawn, its log LSN and indexed LSN.
 type Sample = (f64, u64, u64);
 
@@ -358,47 +334,6 @@ async fn run_once(
     })
 }
 
-/// Builds `kappakv` in this binary's profile when run through cargo, and returns its path.
-fn kappakv_exe() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("this binary has no directory")?;
-    if let Some(cargo) = std::env::var_os("CARGO") {
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--locked",
-            "-p",
-            "kappakv-server",
-            "--bin",
-            "kappakv",
-        ]);
-        if dir.file_name().is_some_and(|p| p == "release") {
-            cmd.arg("--release");
-        }
-        if !cmd.status()?.success() {
-            bail!("building kappakv failed");
-        }
-    }
-    let path = dir.join("kappakv");
-    if !path.exists() {
-        bail!(
-            "{} not found: build it with cargo build -p kappakv-server",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        f64::midpoint(v[n / 2 - 1], v[n / 2])
-    }
-}
-
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
@@ -408,7 +343,7 @@ async fn main() -> Result<()> {
     let args = parse_args()?;
     let exe = match &args.kappakv {
         Some(path) => path.clone(),
-        None => kappakv_exe()?,
+        None => kappakv_tests::binary("kappakv")?,
     };
     let tmp = match &args.dir {
         Some(d) => tempfile::tempdir_in(d)?,

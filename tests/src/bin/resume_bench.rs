@@ -21,17 +21,17 @@
 //! `--kappakv PATH` names one. `--dir DIR` puts the data dirs under `DIR` (default: the system
 //! temp dir).
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use kappakv_client::Client;
-use kappakv_protocol::{EntryId, HlcClock, Keypair, NodeId, Op, SignedEntry, Status, Ticket};
+use kappakv_protocol::{EntryId, HlcClock, Keypair, Op, SignedEntry, Status, Ticket};
 use kappakv_server::identity;
 use kappakv_server::log::{LogConfig, LogStore, log_dir};
+use kappakv_tests::bench::{Rng, median, vv, wall_millis};
 use kappakv_tests::free_udp_port;
 
 /// Entries per append when filling P's log.
@@ -93,25 +93,6 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
-/// splitmix64, for keys and the order of authors.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
-fn wall_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Writes the shared history into the log of `data_dir`: runs of one author's entries, each
 /// run ending signed, authors taking turns at random.
 fn fill(data_dir: &Path, authors: &[Keypair], args: &Args) -> Result<()> {
@@ -127,13 +108,13 @@ fn fill(data_dir: &Path, authors: &[Keypair], args: &Args) -> Result<()> {
     let mut value = vec![0u8; args.value_bytes];
     let mut written = 0;
     while written < args.entries {
-        let a = (rng.next() % authors.len() as u64) as usize;
+        let a = (rng.next_u64() % authors.len() as u64) as usize;
         let kp = &authors[a];
         let len = args.run.min(args.entries - written);
         for i in 0..len {
             let (seq, prev) = heads[a];
             let seq = seq + 1;
-            let k = rng.next() % args.keys;
+            let k = rng.next_u64() % args.keys;
             for (j, b) in value.iter_mut().enumerate() {
                 *b = (written as usize + j) as u8;
             }
@@ -272,10 +253,6 @@ fn ticks_of_stat(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-fn vv(status: &Status) -> BTreeMap<NodeId, u64> {
-    status.version_vector.iter().copied().collect()
-}
-
 /// P's CPU over one resume of N, idle rate taken off: (ticks-based, schedstat-based), and how
 /// long the run took.
 struct RunResult {
@@ -353,47 +330,6 @@ async fn run_once(
     })
 }
 
-/// Builds `kappakv` in this binary's profile when run through cargo, and returns its path.
-fn kappakv_exe() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("this binary has no directory")?;
-    if let Some(cargo) = std::env::var_os("CARGO") {
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--locked",
-            "-p",
-            "kappakv-server",
-            "--bin",
-            "kappakv",
-        ]);
-        if dir.file_name().is_some_and(|p| p == "release") {
-            cmd.arg("--release");
-        }
-        if !cmd.status()?.success() {
-            bail!("building kappakv failed");
-        }
-    }
-    let path = dir.join("kappakv");
-    if !path.exists() {
-        bail!(
-            "{} not found: build it with cargo build -p kappakv-server",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        f64::midpoint(v[n / 2 - 1], v[n / 2])
-    }
-}
-
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to)?;
     for e in std::fs::read_dir(from)? {
@@ -410,7 +346,7 @@ async fn main() -> Result<()> {
     let args = parse_args()?;
     let exe = match &args.kappakv {
         Some(path) => path.clone(),
-        None => kappakv_exe()?,
+        None => kappakv_tests::binary("kappakv")?,
     };
     let tmp = match &args.dir {
         Some(d) => tempfile::tempdir_in(d)?,
