@@ -4,6 +4,7 @@
 //! The protocol is one datagram on the Unix socket named by `NOTIFY_SOCKET`; a name starting
 //! with `@` is in the abstract namespace. Without `NOTIFY_SOCKET` every call does nothing.
 
+#[cfg(unix)]
 use std::path::Path;
 
 /// The notification could not be sent.
@@ -31,23 +32,44 @@ pub fn notify(state: &str) -> Result<bool, NotifyError> {
     Ok(true)
 }
 
-/// Sends `state` to the notification socket `socket` (a path, or `@name` for an abstract one).
+/// Sends `state` to the notification socket `socket` (a path, or `@name` for an abstract one,
+/// which only Linux has). Where there are no Unix sockets there is no systemd either, and this
+/// does nothing.
 pub fn notify_to(socket: &str, state: &str) -> Result<(), NotifyError> {
-    use std::os::unix::net::UnixDatagram;
-    let err = |source| NotifyError::Send {
-        socket: socket.to_string(),
-        source,
-    };
-    let sock = UnixDatagram::unbound().map_err(err)?;
-    if let Some(name) = socket.strip_prefix('@') {
-        use std::os::linux::net::SocketAddrExt as _;
-        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name).map_err(err)?;
-        sock.send_to_addr(state.as_bytes(), &addr).map_err(err)?;
-    } else {
-        sock.send_to(state.as_bytes(), Path::new(socket))
-            .map_err(err)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::net::UnixDatagram;
+        let err = |source| NotifyError::Send {
+            socket: socket.to_string(),
+            source,
+        };
+        let sock = UnixDatagram::unbound().map_err(err)?;
+        if let Some(name) = socket.strip_prefix('@') {
+            #[cfg(target_os = "linux")]
+            {
+                use std::os::linux::net::SocketAddrExt as _;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name).map_err(err)?;
+                sock.send_to_addr(state.as_bytes(), &addr).map_err(err)?;
+            }
+            #[cfg(not(target_os = "linux"))]
+            {
+                let _ = (name, sock);
+                return Err(err(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "abstract socket names exist only on Linux",
+                )));
+            }
+        } else {
+            sock.send_to(state.as_bytes(), Path::new(socket))
+                .map_err(err)?;
+        }
+        Ok(())
     }
-    Ok(())
+    #[cfg(not(unix))]
+    {
+        let _ = (socket, state);
+        Ok(())
+    }
 }
 
 /// [`notify`], logging a failure instead of returning it: a service manager that cannot be told
@@ -60,7 +82,7 @@ pub fn notify_logged(state: &str) {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, unix))]
 mod tests {
     use super::*;
 
@@ -76,6 +98,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_os = "linux")]
     fn sends_to_an_abstract_socket() {
         use std::os::linux::net::SocketAddrExt as _;
         let name = format!("kappakv-test-{}", std::process::id());

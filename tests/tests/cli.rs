@@ -282,3 +282,21 @@ async fn a_failure_names_its_cause_once() -> anyhow::Result<()> {
     assert_eq!(occurrences(&stderr, "No such file"), 1, "{stderr}");
     Ok(())
 }
+
+#[tokio::test]
+async fn logs_written_to_a_pipe_carry_no_colour_codes() -> anyhow::Result<()> {
+    let dir = data_dir_with_log(3).await?;
+    // Standard error is a pipe here: the lines a file or journald would keep.
+    // A sync whose other side is gone at once: the node opens (logging at info), then fails.
+    let out = kappakv(
+        &["sync", "--stdio", "--data-dir", path_arg(dir.path())],
+        &[("RUST_LOG", "info")],
+    )
+    .await?;
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("INFO"), "no log line to check: {stderr}");
+    assert!(stderr.contains("sync failed"), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "colour codes in {stderr:?}");
+    Ok(())
+}
