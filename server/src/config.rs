@@ -230,7 +230,13 @@ pub struct Layered {
     pub config: Config,
     /// Setting name → source of its value.
     pub sources: BTreeMap<String, Source>,
+    /// `KAPPAKV_*` variables of the environment that name no setting (a misspelt one, say):
+    /// ignored, and worth a warning.
+    pub unknown_env: Vec<String>,
 }
+
+/// `KAPPAKV_*` variables that are not node settings: `kappactl`'s, read by it alone.
+const NOT_SETTINGS: &[&str] = &["KAPPAKV_TICKET"];
 
 impl Layered {
     /// Builds the effective configuration: defaults, then `file` if given, then every
@@ -247,6 +253,7 @@ impl Layered {
         };
         let mut sources: BTreeMap<String, Source> =
             table.keys().map(|k| (k.clone(), Source::Default)).collect();
+        let mut unknown_env = Vec::new();
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.to_path_buf(),
@@ -265,6 +272,9 @@ impl Layered {
             };
             let key = key.to_ascii_lowercase();
             let Some(default) = table.get(&key) else {
+                if !NOT_SETTINGS.contains(&name.as_str()) {
+                    unknown_env.push(name);
+                }
                 continue;
             };
             let value = env_value(default, &raw);
@@ -279,7 +289,12 @@ impl Layered {
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse(e.message().to_string()))?;
         config.validate()?;
-        Ok(Self { config, sources })
+        unknown_env.sort();
+        Ok(Self {
+            config,
+            sources,
+            unknown_env,
+        })
     }
 
     /// Every setting as `name = value  # source`, in TOML syntax.
@@ -580,5 +595,21 @@ mod tests {
             "{}",
             l.show()
         );
+    }
+
+    #[test]
+    fn a_kappakv_variable_that_names_no_setting_is_reported() {
+        let env = vec![
+            ("KAPPAKV_MAX_CONECTIONS".to_string(), "20".to_string()),
+            ("KAPPAKV_TICKET".to_string(), "kappactl's".to_string()),
+            ("KAPPAKV_MAX_CONNECTIONS".to_string(), "20".to_string()),
+            ("HOME".to_string(), "/root".to_string()),
+        ];
+        let layered = Layered::load(None, env, vec![]).unwrap();
+        assert_eq!(
+            layered.unknown_env,
+            vec!["KAPPAKV_MAX_CONECTIONS".to_string()]
+        );
+        assert_eq!(layered.config.max_connections, 20);
     }
 }

@@ -346,6 +346,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             };
             init_tracing(layered.config.log_format);
+            for name in &layered.unknown_env {
+                tracing::warn!(
+                    variable = %name,
+                    "{name} names no setting and is ignored; `kappakv config show` lists them"
+                );
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
