@@ -80,7 +80,13 @@ async fn put_get_scan_batch_and_status() {
     assert_eq!(got["values"][0]["value"], json!("v1"));
     assert_eq!(got["values"][0]["id"], json!(id.trim()));
     assert_eq!(got["values"][0]["author"], json!(node.node_id.to_hex()));
-    assert!(got["values"][0]["timestamp"].is_u64());
+    // RFC 3339, UTC, with milliseconds; the clock's raw value beside it.
+    let time = got["values"][0]["timestamp"]
+        .as_str()
+        .expect("a time string");
+    assert_eq!(time.len(), "2026-12-06T01:02:03.456Z".len(), "{time}");
+    assert!(time.ends_with('Z') && time.as_bytes()[10] == b'T', "{time}");
+    assert!(got["values"][0]["hlc"].is_u64());
     assert_eq!(got["context"], json!(id.trim()));
 
     let missing = run(&t, &["get", "nothing", "--json"]).await;

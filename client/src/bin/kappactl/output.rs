@@ -22,7 +22,8 @@ fn version_json(v: &Version) -> Value {
         "id": v.id.to_hex(),
         "value": v.value.as_deref().map_or(Value::Null, bytes_json),
         "author": v.author.to_hex(),
-        "timestamp": v.timestamp.0,
+        "timestamp": time_human(v.timestamp),
+        "hlc": v.timestamp.0,
     })
 }
 
@@ -57,7 +58,8 @@ pub(crate) fn change_json(c: &Change) -> Value {
         "id": c.version.id.to_hex(),
         "value": c.version.value.as_deref().map_or(Value::Null, bytes_json),
         "author": c.version.author.to_hex(),
-        "timestamp": c.version.timestamp.0,
+        "timestamp": time_human(c.version.timestamp),
+        "hlc": c.version.timestamp.0,
         "supersedes": Context(c.supersedes.clone()).to_string(),
     })
 }
@@ -132,14 +134,15 @@ fn value_human(v: &Version) -> String {
         .map_or_else(|| "(deleted)".to_string(), bytes_human)
 }
 
-/// A hybrid-clock timestamp as UTC date and time with milliseconds.
+/// A hybrid-clock timestamp as an RFC 3339 UTC date and time with milliseconds (the clock's
+/// counter, which orders writes within one millisecond, is the raw value's: `hlc` in JSON).
 pub(crate) fn time_human(ts: Timestamp) -> String {
     let millis = ts.millis();
     let secs = millis / 1000;
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(i64::try_from(days).unwrap_or(i64::MAX));
     format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{:03}Z",
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60,
@@ -341,8 +344,9 @@ mod tests {
         assert_eq!(v["values"][0]["author"], json!(NodeId([0xaa; 32]).to_hex()));
         assert_eq!(
             v["values"][0]["timestamp"],
-            json!(1_700_000_000_123u64 << 16)
+            json!("2023-11-14T22:13:20.123Z")
         );
+        assert_eq!(v["values"][0]["hlc"], json!(1_700_000_000_123u64 << 16));
         assert_eq!(
             v["context"],
             json!(format!("{}.{}", EntryId([1; 32]), EntryId([2; 32])))
@@ -417,14 +421,14 @@ mod tests {
 
     #[test]
     fn timestamps_in_utc() {
-        assert_eq!(time_human(Timestamp(0)), "1970-01-01 00:00:00.000Z");
+        assert_eq!(time_human(Timestamp(0)), "1970-01-01T00:00:00.000Z");
         assert_eq!(
             time_human(Timestamp(1_700_000_000_123 << 16 | 7)),
-            "2023-11-14 22:13:20.123Z"
+            "2023-11-14T22:13:20.123Z"
         );
         assert_eq!(
             time_human(Timestamp(951_782_400_000 << 16)),
-            "2000-02-29 00:00:00.000Z"
+            "2000-02-29T00:00:00.000Z"
         );
     }
 }
