@@ -383,7 +383,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Verify(arg) => {
             init_tracing(LogFormat::Text);
             let config = data_dir_config(&arg)?;
-            match kappakv_server::commands::verify::run(&config.data_dir) {
+            let mut progress: Option<kappakv_server::commands::progress::Progress> = None;
+            let result = kappakv_server::commands::verify::run_observed(
+                &config.data_dir,
+                &mut |done, total| {
+                    progress
+                        .get_or_insert_with(|| {
+                            kappakv_server::commands::progress::Progress::new(
+                                "verify", "bytes", total,
+                            )
+                        })
+                        .update(done);
+                },
+            );
+            if let Some(p) = &progress {
+                p.finish();
+            }
+            match result {
                 Ok(summary) => {
                     println!("{summary}");
                     Ok(ExitCode::SUCCESS)

@@ -767,3 +767,20 @@ fn damage_a_crash_cannot_leave_is_refused_while_a_hole_in_the_last_batch_is_cut(
         }
     }
 }
+
+#[test]
+fn verify_reports_its_progress_in_bytes_up_to_the_whole_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut chain = ChainBuilder::new(4);
+    let batches: Vec<Vec<SignedEntry>> = (0..40).map(|_| chain.batch(8, 64 * 1024)).collect();
+    write_log(dir.path(), &batches);
+    let mut calls = Vec::new();
+    let summary =
+        verify::run_observed(dir.path(), &mut |done, total| calls.push((done, total))).unwrap();
+    assert_eq!(summary.entries, 320);
+    let &(done, total) = calls.last().expect("progress was reported");
+    assert_eq!((done, total), (summary.bytes, summary.bytes));
+    // 20 MiB: reported along the way, never going backwards.
+    assert!(calls.len() > 2, "{calls:?}");
+    assert!(calls.windows(2).all(|w| w[0].0 <= w[1].0));
+}

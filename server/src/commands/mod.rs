@@ -6,6 +6,7 @@ pub mod backup;
 pub mod export;
 pub mod import;
 pub mod live;
+pub mod progress;
 pub mod rebuild_indexes;
 pub mod restore;
 pub mod verify;

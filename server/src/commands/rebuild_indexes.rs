@@ -5,11 +5,11 @@
 //! from there.
 
 use std::fmt;
-use std::io::IsTerminal as _;
 use std::time::{Duration, Instant};
 
 use kappakv_indexes::Indexes;
 
+use super::progress::Progress;
 use crate::config::Config;
 use crate::node::DataDir;
 use crate::node::indexer::{IndexError, all_views, catch_up};
@@ -106,7 +106,7 @@ pub fn run(config: &Config, only: Option<&str>) -> Result<RebuildSummary, Rebuil
     indexes.rebuild(only).map_err(IndexError::from)?;
     let views: Vec<String> = only.map_or(names, |n| vec![n.to_string()]);
     let started = Instant::now();
-    let progress = Progress::new(upto);
+    let progress = Progress::new("rebuild", "entries", upto);
     let applied = catch_up(
         &indexes,
         &reader,
@@ -126,49 +126,4 @@ pub fn run(config: &Config, only: Option<&str>) -> Result<RebuildSummary, Rebuil
         entries: applied,
         elapsed: started.elapsed(),
     })
-}
-
-/// A progress bar on a terminal, plain lines otherwise.
-struct Progress {
-    bar: Option<indicatif::ProgressBar>,
-    total: u64,
-    started: Instant,
-    last_line: std::cell::Cell<Instant>,
-}
-
-impl Progress {
-    fn new(total: u64) -> Self {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = indicatif::ProgressBar::new(total);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:40} {pos}/{len} entries  {per_sec}  eta {eta}",
-                )
-                .expect("valid template"),
-            );
-            bar
-        });
-        Self {
-            bar,
-            total,
-            started: Instant::now(),
-            last_line: std::cell::Cell::new(Instant::now()),
-        }
-    }
-
-    fn update(&self, lsn: u64) {
-        if let Some(bar) = &self.bar {
-            bar.set_position(lsn);
-        } else if self.last_line.get().elapsed() >= Duration::from_secs(1) {
-            self.last_line.set(Instant::now());
-            let rate = lsn as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
-            eprintln!("rebuild: {lsn}/{} entries, {rate:.0} entries/s", self.total);
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
-        }
-    }
 }

@@ -148,8 +148,27 @@ pub fn run(data_dir: &Path) -> Result<VerifySummary, VerifyLogError> {
     run_in(&FsLogDir::new(crate::log::log_dir(data_dir)))
 }
 
+/// Verifies the log of `data_dir` like [`run`], telling `progress` the bytes checked so far out
+/// of the log's size after every segment and every few megabytes.
+pub fn run_observed(
+    data_dir: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<VerifySummary, VerifyLogError> {
+    run_in_observed(&FsLogDir::new(crate::log::log_dir(data_dir)), progress)
+}
+
 /// Verifies the log in `dir`. Reads only.
 pub fn run_in(dir: &dyn LogDir) -> Result<VerifySummary, VerifyLogError> {
+    run_in_observed(dir, &mut |_, _| {})
+}
+
+/// Bytes between two calls of a progress callback.
+const PROGRESS_EVERY_BYTES: u64 = 4 * 1024 * 1024;
+
+fn run_in_observed(
+    dir: &dyn LogDir,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<VerifySummary, VerifyLogError> {
     let path = dir.path().to_path_buf();
     let names = dir.list().map_err(|source| VerifyLogError::Dir {
         path: path.clone(),
@@ -164,6 +183,13 @@ pub fn run_in(dir: &dyn LogDir) -> Result<VerifySummary, VerifyLogError> {
         segments: bases.len(),
         ..VerifySummary::default()
     };
+    // The log's size, for progress only: a segment that cannot be opened fails below.
+    let total: u64 = bases
+        .iter()
+        .filter_map(|&base| dir.open(&segment_name(base), OpenMode::Read).ok())
+        .filter_map(|f| f.len().ok())
+        .sum();
+    let mut reported = 0;
     for (index, &base) in bases.iter().enumerate() {
         let name = segment_name(base);
         let segment = path.join(&name);
@@ -200,6 +226,11 @@ pub fn run_in(dir: &dyn LogDir) -> Result<VerifySummary, VerifyLogError> {
                         source: Box::new(source),
                     })?;
                     summary.entries = lsn;
+                    let done = summary.bytes + cursor.offset();
+                    if done >= reported + PROGRESS_EVERY_BYTES {
+                        reported = done;
+                        progress(done, total);
+                    }
                 }
                 Scanned::End => break,
                 Scanned::Damaged { offset, damage } => {
@@ -227,6 +258,7 @@ pub fn run_in(dir: &dyn LogDir) -> Result<VerifySummary, VerifyLogError> {
             }
         }
         summary.bytes += cursor.offset();
+        progress(summary.bytes, total);
     }
     checker
         .finish()

@@ -1,0 +1,62 @@
+//! Progress of a long offline command on standard error: a bar on a terminal, a plain line
+//! every second otherwise (a log file or journald keeps no bar).
+
+use std::io::IsTerminal as _;
+use std::time::{Duration, Instant};
+
+/// Progress toward `total` units (entries, bytes), reported under `label`.
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    label: &'static str,
+    unit: &'static str,
+    total: u64,
+    started: Instant,
+    last_line: std::cell::Cell<Instant>,
+}
+
+impl Progress {
+    /// Progress of `label` toward `total` of `unit` (a plural noun, or `"bytes"`).
+    pub fn new(label: &'static str, unit: &'static str, total: u64) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let template = if unit == "bytes" {
+                "{bar:40} {bytes}/{total_bytes}  {bytes_per_sec}  eta {eta}".to_string()
+            } else {
+                format!("{{bar:40}} {{pos}}/{{len}} {unit}  {{per_sec}}  eta {{eta}}")
+            };
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(&template).expect("valid template"),
+            );
+            bar
+        });
+        Self {
+            bar,
+            label,
+            unit,
+            total,
+            started: Instant::now(),
+            last_line: std::cell::Cell::new(Instant::now()),
+        }
+    }
+
+    /// `done` units of the total are done.
+    pub fn update(&self, done: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(done);
+        } else if self.last_line.get().elapsed() >= Duration::from_secs(1) {
+            self.last_line.set(Instant::now());
+            let rate = done as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+            eprintln!(
+                "{}: {done}/{} {}, {rate:.0} {}/s",
+                self.label, self.total, self.unit, self.unit
+            );
+        }
+    }
+
+    /// Takes the bar off the terminal.
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
