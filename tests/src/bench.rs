@@ -1,24 +1,10 @@
-//! Pieces the benchmark binaries (`catchup-bench`, `resume-bench`) share.
+//! Pieces the benchmark binaries (`catchup-bench`, `resume-bench`) share; their generator is
+//! the crash harness's [`Rng`](crate::crash::Rng).
 
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use kappakv_protocol::{NodeId, Status};
-
-/// splitmix64: small, seedable, and good enough to fill a log.
-#[derive(Debug, Clone)]
-pub struct Rng(pub u64);
-
-impl Rng {
-    /// The next value.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
 
 /// Milliseconds since the Unix epoch.
 pub fn wall_millis() -> u64 {

@@ -37,16 +37,23 @@ async fn start_at(dir: &std::path::Path, port: u16) -> anyhow::Result<kappakv_se
     Ok(kappakv_server::Server::start(config).await?)
 }
 
+/// A node on a port of its own and a data dir outside it, so that it can be restarted at the
+/// same address with the same data.
+async fn node_at_fixed_port() -> anyhow::Result<(tempfile::TempDir, u16, TestNode)> {
+    let dir = tempfile::tempdir()?;
+    let port = free_udp_port()?;
+    let node = TestNode {
+        server: start_at(dir.path(), port).await?,
+        dir: tempfile::tempdir()?,
+    };
+    Ok((dir, port, node))
+}
+
 #[tokio::test]
 async fn three_nodes_in_a_line_converge_with_siblings_and_merges() -> anyhow::Result<()> {
     let a = TestNode::start().await?;
     let c = TestNode::start().await?;
-    let b_dir = tempfile::tempdir()?;
-    let b_port = free_udp_port()?;
-    let b = TestNode {
-        server: start_at(b_dir.path(), b_port).await?,
-        dir: tempfile::tempdir()?,
-    };
+    let (b_dir, b_port, b) = node_at_fixed_port().await?;
     peer(&a, &b).await?;
     peer(&b, &a).await?;
     peer(&b, &c).await?;
@@ -175,12 +182,7 @@ async fn a_restarted_peer_resumes_without_its_peer_rereading_the_shared_history(
     const WHILE_DOWN: usize = 20;
     const AFTER: usize = 10;
     let a = TestNode::start().await?;
-    let b_dir = tempfile::tempdir()?;
-    let b_port = free_udp_port()?;
-    let b = TestNode {
-        server: start_at(b_dir.path(), b_port).await?,
-        dir: tempfile::tempdir()?,
-    };
+    let (b_dir, b_port, b) = node_at_fixed_port().await?;
     peer(&a, &b).await?;
     peer(&b, &a).await?;
     let (ca, cb) = (a.client().await?, b.client().await?);

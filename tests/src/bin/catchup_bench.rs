@@ -29,7 +29,8 @@ use kappakv_client::Client;
 use kappakv_protocol::{Entry, EntryId, HlcClock, Keypair, Op, SignedEntry, Status, Ticket};
 use kappakv_server::identity;
 use kappakv_server::log::{LogConfig, LogStore, log_dir};
-use kappakv_tests::bench::{Rng, median, vv, wall_millis};
+use kappakv_tests::bench::{median, vv, wall_millis};
+use kappakv_tests::crash::Rng;
 use kappakv_tests::free_udp_port;
 
 /// Entries per group commit when filling A's log; the last of each is signed.
@@ -97,7 +98,7 @@ fn fill(data_dir: &Path, keypair: &Keypair, args: &Args) -> Result<()> {
         bail!("{} already holds a log", data_dir.display());
     }
     let author = keypair.node_id();
-    let mut rng = Rng(0x00c0_ffee);
+    let mut rng = Rng::new(0x00c0_ffee);
     let mut clock = HlcClock::default();
     let mut latest: Vec<Option<EntryId>> = vec![None; args.keys as usize];
     let mut prev = None;

@@ -31,7 +31,8 @@ use kappakv_client::Client;
 use kappakv_protocol::{EntryId, HlcClock, Keypair, Op, SignedEntry, Status, Ticket};
 use kappakv_server::identity;
 use kappakv_server::log::{LogConfig, LogStore, log_dir};
-use kappakv_tests::bench::{Rng, median, vv, wall_millis};
+use kappakv_tests::bench::{median, vv, wall_millis};
+use kappakv_tests::crash::Rng;
 use kappakv_tests::free_udp_port;
 
 /// Entries per append when filling P's log.
@@ -100,7 +101,7 @@ fn fill(data_dir: &Path, authors: &[Keypair], args: &Args) -> Result<()> {
     if store.last_lsn() != 0 || !recovery.heads.is_empty() {
         bail!("{} already holds a log", data_dir.display());
     }
-    let mut rng = Rng(0x00c0_ffee);
+    let mut rng = Rng::new(0x00c0_ffee);
     let mut clock = HlcClock::default();
     let mut latest: Vec<Option<EntryId>> = vec![None; args.keys as usize];
     let mut heads: Vec<(u64, Option<EntryId>)> = vec![(0, None); authors.len()];
