@@ -18,6 +18,8 @@
 //!   [`views::kv`] (the multi-value register) and [`views::history`]; and the declared
 //!   secondary indexes, [`views::secondary`] (one view per [`IndexDef`], versioned by a hash
 //!   of the definition), with [`document`] for reading fields and encoding index keys.
+//! - [`digest`]: the state digest of the kv view, a homomorphic set hash kept up to date as
+//!   batches apply.
 //! - [`mvr`]: the multi-value register rules with no storage. [`overlay`]: [`KvOverlay`], which
 //!   lets the server's writer resolve plain puts while the indexer lags.
 //! - [`snapshot`]: every query (secondary index queries are in [`views::secondary`]). [`error`]: one error enum per operation.
@@ -37,6 +39,7 @@
 //! [`Snapshot::author_head`] and [`Snapshot::entry_lsn`].
 
 pub mod checkpoint;
+pub mod digest;
 pub mod document;
 pub mod error;
 pub mod mvr;
@@ -49,6 +52,7 @@ pub mod view;
 pub mod views;
 
 pub use checkpoint::Checkpoint;
+pub use digest::StateDigest;
 pub use error::{ApplyError, CorruptRecord, OpenViewError, QueryError, ReadError, RebuildError};
 pub use overlay::KvOverlay;
 pub use runner::{DEFAULT_CACHE_BYTES, Indexes, OpenReport, ResetReason, ViewOpened};

@@ -13,12 +13,15 @@ use redb::{
 };
 
 use crate::checkpoint;
+use crate::digest::StateDigest;
 use crate::error::{CorruptRecord, ReadError};
 use crate::record::{CurrentVersion, HistoryRecord, decode_current};
 use crate::tables::{
-    HISTORY_BY_KEY, HISTORY_BY_KEY_NAME, HISTORY_RECORDS, KV_CURRENT, KV_SUPERSEDED, KV_VIEW,
-    LOG_AUTHOR_HEAD, LOG_AUTHOR_SEQ_LSN, LOG_ENTRY_LSN, LOG_LOOKUP_VIEW, VIEW_CHECKPOINTS,
+    HISTORY_BY_KEY, HISTORY_BY_KEY_NAME, HISTORY_RECORDS, KV_CURRENT, KV_DIGEST, KV_DIGEST_ROW,
+    KV_SUPERSEDED, KV_VIEW, LOG_AUTHOR_HEAD, LOG_AUTHOR_SEQ_LSN, LOG_ENTRY_LSN, LOG_LOOKUP_VIEW,
+    VIEW_CHECKPOINTS,
 };
+use crate::views::kv::decode_digest;
 
 /// A consistent, read-only view of every index as of one commit.
 pub struct Snapshot {
@@ -59,6 +62,16 @@ impl Snapshot {
     /// exactly the log up to it.
     pub fn kv_applied_lsn(&self) -> Result<Lsn, ReadError> {
         self.applied_lsn(KV_VIEW)
+    }
+
+    /// The state digest of the key/value view ([`crate::digest`]), as of
+    /// [`Snapshot::kv_applied_lsn`].
+    pub fn state_digest(&self) -> Result<StateDigest, ReadError> {
+        let Some(table) = self.table(KV_DIGEST)? else {
+            return Ok(StateDigest::new());
+        };
+        let row = table.get(KV_DIGEST_ROW)?;
+        Ok(decode_digest(row.as_ref().map(redb::AccessGuard::value))?)
     }
 
     /// The current versions of `key`: values without tombstones ordered by (timestamp, id),

@@ -64,8 +64,9 @@ pub const LOG_AUTHOR_SEQ_LSN_NAME: &str = "log_lookup.author_seq_lsn";
 /// Name of the key/value view.
 pub const KV_VIEW: &str = "kv";
 /// Definition version of the key/value view. 2: a batch replays each key's supersede marks
-/// and versions in log order, so the stored rows no longer depend on batch boundaries.
-pub const KV_VERSION: u64 = 2;
+/// and versions in log order, so the stored rows no longer depend on batch boundaries. 3: adds
+/// [`KV_DIGEST`].
+pub const KV_VERSION: u64 = 3;
 
 /// Current versions, one row per key that has any. Key: the key. Value: its current versions
 /// ascending by id, `count u32 LE` then per version `id [32] | author [32] | timestamp u64 LE |
@@ -84,6 +85,14 @@ pub const KV_SUPERSEDED: TableDefinition<(&[u8], &[u8; 32]), ()> =
     TableDefinition::new(KV_SUPERSEDED_NAME);
 /// Name of [`KV_SUPERSEDED`].
 pub const KV_SUPERSEDED_NAME: &str = "kv.superseded";
+
+/// The state digest of [`KV_CURRENT`] ([`crate::digest`]). Key: [`KV_DIGEST_ROW`]. Value: the
+/// digest's lanes ([`crate::digest::DIGEST_BYTES`] bytes). No row: the empty view's digest.
+pub const KV_DIGEST: TableDefinition<&str, &[u8]> = TableDefinition::new(KV_DIGEST_NAME);
+/// Name of [`KV_DIGEST`].
+pub const KV_DIGEST_NAME: &str = "kv.digest";
+/// The one row of [`KV_DIGEST`].
+pub const KV_DIGEST_ROW: &str = "current";
 
 // ---- History view --------------------------------------------------------------------------
 

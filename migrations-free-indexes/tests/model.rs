@@ -3,7 +3,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use kappakv_indexes::{Indexes, KvOverlay, Snapshot, default_views};
+use kappakv_indexes::digest::DigestVersion;
+use kappakv_indexes::{Indexes, KvOverlay, Snapshot, StateDigest, default_views};
 use kappakv_protocol::{
     Entry, EntryId, KeyRange, KeyVersions, Lsn, NodeId, Op, SignedEntry, Timestamp, Version,
 };
@@ -206,6 +207,32 @@ fn model(entries: &[SignedEntry]) -> BTreeMap<Vec<u8>, KeyVersions> {
         .collect()
 }
 
+/// The state digest of the current versions [`model`] gives, tombstones included.
+fn expected_digest(entries: &[SignedEntry]) -> StateDigest {
+    let mut digest = StateDigest::new();
+    for (key, versions) in model(entries) {
+        for id in versions.context {
+            let se = entries.iter().find(|se| se.id == id).expect("a written id");
+            let op = se
+                .entry
+                .ops
+                .iter()
+                .find(|op| op.key() == key)
+                .expect("an op on the key");
+            digest.add(
+                &key,
+                &DigestVersion {
+                    id,
+                    author: se.entry.author,
+                    timestamp: se.entry.timestamp,
+                    value: op.value(),
+                },
+            );
+        }
+    }
+    digest
+}
+
 fn empty(key: &[u8]) -> KeyVersions {
     KeyVersions {
         key: key.to_vec(),
@@ -292,6 +319,13 @@ proptest! {
         let state_b = kv_state(&b.snapshot().unwrap());
         prop_assert_eq!(&state_a, &expected);
         prop_assert_eq!(&state_b, &expected);
+
+        // The state digest depends on the set of entries alone, and is the digest of the
+        // current versions the rules above give.
+        let digest_a = a.snapshot().unwrap().state_digest().unwrap();
+        let digest_b = b.snapshot().unwrap().state_digest().unwrap();
+        prop_assert_eq!(&digest_a, &expected_digest(&script.entries));
+        prop_assert_eq!(&digest_b, &digest_a);
 
         // History holds every version of each key, newest (highest LSN) first.
         let snap = b.snapshot().unwrap();

@@ -124,6 +124,13 @@ fixed_bytes!(
     "entry id"
 );
 fixed_bytes!(
+    /// The root of a key/value state digest: equal on two nodes whose key/value views hold the
+    /// same current versions.
+    StateRoot,
+    32,
+    "state root"
+);
+fixed_bytes!(
     /// An ed25519 signature of an [`EntryId`], vouching for the author's chain up to that entry.
     Signature,
     64,

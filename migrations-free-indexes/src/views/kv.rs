@@ -14,11 +14,13 @@
 
 use redb::{ReadableTable, WriteTransaction};
 
-use crate::error::ApplyError;
+use crate::digest::{DigestVersion, StateDigest};
+use crate::error::{ApplyError, CorruptRecord};
 use crate::mvr::BatchPlan;
 use crate::record::{CurrentVersion, decode_current, encode_current};
 use crate::tables::{
-    KV_CURRENT, KV_CURRENT_NAME, KV_SUPERSEDED, KV_SUPERSEDED_NAME, KV_VERSION, KV_VIEW,
+    KV_CURRENT, KV_CURRENT_NAME, KV_DIGEST, KV_DIGEST_NAME, KV_DIGEST_ROW, KV_SUPERSEDED,
+    KV_SUPERSEDED_NAME, KV_VERSION, KV_VIEW,
 };
 use crate::view::{Batch, View};
 
@@ -36,13 +38,18 @@ impl View for KvView {
     }
 
     fn tables(&self) -> Vec<&str> {
-        vec![KV_CURRENT_NAME, KV_SUPERSEDED_NAME]
+        vec![KV_CURRENT_NAME, KV_SUPERSEDED_NAME, KV_DIGEST_NAME]
     }
 
     fn apply(&self, txn: &WriteTransaction, batch: &Batch<'_>) -> Result<(), ApplyError> {
         let plan = BatchPlan::new(batch);
         let mut current = txn.open_table(KV_CURRENT)?;
         let mut superseded = txn.open_table(KV_SUPERSEDED)?;
+        let mut digest_table = txn.open_table(KV_DIGEST)?;
+        let stored = digest_table.get(KV_DIGEST_ROW)?;
+        let mut digest = decode_digest(stored.as_ref().map(redb::AccessGuard::value))?;
+        drop(stored);
+        let mut digest_changed = false;
 
         let (mut marks, mut versions) = (&plan.marks[..], &plan.versions[..]);
         let mut buf = Vec::new();
@@ -78,7 +85,7 @@ impl View for KvView {
                     m += 1;
                     match set.binary_search_by(|c| c.id.cmp(&id)) {
                         Ok(at) => {
-                            set.remove(at);
+                            digest.remove(key, &digest_version(&set.remove(at)));
                             changed = true;
                         }
                         Err(_) => {
@@ -96,21 +103,21 @@ impl View for KvView {
                     // The same entry twice in the log: the version is already current.
                     continue;
                 };
-                set.insert(
-                    at,
-                    CurrentVersion {
-                        id: version.id,
-                        author: version.author,
-                        timestamp: version.timestamp,
-                        lsn: version.lsn,
-                        value: version.value,
-                    },
-                );
+                let version = CurrentVersion {
+                    id: version.id,
+                    author: version.author,
+                    timestamp: version.timestamp,
+                    lsn: version.lsn,
+                    value: version.value,
+                };
+                digest.add(key, &digest_version(&version));
+                set.insert(at, version);
                 changed = true;
             }
             if !changed {
                 continue;
             }
+            digest_changed = true;
             if set.is_empty() {
                 current.remove(key)?;
             } else {
@@ -119,8 +126,34 @@ impl View for KvView {
                 current.insert(key, buf.as_slice())?;
             }
         }
+        if digest_changed {
+            digest_table.insert(KV_DIGEST_ROW, digest.to_bytes().as_slice())?;
+        }
         Ok(())
     }
+}
+
+/// What the state digest hashes of a current version.
+fn digest_version<'v>(v: &CurrentVersion<'v>) -> DigestVersion<'v> {
+    DigestVersion {
+        id: v.id,
+        author: v.author,
+        timestamp: v.timestamp,
+        value: v.value,
+    }
+}
+
+/// The digest stored in the [`KV_DIGEST`] row `row`; no row is the empty view's digest.
+pub(crate) fn decode_digest(row: Option<&[u8]>) -> Result<StateDigest, CorruptRecord> {
+    row.map_or_else(
+        || Ok(StateDigest::new()),
+        |bytes| {
+            StateDigest::from_bytes(bytes).ok_or(CorruptRecord {
+                table: KV_DIGEST_NAME,
+                reason: "a state digest of the wrong length",
+            })
+        },
+    )
 }
 
 /// Splits off the leading items of `items` that satisfy `same`.
