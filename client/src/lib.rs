@@ -61,8 +61,9 @@ pub use client::{Batch, Client, Written};
 pub use config::ClientBuilder;
 pub use error::{ConnectError, InvalidRequest, ProtocolError, RequestError, Result, ValueError};
 pub use kappakv_protocol::{
-    Change, Context, EntryId, ErrorCode, IndexQuery, IndexStatus, IndexValue, KeyRange,
-    KeyVersions, Lsn, NodeId, PeerStatus, Status, Ticket, Timestamp, Version, WriteOp,
+    BootstrapStatus, Change, Context, EntryId, ErrorCode, IndexQuery, IndexStatus, IndexValue,
+    KeyRange, KeyVersions, Lsn, NodeId, PeerStatus, StateRoot, Status, Ticket, Timestamp, Version,
+    WriteOp,
 };
 pub use query::{QueryCursor, QueryOptions, QueryPage};
 pub use scan::{Scan, ScanOptions};

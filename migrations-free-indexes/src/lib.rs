@@ -22,6 +22,8 @@
 //!   batches apply.
 //! - [`mvr`]: the multi-value register rules with no storage. [`overlay`]: [`KvOverlay`], which
 //!   lets the server's writer resolve plain puts while the indexer lags.
+//! - [`state_snapshot`]: a peer's kv state sent in key order and loaded by a new replica
+//!   ([`StateStore`]), which answers reads while the log behind it replays.
 //! - [`snapshot`]: every query (secondary index queries are in [`views::secondary`]). [`error`]: one error enum per operation.
 //!
 //! # Crash safety
@@ -47,6 +49,7 @@ pub mod overlay;
 mod record;
 pub mod runner;
 pub mod snapshot;
+pub mod state_snapshot;
 pub mod tables;
 pub mod view;
 pub mod views;
@@ -57,6 +60,7 @@ pub use error::{ApplyError, CorruptRecord, OpenViewError, QueryError, ReadError,
 pub use overlay::KvOverlay;
 pub use runner::{DEFAULT_CACHE_BYTES, Indexes, OpenReport, ResetReason, ViewOpened};
 pub use snapshot::Snapshot;
+pub use state_snapshot::{StateLoadError, StateMeta, StateRow, StateStore};
 pub use view::{Batch, View};
 pub use views::secondary::{IndexStats, QueryPage};
 pub use views::{

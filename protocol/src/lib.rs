@@ -39,7 +39,9 @@ pub use error::{DecodeError, FramingError, InvalidEntry, ParseIdError, VerifyErr
 pub use ids::{Context, EntryId, NodeId, Signature, StateRoot};
 pub use index::{IndexQuery, IndexStatus, IndexValue};
 pub use request::{KeyRange, Lsn, Request, WriteOp};
-pub use response::{Change, ErrorCode, KeyVersions, PeerStatus, Response, Status, Version};
+pub use response::{
+    BootstrapStatus, Change, ErrorCode, KeyVersions, PeerStatus, Response, Status, Version,
+};
 pub use sign::Keypair;
 pub use ticket::{Ticket, TicketError};
 

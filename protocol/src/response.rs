@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::entry::Timestamp;
-use crate::ids::{EntryId, NodeId};
+use crate::ids::{EntryId, NodeId, StateRoot};
 use crate::index::IndexStatus;
 use crate::request::Lsn;
 
@@ -91,6 +91,35 @@ pub struct Status {
     /// The declared secondary indexes.
     #[serde(default)]
     pub indexes: Vec<IndexStatus>,
+    /// The root of the key/value view's state digest at `indexed_lsn`: equal on two nodes
+    /// whose views hold the same entries.
+    #[serde(default)]
+    pub state_root: Option<StateRoot>,
+    /// Where a node that started from a peer's snapshot stands; `None` for a node that
+    /// replayed its log from the start.
+    #[serde(default)]
+    pub bootstrap: Option<BootstrapStatus>,
+}
+
+/// A node that started from a trusted peer's snapshot of its key/value state, and how far its
+/// own replay of the log behind the snapshot has come.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapStatus {
+    /// The peer that sent the snapshot.
+    pub peer: NodeId,
+    /// The version vector the snapshot is the state at.
+    pub version_vector: Vec<(NodeId, u64)>,
+    /// The snapshot's state root, as the peer sent it and this node recomputed it.
+    pub state_root: StateRoot,
+    /// Where reads come from: `true` while they are answered from the snapshot, `false` once
+    /// the node's own views have replayed the log up to the snapshot.
+    pub serving_snapshot: bool,
+    /// The node's own replay of the log up to the snapshot's version vector ended with the
+    /// snapshot's state root. `false` until then.
+    pub verified: bool,
+    /// The replay ended with another state root: the peer's snapshot differed from its log,
+    /// so its state was dropped and the node serves what its own log proves.
+    pub refused: bool,
 }
 
 /// What went wrong, as a client sees it.

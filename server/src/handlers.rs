@@ -419,16 +419,27 @@ fn index_statuses(node: &Node) -> Vec<IndexStatus> {
 /// The node's state.
 pub fn status(node: &Node) -> Status {
     let replication = node.replication();
+    // The digest and the LSN it is at, from one snapshot.
+    let digest = node.indexes.snapshot().ok().and_then(|snapshot| {
+        Some((
+            snapshot.kv_applied_lsn().ok()?,
+            snapshot.state_digest().ok()?,
+        ))
+    });
     Status {
         node_id: Some(node.node_id),
         version: env!("CARGO_PKG_VERSION").to_string(),
         log_lsn: *node.durable.borrow(),
-        indexed_lsn: *node.indexed.borrow(),
+        indexed_lsn: digest
+            .as_ref()
+            .map_or_else(|| *node.indexed.borrow(), |(lsn, _)| *lsn),
+        state_root: digest.map(|(_, digest)| digest.root()),
         version_vector: node.writer.version_vector(),
         peers: replication.as_ref().map(|r| r.status()).unwrap_or_default(),
         writable: !node.writer.is_stopped() && node.indexer_failure().is_none(),
         equivocations: replication.map_or(0, |r| r.equivocations()),
         indexes: index_statuses(node),
+        bootstrap: None,
     }
 }
 

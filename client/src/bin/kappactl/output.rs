@@ -5,7 +5,8 @@ use std::fmt::Write as _;
 
 use data_encoding::BASE64;
 use kappakv_client::{
-    Change, Context, GetResult, KeyVersions, PeerStatus, Status, Timestamp, Version,
+    BootstrapStatus, Change, Context, GetResult, KeyVersions, NodeId, PeerStatus, Status,
+    Timestamp, Version,
 };
 use serde_json::{Value, json};
 
@@ -81,12 +82,27 @@ pub(crate) fn peers_json(peers: &[PeerStatus]) -> Value {
     Value::Array(peers.iter().map(peer_json).collect())
 }
 
+fn version_vector_json(vv: &[(NodeId, u64)]) -> Value {
+    Value::Object(
+        vv.iter()
+            .map(|(node, seq)| (node.to_hex(), json!(seq)))
+            .collect(),
+    )
+}
+
+fn bootstrap_json(b: &BootstrapStatus) -> Value {
+    json!({
+        "peer": b.peer.to_hex(),
+        "version_vector": version_vector_json(&b.version_vector),
+        "state_root": b.state_root.to_hex(),
+        "serving_snapshot": b.serving_snapshot,
+        "verified": b.verified,
+        "refused": b.refused,
+    })
+}
+
 pub(crate) fn status_json(s: &Status) -> Value {
-    let vv: serde_json::Map<String, Value> = s
-        .version_vector
-        .iter()
-        .map(|(node, seq)| (node.to_hex(), json!(seq)))
-        .collect();
+    let vv = version_vector_json(&s.version_vector);
     json!({
         "node_id": s.node_id.map(|n| n.to_hex()),
         "version": s.version,
@@ -94,7 +110,9 @@ pub(crate) fn status_json(s: &Status) -> Value {
         "indexed_lsn": s.indexed_lsn,
         "writable": s.writable,
         "equivocations": s.equivocations,
+        "state_root": s.state_root.map(|r| r.to_hex()),
         "version_vector": vv,
+        "bootstrap": s.bootstrap.as_ref().map(bootstrap_json),
         "peers": peers_json(&s.peers),
         "indexes": s.indexes.iter().map(|i| json!({
             "name": i.name,
@@ -279,6 +297,27 @@ pub(crate) fn status_human(s: &Status) -> String {
     }
     let _ = writeln!(out, "log lsn      {}", s.log_lsn);
     let _ = writeln!(out, "indexed lsn  {}", s.indexed_lsn);
+    if let Some(root) = s.state_root {
+        let _ = writeln!(out, "state root   {root}");
+    }
+    if let Some(b) = &s.bootstrap {
+        let state = match (b.verified, b.refused, b.serving_snapshot) {
+            (true, _, _) => "verified: the log behind it gives the same state",
+            (_, true, _) => {
+                "REFUSED: the log behind it gives another state; serving what the log proves"
+            }
+            (_, _, true) => {
+                "not verified yet: reads come from the snapshot while the log behind it replays"
+            }
+            _ => "not verified yet",
+        };
+        let at: u64 = b.version_vector.iter().map(|(_, seq)| seq).sum();
+        let _ = writeln!(
+            out,
+            "bootstrap    snapshot from {} at {at} entries, {state}",
+            b.peer
+        );
+    }
     let _ = writeln!(
         out,
         "writable     {}",
