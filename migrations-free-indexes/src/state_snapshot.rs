@@ -285,6 +285,15 @@ fn check_row(key: &[u8], versions: &[Version]) -> Result<(), StateLoadError> {
 }
 
 impl Snapshot {
+    /// How many keys the kv view holds (tombstones included).
+    pub fn kv_keys(&self) -> Result<u64, ReadError> {
+        use redb::ReadableTableMetadata as _;
+        let Some(table) = self.table(KV_CURRENT)? else {
+            return Ok(0);
+        };
+        Ok(table.len()?)
+    }
+
     /// Keys of the kv view after `start_after` (from the first when `None`), in key order,
     /// each with every current version, tombstones included: a page of a state snapshot. The
     /// page ends once it holds `bytes_max` bytes of keys and values (at least one key); the

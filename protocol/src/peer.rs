@@ -2,8 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::NodeId;
+use crate::ids::{NodeId, StateRoot};
 use crate::limits::{MAX_ENTRY_BYTES, MAX_FRAME_BYTES, MAX_RECORD_BYTES};
+use crate::response::Version;
 
 /// A peer message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +34,27 @@ pub enum PeerMessage {
         /// Entries refused (bad signature or link, equivocation, gap, not an allowed writer).
         refused: u64,
     },
+    /// Asks for a snapshot of the receiver's key/value state. Sent as the first message of a
+    /// bidirectional stream of a peer connection, by a new node with an empty log.
+    SnapshotRequest,
+    /// Starts a snapshot: the state is that of the sender's log at `version_vector`, where
+    /// every author's chain ends at a signed entry.
+    SnapshotStart {
+        /// The version vector of the log the state is derived from.
+        version_vector: Vec<(NodeId, u64)>,
+        /// The root of the state's digest.
+        state_root: StateRoot,
+        /// Keys that follow.
+        keys: u64,
+    },
+    /// Keys of a snapshot in key order, each with every current version, tombstones
+    /// included, ascending by id.
+    SnapshotRows {
+        /// The keys and their versions.
+        rows: Vec<(serde_bytes::ByteBuf, Vec<Version>)>,
+    },
+    /// Ends a snapshot: every key was sent.
+    SnapshotEnd,
 }
 
 /// Most entries one `Entries` message carries.
@@ -73,7 +95,16 @@ const _: () = assert!(MAX_ENTRY_BYTES + 64 <= MAX_FRAME_BYTES);
 const _: () = assert!(MAX_RECORD_BYTES + PAYLOAD_HEADER_MAX + 64 <= MAX_FRAME_BYTES);
 
 impl crate::frame::MessageKinds for PeerMessage {
-    const KINDS: &'static [&'static str] = &["Hello", "Entries", "Synced", "Taken"];
+    const KINDS: &'static [&'static str] = &[
+        "Hello",
+        "Entries",
+        "Synced",
+        "Taken",
+        "SnapshotRequest",
+        "SnapshotStart",
+        "SnapshotRows",
+        "SnapshotEnd",
+    ];
 }
 
 #[cfg(test)]
@@ -94,13 +125,25 @@ mod tests {
                 present: 0,
                 refused: 0,
             },
+            PeerMessage::SnapshotRequest,
+            PeerMessage::SnapshotStart {
+                version_vector: vec![],
+                state_root: StateRoot([0; 32]),
+                keys: 0,
+            },
+            PeerMessage::SnapshotRows { rows: vec![] },
+            PeerMessage::SnapshotEnd,
         ] {
             // Adding a kind fails to compile here until it is listed.
             match &m {
                 PeerMessage::Hello { .. }
                 | PeerMessage::Entries { .. }
                 | PeerMessage::Synced
-                | PeerMessage::Taken { .. } => {}
+                | PeerMessage::Taken { .. }
+                | PeerMessage::SnapshotRequest
+                | PeerMessage::SnapshotStart { .. }
+                | PeerMessage::SnapshotRows { .. }
+                | PeerMessage::SnapshotEnd => {}
             }
             let frame = encode_frame(&m);
             let kind = message_kind(&frame[FRAME_HEADER_LEN..]).expect("a tagged message");

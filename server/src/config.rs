@@ -46,6 +46,18 @@ pub enum LogFormat {
     Json,
 }
 
+/// How a node with an empty log and peers gets its state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootstrapMode {
+    /// From the first peer on its list that answers, a snapshot of its key/value state:
+    /// reads are answered from it at once, and it is verified when the node's own replay of
+    /// the log reaches the snapshot's point.
+    Snapshot,
+    /// Replay the log from the start before answering reads.
+    Replay,
+}
+
 /// Every setting of a node. Field names are the TOML keys; the environment variable of `foo_bar`
 /// is `KAPPAKV_FOO_BAR`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -65,6 +77,10 @@ pub struct Config {
     /// one, as equivocations. Without it the node holds local writes until a peer has
     /// confirmed, or sent back, its own chain.
     pub accept_chain_loss: bool,
+    /// How a new node with peers gets its state: `snapshot` answers reads within about a
+    /// second from a peer's snapshot of its key/value state and verifies it by replaying the
+    /// log behind it (writes wait until then); `replay` answers nothing before its own replay.
+    pub bootstrap: BootstrapMode,
     /// Log format.
     pub log_format: LogFormat,
     /// Most simultaneous QUIC connections; more are refused, once none is left that has not
@@ -155,6 +171,7 @@ impl Default for Config {
             peers: Vec::new(),
             writers: Vec::new(),
             accept_chain_loss: false,
+            bootstrap: BootstrapMode::Snapshot,
             log_format: LogFormat::Text,
             max_connections: 256,
             max_streams_per_connection: 64,

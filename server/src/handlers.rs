@@ -55,9 +55,13 @@ pub async fn handle(node: &Node, request: Request, role: Role) -> Reply {
             if key.len() > MAX_KEY_BYTES {
                 return key_too_large(key.len());
             }
-            read(node, min_lsn, ReadSize::Point, move |snap| {
-                snap.get(&key).map(|kv| vec![versions_frame(kv)])
-            })
+            read(
+                node,
+                min_lsn,
+                ReadSize::Point,
+                Bootstrapping::FromSnapshot,
+                move |snap| snap.get(&key).map(|kv| vec![versions_frame(kv)]),
+            )
             .await
         }
         Request::Scan {
@@ -66,15 +70,21 @@ pub async fn handle(node: &Node, request: Request, role: Role) -> Reply {
             min_lsn,
         } => {
             let limit = limit.clamp(1, MAX_SCAN_LIMIT);
-            read(node, min_lsn, ReadSize::Range, move |snap| {
-                let (page, resume) =
-                    snap.scan_within(&range_checked(range), limit as usize, REPLY_BYTES_MAX)?;
-                let mut out: Vec<Response> = page.into_iter().map(versions_frame).collect();
-                out.push(Response::ScanEnd {
-                    resume_after: resume.map(ByteBuf::from),
-                });
-                Ok(out)
-            })
+            read(
+                node,
+                min_lsn,
+                ReadSize::Range,
+                Bootstrapping::FromSnapshot,
+                move |snap| {
+                    let (page, resume) =
+                        snap.scan_within(&range_checked(range), limit as usize, REPLY_BYTES_MAX)?;
+                    let mut out: Vec<Response> = page.into_iter().map(versions_frame).collect();
+                    out.push(Response::ScanEnd {
+                        resume_after: resume.map(ByteBuf::from),
+                    });
+                    Ok(out)
+                },
+            )
             .await
         }
         Request::History {
@@ -83,10 +93,16 @@ pub async fn handle(node: &Node, request: Request, role: Role) -> Reply {
             min_lsn,
         } => {
             let limit = limit.clamp(1, MAX_HISTORY_LIMIT);
-            read(node, min_lsn, ReadSize::Range, move |snap| {
-                snap.history_within(&key, limit as usize, REPLY_BYTES_MAX)
-                    .map(|versions| vec![Response::History { versions }])
-            })
+            read(
+                node,
+                min_lsn,
+                ReadSize::Range,
+                Bootstrapping::Refuse,
+                move |snap| {
+                    snap.history_within(&key, limit as usize, REPLY_BYTES_MAX)
+                        .map(|versions| vec![Response::History { versions }])
+                },
+            )
             .await
         }
         Request::Query {
@@ -193,6 +209,9 @@ fn key_too_large(len: usize) -> Reply {
 /// A local write. The writer checks the ops against the entry format (`Entry::validate`), so
 /// the limits live in one place; its typed error picks the wire code.
 async fn write(node: &Node, ops: Vec<WriteOp>) -> Reply {
+    if let Some(why) = node.bootstrap.writes_held() {
+        return error(ErrorCode::Unavailable, why);
+    }
     match node.writer.write(ops).await {
         Ok(w) => Reply::One(Response::Written {
             lsn: w.lsn,
@@ -229,44 +248,65 @@ enum ReadSize {
     Range,
 }
 
+/// What a read does while the node answers from a peer's snapshot (`node::bootstrap`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Bootstrapping {
+    /// Answers from the snapshot: it holds every key's current versions.
+    FromSnapshot,
+    /// Refuses, retryably: the snapshot holds no history and no secondary index.
+    Refuse,
+}
+
+/// Where a read's snapshot comes from.
+enum Source {
+    Views(std::sync::Arc<kappakv_indexes::Indexes>),
+    Loaded(std::sync::Arc<kappakv_indexes::StateStore>),
+}
+
+impl Source {
+    fn snapshot(&self) -> Result<kappakv_indexes::Snapshot, kappakv_indexes::ReadError> {
+        match self {
+            Source::Views(indexes) => indexes.snapshot(),
+            Source::Loaded(store) => store.snapshot(),
+        }
+    }
+}
+
 /// Waits until the views have applied everything durable when the read arrived (and at least
-/// `min_lsn`), then runs `f` on a snapshot, where `size` says.
-async fn read<F>(node: &Node, min_lsn: Lsn, size: ReadSize, f: F) -> Reply
+/// `min_lsn`), then runs `f` on a snapshot, where `size` says. While the node answers from a
+/// peer's snapshot, `bootstrapping` says whether `f` runs on it instead, at once.
+async fn read<F>(
+    node: &Node,
+    min_lsn: Lsn,
+    size: ReadSize,
+    bootstrapping: Bootstrapping,
+    f: F,
+) -> Reply
 where
     F: FnOnce(&kappakv_indexes::Snapshot) -> Result<Vec<Response>, kappakv_indexes::ReadError>
         + Send
         + 'static,
 {
-    let log_lsn = *node.durable.borrow();
-    if min_lsn > log_lsn {
-        return error(
-            ErrorCode::BadRequest,
-            format!(
-                "min_lsn {min_lsn} is ahead of this node's log ({log_lsn}); was it written to another node?"
-            ),
-        );
-    }
-    // Every write acknowledged before this read arrived is visible to it, whichever client
-    // made it: the read waits until the views cover the log as it stands now.
-    let wait_for = min_lsn.max(log_lsn);
-    if !node.wait_indexed(wait_for).await {
-        let why = node.indexer_failure().unwrap_or("it is shutting down");
-        return error(
-            ErrorCode::Unavailable,
-            format!(
-                "the indexer has stopped ({why}): the views cannot answer reads past lsn {} until the node is restarted",
-                *node.indexed.borrow()
-            ),
-        );
-    }
+    let source = match node.bootstrap.reads() {
+        Some(store) if bootstrapping == Bootstrapping::FromSnapshot => Source::Loaded(store),
+        Some(_) => {
+            return error(
+                ErrorCode::Unavailable,
+                "this node answers from a peer's snapshot while it replays the log behind it; history and index queries are answered once it has, retry shortly",
+            );
+        }
+        None => match wait_for_views(node, min_lsn).await {
+            Ok(()) => Source::Views(node.indexes.clone()),
+            Err(reply) => return reply,
+        },
+    };
     let result = if size == ReadSize::Point {
-        Ok(node.indexes.snapshot().and_then(|snap| f(&snap)))
+        Ok(source.snapshot().and_then(|snap| f(&snap)))
     } else {
         let Ok(_permit) = node.reads.acquire().await else {
             return error(ErrorCode::ShuttingDown, "node is shutting down");
         };
-        let indexes = node.indexes.clone();
-        tokio::task::spawn_blocking(move || indexes.snapshot().and_then(|snap| f(&snap))).await
+        tokio::task::spawn_blocking(move || source.snapshot().and_then(|snap| f(&snap))).await
     };
     match result {
         Ok(Ok(mut frames)) if frames.len() == 1 => Reply::One(frames.pop().expect("one frame")),
@@ -280,6 +320,33 @@ where
         }
         Err(e) => error(ErrorCode::Internal, format!("read task failed: {e}")),
     }
+}
+
+/// Waits until the views have applied everything durable now, and at least `min_lsn`.
+async fn wait_for_views(node: &Node, min_lsn: Lsn) -> Result<(), Reply> {
+    let log_lsn = *node.durable.borrow();
+    if min_lsn > log_lsn {
+        return Err(error(
+            ErrorCode::BadRequest,
+            format!(
+                "min_lsn {min_lsn} is ahead of this node's log ({log_lsn}); was it written to another node?"
+            ),
+        ));
+    }
+    // Every write acknowledged before this read arrived is visible to it, whichever client
+    // made it: the read waits until the views cover the log as it stands now.
+    let wait_for = min_lsn.max(log_lsn);
+    if !node.wait_indexed(wait_for).await {
+        let why = node.indexer_failure().unwrap_or("it is shutting down");
+        return Err(error(
+            ErrorCode::Unavailable,
+            format!(
+                "the indexer has stopped ({why}): the views cannot answer reads past lsn {} until the node is restarted",
+                *node.indexed.borrow()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Reads a declared secondary index. Waits for the serving views like any read, then answers
@@ -318,31 +385,37 @@ async fn query(
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let (v, q, after) = (view.clone(), q.clone(), start_after.clone());
-        let reply = read(node, min_lsn, ReadSize::Range, move |snap| {
-            let applied = snap.applied_lsn(v.name())?;
-            if applied < target {
-                return Ok(vec![index_building(&v, applied, target)]);
-            }
-            match snap.query(&v, &q, limit, after.as_deref()) {
-                Ok(page) => {
-                    let mut out: Vec<Response> =
-                        page.items.into_iter().map(Response::Versions).collect();
-                    out.push(Response::QueryEnd {
-                        resume_after: page.resume_after.map(ByteBuf::from),
-                    });
-                    Ok(out)
+        let reply = read(
+            node,
+            min_lsn,
+            ReadSize::Range,
+            Bootstrapping::Refuse,
+            move |snap| {
+                let applied = snap.applied_lsn(v.name())?;
+                if applied < target {
+                    return Ok(vec![index_building(&v, applied, target)]);
                 }
-                Err(QueryError::Invalid { reason }) => Ok(vec![Response::Error {
-                    code: ErrorCode::BadRequest,
-                    message: reason,
-                }]),
-                Err(QueryError::Read(e)) => Err(e),
-                Err(e) => Ok(vec![Response::Error {
-                    code: ErrorCode::Internal,
-                    message: e.to_string(),
-                }]),
-            }
-        })
+                match snap.query(&v, &q, limit, after.as_deref()) {
+                    Ok(page) => {
+                        let mut out: Vec<Response> =
+                            page.items.into_iter().map(Response::Versions).collect();
+                        out.push(Response::QueryEnd {
+                            resume_after: page.resume_after.map(ByteBuf::from),
+                        });
+                        Ok(out)
+                    }
+                    Err(QueryError::Invalid { reason }) => Ok(vec![Response::Error {
+                        code: ErrorCode::BadRequest,
+                        message: reason,
+                    }]),
+                    Err(QueryError::Read(e)) => Err(e),
+                    Err(e) => Ok(vec![Response::Error {
+                        code: ErrorCode::Internal,
+                        message: e.to_string(),
+                    }]),
+                }
+            },
+        )
         .await;
         let building = matches!(
             &reply,
@@ -439,7 +512,7 @@ pub fn status(node: &Node) -> Status {
         writable: !node.writer.is_stopped() && node.indexer_failure().is_none(),
         equivocations: replication.map_or(0, |r| r.equivocations()),
         indexes: index_statuses(node),
-        bootstrap: None,
+        bootstrap: node.bootstrap.status(),
     }
 }
 

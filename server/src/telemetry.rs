@@ -76,6 +76,9 @@ pub const PEER_CONNECTS: &str = "kappakv_peer_connects_total";
 pub const PEER_REJECTED: &str = "kappakv_peer_rejected_entries_total";
 /// Equivocations detected: two different entries for one (author, seq).
 pub const EQUIVOCATIONS: &str = "kappakv_equivocations_total";
+/// Snapshots refused: a peer's snapshot that its own rows, or this node's replay of the log
+/// behind it, did not bear out.
+pub const SNAPSHOTS_REFUSED: &str = "kappakv_snapshots_refused_total";
 /// Open QUIC connections (clients and peers).
 pub const CONNECTIONS_OPEN: &str = "kappakv_connections_open";
 /// Connections refused at the connection limit.
@@ -151,6 +154,10 @@ pub fn describe() {
     describe_counter!(PEER_CONNECTS, "Sessions established with the peer");
     describe_counter!(PEER_REJECTED, "Entries refused from peers, by reason");
     describe_counter!(EQUIVOCATIONS, "Equivocations detected");
+    describe_counter!(
+        SNAPSHOTS_REFUSED,
+        "Peer snapshots refused as differing from the log behind them, by peer"
+    );
     describe_gauge!(CONNECTIONS_OPEN, "Open QUIC connections");
     describe_counter!(CONNECTIONS_REFUSED, "Connections refused at the limit");
     describe_gauge!(STREAMS_OPEN, "Open client request streams");
@@ -212,6 +219,11 @@ pub fn peer_entries_read(peer: &NodeId, n: u64) {
 /// A session with `peer` was established.
 pub fn peer_connected(peer: &NodeId) {
     counter!(PEER_CONNECTS, "peer" => peer.to_string()).increment(1);
+}
+
+/// A snapshot from `peer` was refused.
+pub fn snapshot_refused(peer: &NodeId) {
+    counter!(SNAPSHOTS_REFUSED, "peer" => peer.to_string()).increment(1);
 }
 
 /// A connection was refused at the connection limit.

@@ -252,6 +252,21 @@ impl ProcessNode {
         Ok((dir, node, admin))
     }
 
+    /// Starts `kappakv serve` on `data_dir` at `addr` with the settings `settings` (names
+    /// without the `KAPPAKV_` prefix), warnings and errors in its log.
+    pub async fn start_in(
+        data_dir: &Path,
+        addr: SocketAddr,
+        settings: &[(&str, String)],
+    ) -> Result<Self> {
+        let mut cmd = serve_command(data_dir, addr)?;
+        cmd.env("RUST_LOG", "warn").stderr(Stdio::inherit());
+        for (k, v) in settings {
+            cmd.env(format!("KAPPAKV_{}", k.to_uppercase()), v);
+        }
+        Self::spawn(cmd, data_dir, addr).await
+    }
+
     /// Starts `kappakv serve` on `data_dir` at `addr` with its admin HTTP listener on
     /// `admin`, waiting until it answers.
     pub async fn start_with_admin(

@@ -36,4 +36,6 @@ pub mod close {
     pub const DUPLICATE: u32 = 3;
     /// A client that did not authenticate within the request timeout.
     pub const AUTH_TIMEOUT: u32 = 4;
+    /// A peer session is restarted, to resume from both sides' version vectors.
+    pub const RESYNC: u32 = 5;
 }

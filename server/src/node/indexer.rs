@@ -260,6 +260,7 @@ impl IndexerHandle {
         mut durable: watch::Receiver<Lsn>,
         config: IndexerConfig,
         shared: Arc<IndexerShared>,
+        bootstrap: Arc<super::bootstrap::Bootstrap>,
     ) -> Result<Self, IndexError> {
         let IndexerConfig {
             batch,
@@ -311,7 +312,14 @@ impl IndexerHandle {
                             }
                             pending_since = None;
                             // The serving views first: reads wait for them.
-                            let upto = target.min(applied + batch as u64);
+                            let mut upto = target.min(applied + batch as u64);
+                            // A loaded snapshot is compared with the views exactly at its
+                            // point: a batch ends there.
+                            if let Some(n) = bootstrap.stop_at()
+                                && applied < n
+                            {
+                                upto = upto.min(n);
+                            }
                             let follow = if has_background {
                                 caught_up_background_views(&indexes, applied)?
                             } else {
@@ -331,6 +339,9 @@ impl IndexerHandle {
                             )?;
                             // The views' LSNs first: whoever sees `indexed` reach an LSN then
                             // reads views (such as `/metrics`) at least that far.
+                            if bootstrap.stop_at().is_some_and(|n| applied >= n) {
+                                bootstrap.check(&indexes);
+                            }
                             views_tx.send_replace(indexes.applied_lsns()?);
                             indexed_tx.send_replace(applied);
                             worked = true;

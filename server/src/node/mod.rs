@@ -4,6 +4,7 @@
 //! - [`indexer`]: the indexer thread, the only one that writes the views.
 //! - [`resolver`]: how the writer resolves a plain put's `supersedes` while the indexer lags.
 
+pub mod bootstrap;
 pub mod chains;
 pub mod indexer;
 pub mod own_chain;
@@ -60,6 +61,9 @@ pub enum StartError {
     /// Replication setup.
     #[error("replication: {0}")]
     Replication(String),
+    /// The bootstrap's files.
+    #[error(transparent)]
+    Bootstrap(#[from] bootstrap::BootstrapError),
 }
 
 /// Creates `dir` and any missing parents, and fsyncs the directory entries of what it created,
@@ -132,6 +136,8 @@ pub struct Node {
     indexer: Arc<IndexerHandle>,
     /// Whether this node may write under its own id, as peers report its chain.
     pub own_chain: Arc<OwnChainGuard>,
+    /// Where a node that starts from a peer's snapshot stands.
+    pub bootstrap: Arc<bootstrap::Bootstrap>,
 }
 
 /// What replication needs of a node: narrow handles, so that replication, which the node
@@ -150,6 +156,8 @@ pub struct NodeHandles {
     pub data_dir: DataDir,
     /// Whether the node may write under its own id.
     pub own_chain: Arc<OwnChainGuard>,
+    /// What replication admits while the node starts from a snapshot.
+    pub bootstrap: Arc<bootstrap::Bootstrap>,
     indexer: Arc<IndexerHandle>,
 }
 
@@ -236,22 +244,52 @@ impl Node {
         }
         let indexes = Arc::new(indexes);
 
+        let has_peers = replication::peers::PeerList::load(data_dir.path(), &config.peers)
+            .is_ok_and(|list| list.iter().next().is_some());
+        let bootstrap = Arc::new(bootstrap::Bootstrap::open(
+            &data_dir,
+            config.bootstrap,
+            log_lsn,
+            has_peers,
+        )?);
+
         // The kv view must be caught up before the writer resolves plain puts from it; the
-        // resolver's overlay only covers entries appended from now on.
+        // resolver's overlay only covers entries appended from now on. A node answering reads
+        // from a snapshot takes no plain puts until its views have reached the snapshot's
+        // point, past this log's end, so it starts at once.
         let from = indexer::applied_lsn(&indexes, &indexer::is_serving_view)?;
-        if from < log_lsn {
+        let snapshot_ahead = bootstrap.stop_at().is_some_and(|n| n >= log_lsn);
+        if from < log_lsn && !snapshot_ahead {
             let indexes = indexes.clone();
             let log_dir = data_dir.log();
             let batch = config.index_batch_entries_max;
             let health = health.clone();
             health.catching_up(from, log_lsn);
+            let bootstrap = bootstrap.clone();
             tokio::task::spawn_blocking(move || {
-                catch_up_logged(&indexes, &log_dir, from, log_lsn, batch, &mut |lsn| {
-                    health.caught_up_to(lsn);
-                })
+                // A loaded snapshot is compared with the views exactly at its point.
+                let stop = bootstrap.stop_at().filter(|n| (from..log_lsn).contains(n));
+                let mut at = from;
+                for upto in stop.into_iter().chain([log_lsn]) {
+                    at = catch_up_logged(&indexes, &log_dir, at, upto, batch, &mut |lsn| {
+                        health.caught_up_to(lsn);
+                    })?;
+                    if bootstrap.stop_at().is_some_and(|n| at >= n) {
+                        bootstrap.check(&indexes);
+                    }
+                }
+                Ok::<_, indexer::IndexError>(at)
             })
             .await
             .expect("catch-up task")?;
+        }
+
+        // Views already past a loaded snapshot's point (a crash after they passed it): it can
+        // no longer be compared, and the node serves what its log proves.
+        if bootstrap.stop_at().is_some_and(|n| {
+            indexer::applied_lsn(&indexes, &indexer::is_serving_view).is_ok_and(|a| a >= n)
+        }) {
+            bootstrap.check(&indexes);
         }
 
         let writer_config = WriterConfig {
@@ -291,6 +329,7 @@ impl Node {
                 linger_entries: (config.ready_lag_entries_max / 2).max(1),
             },
             views,
+            bootstrap.clone(),
         )?;
         let indexed = indexer.indexed();
         Ok(Arc::new(Self {
@@ -308,6 +347,7 @@ impl Node {
             replication: Mutex::new(None),
             indexer: Arc::new(indexer),
             own_chain,
+            bootstrap,
         }))
     }
 
@@ -320,6 +360,7 @@ impl Node {
             durable: self.durable.clone(),
             data_dir: self.data_dir.clone(),
             own_chain: self.own_chain.clone(),
+            bootstrap: self.bootstrap.clone(),
             indexer: self.indexer.clone(),
         }
     }

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
+mod snapshot;
 mod stream;
 
 pub use stream::{STREAM_SESSIONS_MAX, StreamMode, StreamSummary};
@@ -360,6 +361,19 @@ impl Replication {
         true
     }
 
+    /// Closes every peer connection; each is dialled again and its session resumes from the
+    /// version vectors. For sessions whose entries this node dropped while it started from a
+    /// snapshot: the peer's send side believes they arrived.
+    fn restart_sessions(&self) {
+        let state = self.state.lock().expect("peer state lock");
+        for s in state.values() {
+            if let Some((conn, _, _)) = &s.conn {
+                conn.close(close::RESYNC.into(), b"resuming after a snapshot");
+            }
+        }
+        tracing::info!("restarting peer sessions to fetch the entries past the snapshot");
+    }
+
     fn unregister(&self, peer: NodeId, conn: &quinn::Connection) {
         let mut state = self.state.lock().expect("peer state lock");
         if let Some(s) = state.get_mut(&peer)
@@ -380,6 +394,13 @@ impl Replication {
             return;
         }
         tracing::info!(remote = %conn.remote_address(), "peer connected");
+        self.tracker
+            .spawn(self.clone().serve_snapshots(conn.clone()).in_current_span());
+        if self.node.bootstrap.start_fetch(&peer) {
+            let (this, conn) = (self.clone(), conn.clone());
+            self.tracker
+                .spawn(async move { this.fetch_snapshot(conn, peer).await }.in_current_span());
+        }
         // One unidirectional stream each way carries the session.
         let streams = async {
             let tx = conn.open_uni().await?;
@@ -451,6 +472,11 @@ impl Replication {
         peer: Option<NodeId>,
         runs: Vec<Vec<SignedEntry>>,
     ) -> anyhow::Result<Ingested> {
+        // While this node starts from a snapshot, only what the snapshot covers.
+        let runs = self.node.bootstrap.admit(runs).await;
+        if runs.is_empty() {
+            return Ok(Ingested::default());
+        }
         // Each `Link` refusal means another session moved a head forward, so classifying again
         // ends: at the latest when every run is a duplicate.
         let plan = loop {
@@ -470,6 +496,13 @@ impl Replication {
                             .received += n;
                     }
                     self.node.own_chain.received();
+                    if self
+                        .node
+                        .bootstrap
+                        .appended(&self.node.writer.version_vector())
+                    {
+                        self.restart_sessions();
+                    }
                     break plan;
                 }
                 // Another session appended some of these first: classify again.
