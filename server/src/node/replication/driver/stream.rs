@@ -104,7 +104,7 @@ async fn bounded<O>(
 }
 
 /// Reads one peer message; `None` when the stream ends between frames.
-async fn read_message(
+pub(super) async fn read_message(
     rx: &mut (impl AsyncRead + Unpin),
 ) -> anyhow::Result<Option<Decoded<PeerMessage>>> {
     let mut header = [0u8; FRAME_HEADER_LEN];
@@ -123,7 +123,10 @@ async fn read_message(
     Ok(Some(decode_message::<PeerMessage>(&body)?))
 }
 
-async fn write_message(tx: &mut (impl AsyncWrite + Unpin), m: &PeerMessage) -> anyhow::Result<()> {
+pub(super) async fn write_message(
+    tx: &mut (impl AsyncWrite + Unpin),
+    m: &PeerMessage,
+) -> anyhow::Result<()> {
     tx.write_all(&encode_frame(m)).await?;
     tx.flush().await?;
     Ok(())
