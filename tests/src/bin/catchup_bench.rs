@@ -1,22 +1,37 @@
 //! Catch-up benchmark: a fresh node replicating a large log from one peer over loopback QUIC,
-//! measured until it has indexed everything.
+//! measured until it answers reads with the peer's current values and until it has indexed
+//! everything.
 //!
-//! Node A's log is written offline: `--entries` entries of A's own chain, one put each of a
-//! `--value-bytes` value to one of `--keys` keys (`key-%08d`, drawn at random), each put
-//! superseding the previous version of its key, appended in group commits of 1024 entries with
-//! the last one signed, as the writer does under load. A then runs as a `kappakv serve` child
-//! process and indexes its log at start. For each of `--runs` runs a fresh node B starts as a
-//! child process, peered with A; the clock runs from B's spawn until B's `indexed_lsn` equals
-//! A's log LSN and B's version vector equals A's. B's status is sampled every 100 ms, which
-//! also shows when B's log was complete (shipping) against when its views were (indexing).
+//! Node A's log is written in one of two ways (`--fill`):
+//!
+//! - `offline` (the default): `--entries` entries of A's own chain written straight into the log,
+//!   one put each of a `--value-bytes` value to one of `--keys` keys (default 100,000,
+//!   `key-%08d`, drawn at random), each put superseding the previous version of its key,
+//!   appended in group commits of 1024 entries with the last one signed, as the writer does
+//!   under load. A then runs as a `kappakv serve` child process and indexes its log at start.
+//! - `bench`: what users produce. A runs as a `kappakv serve` child and `kappactl bench --op
+//!   put` writes `--entries` puts through it from `--clients` concurrent clients (default 64),
+//!   `--value-bytes` values over `--keys` keys (default 10,000, `bench/%010d`): the log holds the
+//!   writer's own group commits, plain writes resolved by the node.
+//!
+//! Before the runs a few keys' current values are read from A (`--probes`, spread over the key
+//! space). For each of `--runs` runs a fresh node B starts as a child process, peered with A,
+//! and the clock runs from B's spawn until each [`Mark`]: the first get on B answering A's
+//! current value of a probed key (every probed key is asked every ~20 ms, one get at a time),
+//! every probed key answering it, B's log holding A's whole log, and B's `indexed_lsn` equal to
+//! A's log LSN with B's version vector equal to A's. B's status is sampled every 100 ms.
 //!
 //! ```text
 //! cargo run --release -p kappakv-tests --bin catchup-bench -- --entries 1000000 --runs 3
+//! cargo run --release -p kappakv-tests --bin catchup-bench -- --fill bench --entries 1000000 --runs 3 --dir DIR
 //! ```
 //!
-//! The `kappakv` binary is built next to this one (same profile) by `cargo build` first, unless
-//! `--kappakv PATH` names one. `--dir DIR` puts the data dirs under `DIR` (default: the system
-//! temp dir). `--b-env KAPPAKV_SETTING=VALUE` (repeatable) gives B a setting.
+//! The `kappakv` and `kappactl` binaries are built next to this one (same profile) by `cargo
+//! build` first, unless `--kappakv PATH` or `--kappactl PATH` names one. `--dir DIR` puts the
+//! data dirs under `DIR` (default: the system temp dir) and keeps A's there, named after how it
+//! was filled, for the next invocation: one that finds A's log already holding `--entries`
+//! entries skips the fill (one holding fewer, after an interrupted `bench` fill, gets the rest).
+//! `--b-env KAPPAKV_SETTING=VALUE` (repeatable) gives B a setting.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -26,51 +41,105 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use kappakv_client::Client;
-use kappakv_protocol::{Entry, EntryId, HlcClock, Keypair, Op, SignedEntry, Status, Ticket};
+use kappakv_protocol::{
+    Entry, EntryId, HlcClock, Keypair, Op, SignedEntry, Status, Ticket, Version,
+};
 use kappakv_server::identity;
 use kappakv_server::log::{LogConfig, LogStore, log_dir};
 use kappakv_tests::bench::{median, vv, wall_millis};
 use kappakv_tests::crash::Rng;
 use kappakv_tests::free_udp_port;
 
-/// Entries per group commit when filling A's log; the last of each is signed.
+/// Entries per group commit when filling A's log offline; the last of each is signed.
 const FILL_BATCH: usize = 1024;
 /// How often B's status is sampled.
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+/// How long a probe waits between two gets of its key, and B's start between two tries to
+/// connect.
+const PROBE_EVERY: Duration = Duration::from_millis(20);
+/// A get on B that has not answered by then is given up and asked again.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A run that has not caught up by then fails.
 const RUN_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// `kappactl bench` rounds a bench fill may take (a round that errs writes fewer entries).
+const FILL_ROUNDS_MAX: usize = 3;
+
+/// How A's log is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fill {
+    /// Straight into the log, before A starts.
+    Offline,
+    /// Through A, by `kappactl bench --op put`.
+    Bench,
+}
+
+impl Fill {
+    fn name(self) -> &'static str {
+        match self {
+            Fill::Offline => "offline",
+            Fill::Bench => "bench",
+        }
+    }
+
+    /// The name of key number `k`.
+    fn key(self, k: u64) -> String {
+        match self {
+            Fill::Offline => format!("key-{k:08}"),
+            Fill::Bench => format!("bench/{k:010}"),
+        }
+    }
+}
 
 struct Args {
+    fill: Fill,
     entries: u64,
     keys: u64,
     value_bytes: usize,
+    clients: u32,
+    probes: u64,
     runs: usize,
     dir: Option<PathBuf>,
     kappakv: Option<PathBuf>,
+    kappactl: Option<PathBuf>,
     /// `KAPPAKV_*` settings for B, such as `KAPPAKV_INDEX_BATCH_ENTRIES_MAX=100000`.
     b_env: Vec<(String, String)>,
 }
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
+        fill: Fill::Offline,
         entries: 1_000_000,
-        keys: 100_000,
+        keys: 0,
         value_bytes: 100,
+        clients: 64,
+        probes: 8,
         runs: 3,
         dir: None,
         kappakv: None,
+        kappactl: None,
         b_env: Vec::new(),
     };
+    let mut keys = None;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
+            "--fill" => {
+                args.fill = match value()?.as_str() {
+                    "offline" => Fill::Offline,
+                    "bench" => Fill::Bench,
+                    other => bail!("--fill is offline or bench, not {other}"),
+                }
+            }
             "--entries" => args.entries = value()?.parse()?,
-            "--keys" => args.keys = value()?.parse()?,
+            "--keys" => keys = Some(value()?.parse()?),
             "--value-bytes" => args.value_bytes = value()?.parse()?,
+            "--clients" => args.clients = value()?.parse()?,
+            "--probes" => args.probes = value()?.parse()?,
             "--runs" => args.runs = value()?.parse()?,
             "--dir" => args.dir = Some(value()?.into()),
             "--kappakv" => args.kappakv = Some(value()?.into()),
+            "--kappactl" => args.kappactl = Some(value()?.into()),
             "--b-env" => {
                 let v = value()?;
                 let (k, v) = v.split_once('=').context("--b-env takes KEY=VALUE")?;
@@ -78,24 +147,53 @@ fn parse_args() -> Result<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "catchup-bench [--entries N] [--keys N] [--value-bytes N] [--runs N] [--dir DIR] [--kappakv PATH] [--b-env KAPPAKV_SETTING=VALUE]..."
+                    "catchup-bench [--fill offline|bench] [--entries N] [--keys N] [--value-bytes N] [--clients N] [--probes N] [--runs N] [--dir DIR] [--kappakv PATH] [--kappactl PATH] [--b-env KAPPAKV_SETTING=VALUE]..."
                 );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other}"),
         }
     }
-    if args.entries == 0 || args.keys == 0 || args.runs == 0 {
-        bail!("--entries, --keys and --runs must be positive");
+    args.keys = keys.unwrap_or(match args.fill {
+        Fill::Offline => 100_000,
+        Fill::Bench => 10_000,
+    });
+    if args.entries == 0 || args.keys == 0 || args.runs == 0 || args.clients == 0 {
+        bail!("--entries, --keys, --clients and --runs must be positive");
     }
     Ok(args)
 }
 
-/// Writes A's chain into the log of `data_dir`.
-fn fill(data_dir: &Path, keypair: &Keypair, args: &Args) -> Result<()> {
+/// Where A's data dir lives under `--dir`, named after what fills it, so that the next
+/// invocation with the same arguments finds it filled.
+fn kept_a_dir(dir: &Path, args: &Args) -> PathBuf {
+    let clients = match args.fill {
+        Fill::Offline => String::new(),
+        Fill::Bench => format!("-{}c", args.clients),
+    };
+    dir.join(format!(
+        "catchup-a-{}-{}e-{}k-{}b{clients}",
+        args.fill.name(),
+        args.entries,
+        args.keys,
+        args.value_bytes
+    ))
+}
+
+/// Writes A's chain into the log of `data_dir`, unless it already holds it; returns whether it
+/// wrote it.
+fn fill_offline(data_dir: &Path, keypair: &Keypair, args: &Args) -> Result<bool> {
     let (mut store, recovery) = LogStore::open(&log_dir(data_dir), &LogConfig::default())?;
+    if store.last_lsn() == args.entries {
+        return Ok(false);
+    }
     if store.last_lsn() != 0 || !recovery.heads.is_empty() {
-        bail!("{} already holds a log", data_dir.display());
+        bail!(
+            "{} already holds a log of {} entries, not {}: remove it",
+            data_dir.display(),
+            store.last_lsn(),
+            args.entries
+        );
     }
     let author = keypair.node_id();
     let mut rng = Rng::new(0x00c0_ffee);
@@ -115,7 +213,7 @@ fn fill(data_dir: &Path, keypair: &Keypair, args: &Args) -> Result<()> {
             prev,
             timestamp: clock.now(wall_millis()),
             ops: vec![Op::Put {
-                key: format!("key-{k:08}").into_bytes(),
+                key: Fill::Offline.key(k).into_bytes(),
                 value: value.clone(),
                 supersedes: latest[k as usize].into_iter().collect(),
             }],
@@ -135,7 +233,57 @@ fn fill(data_dir: &Path, keypair: &Keypair, args: &Args) -> Result<()> {
             payloads.clear();
         }
     }
-    Ok(())
+    Ok(true)
+}
+
+/// Writes puts through the running node A with `kappactl bench` until its log holds
+/// `args.entries` entries; returns how many it wrote.
+async fn fill_bench(kappactl: &Path, a: &Node, client: &Client, args: &Args) -> Result<u64> {
+    let mut written = 0;
+    for _ in 0..FILL_ROUNDS_MAX {
+        let have = client.status().await?.log_lsn;
+        if have >= args.entries {
+            return Ok(written);
+        }
+        let requests = args.entries - have;
+        let t = Instant::now();
+        let mut cmd = Command::new(kappactl);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("KAPPAKV_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.arg("--data-dir")
+            .arg(&a.data_dir)
+            .args(["bench", "--op", "put", "--json"])
+            .args(["--clients", &args.clients.to_string()])
+            .args(["--requests", &requests.to_string()])
+            .args(["--value-size", &args.value_bytes.to_string()])
+            .args(["--keys", &args.keys.to_string()])
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit());
+        let out = tokio::task::spawn_blocking(move || cmd.output())
+            .await?
+            .with_context(|| format!("running {}", kappactl.display()))?;
+        let report = String::from_utf8_lossy(&out.stdout);
+        println!(
+            "A: kappactl bench, {requests} puts in {:.1} s: {}",
+            t.elapsed().as_secs_f64(),
+            report.trim()
+        );
+        if !out.status.success() {
+            bail!("kappactl bench exited with {}", out.status);
+        }
+        written += client.status().await?.log_lsn - have;
+    }
+    let have = client.status().await?.log_lsn;
+    if have < args.entries {
+        bail!(
+            "A's log holds {have} entries after {FILL_ROUNDS_MAX} rounds of kappactl bench, not {}",
+            args.entries
+        );
+    }
+    Ok(written)
 }
 
 /// A `kappakv serve` child process.
@@ -188,7 +336,9 @@ impl Node {
         let Ok(text) = std::fs::read_to_string(self.data_dir.join("client.ticket")) else {
             return Ok(None);
         };
-        let ticket: Ticket = text.trim().parse()?;
+        let Ok(ticket) = text.trim().parse::<Ticket>() else {
+            return Ok(None);
+        };
         Ok(Client::connect(&ticket).await.ok())
     }
 
@@ -258,7 +408,8 @@ fn cpu_summary(total: f64, threads: &BTreeMap<String, f64>) -> String {
     format!("{total:.1} s CPU ({})", parts.join(", "))
 }
 
-async fn wait_client(node: &mut Node) -> Result<Client> {
+/// Waits until `node` answers, checking every `every`.
+async fn wait_client(node: &mut Node, every: Duration) -> Result<Client> {
     let deadline = Instant::now() + RUN_TIMEOUT;
     loop {
         if let Some(c) = node.client().await? {
@@ -267,23 +418,115 @@ async fn wait_client(node: &mut Node) -> Result<Client> {
         if Instant::now() > deadline {
             bail!("{} never answered", node.data_dir.display());
         }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Waits until the node's views have applied its whole log; returns its status then.
+async fn wait_indexed(client: &Client) -> Result<Status> {
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    loop {
+        let s = client.status().await?;
+        if s.indexed_lsn >= s.log_lsn {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "indexed {} of {} within {RUN_TIMEOUT:?}",
+                s.indexed_lsn,
+                s.log_lsn
+            );
+        }
         tokio::time::sleep(SAMPLE_EVERY).await;
     }
 }
+
+/// What a run times, each from B's spawn to the first moment it held.
+///
+/// A moment read from B's status is one more variant, a label and a line in
+/// [`Mark::of_status`]; the run ends once every mark of [`Mark::END`] held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Mark {
+    /// A get on B answered A's current value of one of the probed keys.
+    FirstGet,
+    /// Every probed key answered A's current value.
+    AllGets,
+    /// B's log held as many records as A's.
+    LogComplete,
+    /// B's views had applied A's whole log and B's version vector equalled A's.
+    Indexed,
+}
+
+impl Mark {
+    /// Every mark, in the order printed.
+    const ALL: [Mark; 4] = [
+        Mark::FirstGet,
+        Mark::AllGets,
+        Mark::LogComplete,
+        Mark::Indexed,
+    ];
+    /// The marks a run waits for: once B has indexed A's log every get answers A's values.
+    const END: [Mark; 2] = [Mark::Indexed, Mark::AllGets];
+
+    fn label(self) -> &'static str {
+        match self {
+            Mark::FirstGet => "first current get",
+            Mark::AllGets => "all probed keys current",
+            Mark::LogComplete => "log complete",
+            Mark::Indexed => "indexed",
+        }
+    }
+
+    /// The marks a sample of B's status shows, given A's status and version vector.
+    fn of_status(
+        b: &Status,
+        a: &Status,
+        a_vv: &BTreeMap<kappakv_protocol::NodeId, u64>,
+    ) -> Vec<Mark> {
+        let mut marks = Vec::new();
+        if b.log_lsn >= a.log_lsn {
+            marks.push(Mark::LogComplete);
+        }
+        if b.indexed_lsn >= a.log_lsn && vv(b) == *a_vv {
+            marks.push(Mark::Indexed);
+        }
+        marks
+    }
+}
+
+/// A probed key and A's current versions of it.
+type Probe = (String, Vec<Version>);
 
 /// One sample of B: seconds since its spawn, its log LSN and indexed LSN.
 type Sample = (f64, u64, u64);
 
 struct RunResult {
-    secs: f64,
+    /// Seconds from B's spawn to each mark that held.
+    marks: BTreeMap<Mark, f64>,
     /// B's CPU at the end, and A's CPU during the run.
     b_cpu: String,
     a_cpu: f64,
-    log_complete_secs: f64,
     peak_rss: Option<u64>,
     samples: Vec<Sample>,
 }
 
+/// Asks B for `key` every [`PROBE_EVERY`], one get at a time, until it answers `want`; returns
+/// the seconds from `started` to that answer.
+async fn probe(client: &Client, key: &str, want: &[Version], started: Instant) -> Result<f64> {
+    loop {
+        if let Ok(Ok(got)) = tokio::time::timeout(PROBE_TIMEOUT, client.get(key)).await
+            && got.values == want
+        {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        if started.elapsed() > RUN_TIMEOUT {
+            bail!("B never answered A's value of {key} within {RUN_TIMEOUT:?}");
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn run_once(
     a: &Node,
     exe: &Path,
@@ -291,45 +534,60 @@ async fn run_once(
     b_addr: SocketAddr,
     a_peer: &str,
     target: &Status,
+    probes: &[Probe],
     b_env: &[(String, String)],
 ) -> Result<RunResult> {
-    let total = target.log_lsn;
     let want = vv(target);
     let a_cpu_before = a.cpu().0;
     let started = Instant::now();
     let mut b = Node::spawn(exe, b_dir, b_addr, &[a_peer.to_string()], b_env)?;
-    let mut client = None;
-    let mut samples = Vec::new();
-    let mut log_complete_secs = None;
-    let secs = loop {
-        if started.elapsed() > RUN_TIMEOUT {
-            bail!("B did not catch up within {RUN_TIMEOUT:?}");
-        }
-        if client.is_none() {
-            client = b.client().await?;
-        }
-        if let Some(c) = &client {
-            let s = c.status().await?;
+    let client = wait_client(&mut b, PROBE_EVERY).await?;
+    let mut marks = BTreeMap::new();
+    let gets = futures_util::future::try_join_all(
+        probes
+            .iter()
+            .map(|(key, values)| probe(&client, key, values, started)),
+    );
+    let status = async {
+        let mut samples = Vec::new();
+        let mut marks = BTreeMap::new();
+        loop {
+            if started.elapsed() > RUN_TIMEOUT {
+                bail!("B did not catch up within {RUN_TIMEOUT:?}");
+            }
+            let s = client.status().await?;
             let t = started.elapsed().as_secs_f64();
             samples.push((t, s.log_lsn, s.indexed_lsn));
-            if s.log_lsn >= total && log_complete_secs.is_none() {
-                log_complete_secs = Some(t);
+            for mark in Mark::of_status(&s, target, &want) {
+                marks.entry(mark).or_insert(t);
             }
-            if s.indexed_lsn >= total && vv(&s) == want {
-                break t;
+            if marks.contains_key(&Mark::Indexed) {
+                return Ok((marks, samples));
             }
+            tokio::time::sleep(SAMPLE_EVERY).await;
         }
-        tokio::time::sleep(SAMPLE_EVERY).await;
     };
+    let (gets, (status_marks, samples)) = tokio::try_join!(gets, status)?;
+    marks.extend(status_marks);
+    if let Some(first) = gets.iter().copied().reduce(f64::min) {
+        marks.insert(Mark::FirstGet, first);
+    }
+    if let Some(last) = gets.iter().copied().reduce(f64::max) {
+        marks.insert(Mark::AllGets, last);
+    }
+    debug_assert!(
+        probes.is_empty() || Mark::END.iter().all(|m| marks.contains_key(m)),
+        "a run ends once every mark of Mark::END held"
+    );
     let peak_rss = b.peak_rss();
     let (b_total, b_threads) = b.cpu();
     let a_cpu = a.cpu().0 - a_cpu_before;
+    drop(client);
     b.stop()?;
     Ok(RunResult {
-        secs,
+        marks,
         b_cpu: cpu_summary(b_total, &b_threads),
         a_cpu,
-        log_complete_secs: log_complete_secs.unwrap_or(secs),
         peak_rss,
         samples,
     })
@@ -339,6 +597,11 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
+/// Seconds, or a dash for a mark that never held.
+fn secs(s: Option<f64>) -> String {
+    s.map_or("-".into(), |s| format!("{s:.2} s"))
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = parse_args()?;
@@ -346,11 +609,19 @@ async fn main() -> Result<()> {
         Some(path) => path.clone(),
         None => kappakv_tests::binary("kappakv")?,
     };
+    let kappactl = match (&args.kappactl, args.fill) {
+        (Some(path), _) => Some(path.clone()),
+        (None, Fill::Bench) => Some(kappakv_tests::binary("kappactl")?),
+        (None, Fill::Offline) => None,
+    };
     let tmp = match &args.dir {
         Some(d) => tempfile::tempdir_in(d)?,
         None => tempfile::tempdir()?,
     };
-    let a_dir = tmp.path().join("a");
+    let a_dir = match &args.dir {
+        Some(d) => kept_a_dir(d, &args),
+        None => tmp.path().join("a"),
+    };
     let a_key = identity::load_or_create(&a_dir)?;
     let a_addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
     // Every B is known up front, so that A, which accepts only peers on its list, is started once.
@@ -361,51 +632,82 @@ async fn main() -> Result<()> {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
         bs.push((dir, id, addr));
     }
+    let peers: Vec<String> = bs
+        .iter()
+        .map(|(_, id, addr)| format!("{id}@{addr}"))
+        .collect();
 
+    if args.fill == Fill::Offline {
+        let t = Instant::now();
+        if fill_offline(&a_dir, &a_key, &args)? {
+            println!(
+                "A: {} entries written offline in {:.1} s",
+                args.entries,
+                t.elapsed().as_secs_f64()
+            );
+        } else {
+            println!("A: {} already holds its log", a_dir.display());
+        }
+    }
+    // A kept data dir holds the ticket of A's last start, for an address it no longer listens on.
+    match std::fs::remove_file(a_dir.join("client.ticket")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {}
+    }
     let t = Instant::now();
-    fill(&a_dir, &a_key, &args)?;
-    let fill_secs = t.elapsed().as_secs_f64();
+    let mut a = Node::spawn(&exe, &a_dir, a_addr, &peers, &[])?;
+    let a_client = wait_client(&mut a, SAMPLE_EVERY).await?;
+    if let Some(kappactl) = &kappactl
+        && args.fill == Fill::Bench
+    {
+        let written = fill_bench(kappactl, &a, &a_client, &args).await?;
+        if written == 0 {
+            println!("A: {} already holds its log", a_dir.display());
+        }
+    }
+    let target = wait_indexed(&a_client).await?;
+    if target.log_lsn < args.entries {
+        bail!(
+            "A serves with {} entries, expected {}",
+            target.log_lsn,
+            args.entries
+        );
+    }
     let log_bytes: u64 = std::fs::read_dir(log_dir(&a_dir))?
         .filter_map(|e| e.ok()?.metadata().ok())
         .map(|m| m.len())
         .sum();
     println!(
-        "A: {} entries ({:.0} MiB of log) written offline in {fill_secs:.1} s",
-        args.entries,
-        mib(log_bytes)
-    );
-
-    let peers: Vec<String> = bs
-        .iter()
-        .map(|(_, id, addr)| format!("{id}@{addr}"))
-        .collect();
-    let t = Instant::now();
-    let mut a = Node::spawn(&exe, &a_dir, a_addr, &peers, &[])?;
-    let a_client = wait_client(&mut a).await?;
-    let target = a_client.status().await?;
-    if target.log_lsn != args.entries || target.indexed_lsn != args.entries {
-        bail!(
-            "A serves with log {} and indexed {}, expected {}",
-            target.log_lsn,
-            target.indexed_lsn,
-            args.entries
-        );
-    }
-    println!(
-        "A: started and indexed in {:.1} s",
+        "A: {} entries ({:.0} MiB of log) served and indexed {:.1} s after its start",
+        target.log_lsn,
+        mib(log_bytes),
         t.elapsed().as_secs_f64()
     );
+    let mut probes: Vec<Probe> = Vec::new();
+    for i in 0..args.probes.min(args.keys) {
+        let key = args.fill.key(i * args.keys / args.probes.min(args.keys));
+        let got = a_client.get(&key).await?;
+        if !got.values.is_empty() {
+            probes.push((key, got.values));
+        }
+    }
+    println!("A: probing {} keys", probes.len());
     let a_peer = format!("{}@{a_addr}", a_key.node_id());
 
     let mut results = Vec::new();
     for (i, (dir, _, addr)) in bs.iter().enumerate() {
-        let r = run_once(&a, &exe, dir, *addr, &a_peer, &target, &args.b_env).await?;
+        let r = run_once(&a, &exe, dir, *addr, &a_peer, &target, &probes, &args.b_env).await?;
+        let marks: Vec<String> = Mark::ALL
+            .iter()
+            .map(|m| format!("{} {}", m.label(), secs(r.marks.get(m).copied())))
+            .collect();
         println!(
-            "run {}: {:.2} s, {:.0} entries/s; log complete at {:.2} s; B peak RSS {}",
+            "run {}: {}; {:.0} entries/s to indexed; B peak RSS {}",
             i + 1,
-            r.secs,
-            args.entries as f64 / r.secs,
-            r.log_complete_secs,
+            marks.join(", "),
+            r.marks
+                .get(&Mark::Indexed)
+                .map_or(0.0, |s| target.log_lsn as f64 / s),
             r.peak_rss
                 .map_or("?".into(), |b| format!("{:.0} MiB", mib(b)))
         );
@@ -424,21 +726,42 @@ async fn main() -> Result<()> {
     drop(a_client);
     a.stop()?;
 
-    let rate = |r: &RunResult| args.entries as f64 / r.secs;
-    let mut rates: Vec<f64> = results.iter().map(rate).collect();
-    let (lo, hi) = (
-        rates.iter().copied().fold(f64::INFINITY, f64::min),
-        rates.iter().copied().fold(0.0, f64::max),
-    );
-    let mut ship: Vec<f64> = results.iter().map(|r| r.log_complete_secs).collect();
-    let mut secs: Vec<f64> = results.iter().map(|r| r.secs).collect();
+    let mut medians = Vec::new();
+    for mark in Mark::ALL {
+        let mut v: Vec<f64> = results
+            .iter()
+            .filter_map(|r| r.marks.get(&mark).copied())
+            .collect();
+        if v.is_empty() {
+            continue;
+        }
+        let (lo, hi) = (
+            v.iter().copied().fold(f64::INFINITY, f64::min),
+            v.iter().copied().fold(0.0, f64::max),
+        );
+        medians.push(format!(
+            "{} {} ({lo:.2}–{hi:.2})",
+            mark.label(),
+            secs(Some(median(&mut v)))
+        ));
+    }
+    let mut rates: Vec<f64> = results
+        .iter()
+        .filter_map(|r| r.marks.get(&Mark::Indexed))
+        .map(|s| target.log_lsn as f64 / s)
+        .collect();
     let mut rss: Vec<f64> = results.iter().filter_map(|r| r.peak_rss).map(mib).collect();
     println!(
-        "median of {} runs: {:.0} entries/s (min {lo:.0}, max {hi:.0}); {:.2} s to indexed, log complete at {:.2} s; B peak RSS {}",
+        "median of {} runs ({} fill, {} entries): {}; {:.0} entries/s to indexed; B peak RSS {}",
         results.len(),
-        median(&mut rates),
-        median(&mut secs),
-        median(&mut ship),
+        args.fill.name(),
+        target.log_lsn,
+        medians.join(", "),
+        if rates.is_empty() {
+            0.0
+        } else {
+            median(&mut rates)
+        },
         if rss.is_empty() {
             "?".into()
         } else {
