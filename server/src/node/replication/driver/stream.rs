@@ -24,7 +24,7 @@ use kappakv_protocol::{Lsn, NodeId, SignedEntry};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
-use super::{PENDING_BYTES_MAX, Replication, SEND_CHUNK, SEND_CHUNK_BYTES};
+use super::{Ingested, PENDING_BYTES_MAX, Replication, SEND_CHUNK, SEND_CHUNK_BYTES};
 use crate::log::LogReader;
 use crate::node::replication::session::SyncSession;
 
@@ -40,6 +40,10 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// or to take one: such a session holds a place until it is synced, so one the other side lets
 /// stall is ended.
 const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Frames whose released runs wait to be appended while the next one is read, decoded and
+/// verified, besides the runs being appended. Each holds at most a frame's entries, so a
+/// session holds at most this many frames more than when it waited for each append.
+const INGEST_QUEUE: usize = 2;
 
 /// What a session over a stream does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -353,6 +357,14 @@ impl Replication {
 
     /// Takes in what the other side sends until its `Synced` (not live) or the end of the
     /// stream.
+    ///
+    /// Reading, decoding and verifying frames ([`read_frames`](Self::read_frames)) runs ahead of
+    /// appending what they release ([`ingest_queued`](Self::ingest_queued)), by at most
+    /// [`INGEST_QUEUE`] frames: the next frame is checked while the writer appends and syncs
+    /// the runs before it. Runs are appended in the order released, so the log stays causal.
+    /// An error appending ends the session at once; one reading ends it once the runs released
+    /// before it are appended, as they were when each frame's runs were appended before the
+    /// next frame was read.
     async fn receive_stream(
         &self,
         rx: &mut (impl AsyncRead + Unpin),
@@ -360,6 +372,42 @@ impl Replication {
         mode: StreamMode,
         (peer, idle): (Option<NodeId>, Option<Duration>),
         cancel: &CancellationToken,
+    ) -> anyhow::Result<Taken> {
+        let (released, queue) = tokio::sync::mpsc::channel(INGEST_QUEUE);
+        let read = self.read_frames(rx, session, mode, (peer, idle), cancel, released);
+        let ingest = self.ingest_queued(peer, queue);
+        tokio::pin!(read, ingest);
+        // Until the read side ends it holds the queue's sender, so the ingest side ends first
+        // only on an error.
+        let mut ingested = None;
+        let read = loop {
+            tokio::select! {
+                r = &mut read => break r,
+                r = &mut ingest, if ingested.is_none() => ingested = Some(r?),
+            }
+        };
+        let ingested = match ingested {
+            Some(i) => i,
+            None => ingest.await?,
+        };
+        let mut out = read?;
+        out.appended += ingested.appended;
+        out.present += ingested.present;
+        out.refused += ingested.refused;
+        Ok(out)
+    }
+
+    /// Reads, decodes and verifies frames until the other side's `Synced` (not live) or the end
+    /// of the stream, handing the runs each frame releases to `released`. Returns what it took
+    /// in, less what appending them made of them.
+    async fn read_frames(
+        &self,
+        rx: &mut (impl AsyncRead + Unpin),
+        session: &Mutex<SyncSession>,
+        mode: StreamMode,
+        (peer, idle): (Option<NodeId>, Option<Duration>),
+        cancel: &CancellationToken,
+        released: tokio::sync::mpsc::Sender<Vec<Vec<SignedEntry>>>,
     ) -> anyhow::Result<Taken> {
         let mut out = Taken::default();
         let mut authors: HashSet<NodeId> = HashSet::new();
@@ -386,16 +434,22 @@ impl Replication {
                         continue;
                     }
                     let incoming = session.lock().expect("session lock").on_entries(&payloads);
+                    drop(payloads);
                     authors.extend(incoming.authors);
                     for refusal in &incoming.refused {
                         self.reject(refusal.reason(), &refusal.to_string());
                     }
                     out.refused += incoming.refused.len() as u64;
-                    let ingested = self.ingest(peer, incoming.runs).await?;
-                    out.appended += ingested.appended;
-                    out.present += ingested.present;
-                    out.refused += ingested.refused;
                     self.note_theirs(peer, session);
+                    if !incoming.runs.is_empty() {
+                        released
+                            .send(incoming.runs)
+                            .await
+                            .map_err(|_| anyhow::anyhow!("appending received entries stopped"))?;
+                        // Lets the ingest side hand these runs to the writer now, if it is
+                        // idle, rather than once this side next waits.
+                        tokio::task::yield_now().await;
+                    }
                 }
                 PeerMessage::Synced if !mode.live => {
                     // What waits unsigned now never will be covered: refused.
@@ -408,6 +462,27 @@ impl Replication {
         }
         out.authors = authors.len();
         Ok(out)
+    }
+
+    /// Appends the runs `queue` hands over, in the order released, until it closes. Runs that
+    /// queued up while the writer was busy with the ones before go in one append, so a fast
+    /// sender costs fewer syncs.
+    async fn ingest_queued(
+        &self,
+        peer: Option<NodeId>,
+        mut queue: tokio::sync::mpsc::Receiver<Vec<Vec<SignedEntry>>>,
+    ) -> anyhow::Result<Ingested> {
+        let mut total = Ingested::default();
+        while let Some(mut runs) = queue.recv().await {
+            while let Ok(more) = queue.try_recv() {
+                runs.extend(more);
+            }
+            let ingested = self.ingest(peer, runs).await?;
+            total.appended += ingested.appended;
+            total.present += ingested.present;
+            total.refused += ingested.refused;
+        }
+        Ok(total)
     }
 }
 
