@@ -202,17 +202,16 @@ impl StateStore {
                         value: v.value.as_deref(),
                     })
                     .collect();
-                for v in &set {
-                    self.digest.add(
-                        key,
-                        &DigestVersion {
-                            id: v.id,
-                            author: v.author,
-                            timestamp: v.timestamp,
-                            value: v.value,
-                        },
-                    );
-                }
+                let digested: Vec<DigestVersion<'_>> = set
+                    .iter()
+                    .map(|v| DigestVersion {
+                        id: v.id,
+                        author: v.author,
+                        timestamp: v.timestamp,
+                        value: v.value,
+                    })
+                    .collect();
+                self.digest.add(key, &digested);
                 buf.clear();
                 encode_current(&set, &mut buf);
                 table.insert(key.as_slice(), buf.as_slice())?;

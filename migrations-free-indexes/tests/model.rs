@@ -211,23 +211,31 @@ fn model(entries: &[SignedEntry]) -> BTreeMap<Vec<u8>, KeyVersions> {
 fn expected_digest(entries: &[SignedEntry]) -> StateDigest {
     let mut digest = StateDigest::new();
     for (key, versions) in model(entries) {
-        for id in versions.context {
-            let se = entries.iter().find(|se| se.id == id).expect("a written id");
-            let op = se
-                .entry
-                .ops
-                .iter()
-                .find(|op| op.key() == key)
-                .expect("an op on the key");
-            digest.add(
-                &key,
-                &DigestVersion {
-                    id,
+        // The context is every current id, ascending.
+        let current: Vec<DigestVersion<'_>> = versions
+            .context
+            .iter()
+            .map(|id| {
+                let se = entries
+                    .iter()
+                    .find(|se| se.id == *id)
+                    .expect("a written id");
+                let op = se
+                    .entry
+                    .ops
+                    .iter()
+                    .find(|op| op.key() == key)
+                    .expect("an op on the key");
+                DigestVersion {
+                    id: *id,
                     author: se.entry.author,
                     timestamp: se.entry.timestamp,
                     value: op.value(),
-                },
-            );
+                }
+            })
+            .collect();
+        if !current.is_empty() {
+            digest.add(&key, &current);
         }
     }
     digest

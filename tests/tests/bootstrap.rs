@@ -191,17 +191,16 @@ fn forge_view(data_dir: &Path, key: &[u8]) -> anyhow::Result<()> {
         assert!(!more);
         let mut digest = StateDigest::new();
         for (key, versions) in &rows {
-            for v in versions {
-                digest.add(
-                    key,
-                    &DigestVersion {
-                        id: v.id,
-                        author: v.author,
-                        timestamp: v.timestamp,
-                        value: v.value.as_deref(),
-                    },
-                );
-            }
+            let versions: Vec<DigestVersion<'_>> = versions
+                .iter()
+                .map(|v| DigestVersion {
+                    id: v.id,
+                    author: v.author,
+                    timestamp: v.timestamp,
+                    value: v.value.as_deref(),
+                })
+                .collect();
+            digest.add(key, &versions);
         }
         digest
     };

@@ -69,6 +69,7 @@ impl View for KvView {
             if let Some(stored) = &stored {
                 decode_current(stored, &mut set)?;
             }
+            let before: Vec<DigestVersion<'_>> = set.iter().map(digest_version).collect();
             // Marks and versions in log order (a mark before the version of its own entry,
             // which cannot name itself): a version current when superseded leaves the current
             // set, one that is not (not arrived yet, or already superseded) is marked, and a
@@ -85,7 +86,7 @@ impl View for KvView {
                     m += 1;
                     match set.binary_search_by(|c| c.id.cmp(&id)) {
                         Ok(at) => {
-                            digest.remove(key, &digest_version(&set.remove(at)));
+                            set.remove(at);
                             changed = true;
                         }
                         Err(_) => {
@@ -103,21 +104,30 @@ impl View for KvView {
                     // The same entry twice in the log: the version is already current.
                     continue;
                 };
-                let version = CurrentVersion {
-                    id: version.id,
-                    author: version.author,
-                    timestamp: version.timestamp,
-                    lsn: version.lsn,
-                    value: version.value,
-                };
-                digest.add(key, &digest_version(&version));
-                set.insert(at, version);
+                set.insert(
+                    at,
+                    CurrentVersion {
+                        id: version.id,
+                        author: version.author,
+                        timestamp: version.timestamp,
+                        lsn: version.lsn,
+                        value: version.value,
+                    },
+                );
                 changed = true;
             }
             if !changed {
                 continue;
             }
+            // The key leaves the digest as it was and comes back as it is.
             digest_changed = true;
+            if !before.is_empty() {
+                digest.remove(key, &before);
+            }
+            if !set.is_empty() {
+                let after: Vec<DigestVersion<'_>> = set.iter().map(digest_version).collect();
+                digest.add(key, &after);
+            }
             if set.is_empty() {
                 current.remove(key)?;
             } else {
