@@ -26,6 +26,8 @@ use crate::views::kv::decode_digest;
 /// A consistent, read-only view of every index as of one commit.
 pub struct Snapshot {
     txn: ReadTransaction,
+    /// The database, when the snapshot opened it itself ([`Snapshot::open_read_only`]).
+    _db: Option<redb::ReadOnlyDatabase>,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -36,7 +38,19 @@ impl std::fmt::Debug for Snapshot {
 
 impl Snapshot {
     pub(crate) fn new(txn: ReadTransaction) -> Self {
-        Self { txn }
+        Self { txn, _db: None }
+    }
+
+    /// A snapshot of the index file at `path`, opened read-only: `Ok(None)` when there is no
+    /// file; an error when it cannot be opened, such as while a node has it open.
+    pub fn open_read_only(path: &std::path::Path) -> Result<Option<Self>, redb::Error> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        use redb::ReadableDatabase as _;
+        let db = redb::ReadOnlyDatabase::open(path)?;
+        let txn = db.begin_read()?;
+        Ok(Some(Self { txn, _db: Some(db) }))
     }
 
     pub(crate) fn table<K: Key + 'static, V: Value + 'static>(

@@ -293,6 +293,32 @@ impl Snapshot {
         Ok(table.len()?)
     }
 
+    /// The state digest computed afresh from the kv view's rows, to check the one it keeps
+    /// ([`Snapshot::state_digest`]).
+    pub fn state_digest_of_rows(&self) -> Result<StateDigest, ReadError> {
+        let mut digest = StateDigest::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let (rows, more) = self.state_rows(after.as_deref(), 16 * 1024 * 1024)?;
+            for (key, versions) in &rows {
+                let versions: Vec<DigestVersion<'_>> = versions
+                    .iter()
+                    .map(|v| DigestVersion {
+                        id: v.id,
+                        author: v.author,
+                        timestamp: v.timestamp,
+                        value: v.value.as_deref(),
+                    })
+                    .collect();
+                digest.add(key, &versions);
+            }
+            after = rows.last().map(|(k, _)| k.clone());
+            if !more {
+                return Ok(digest);
+            }
+        }
+    }
+
     /// Keys of the kv view after `start_after` (from the first when `None`), in key order,
     /// each with every current version, tombstones included: a page of a state snapshot. The
     /// page ends once it holds `bytes_max` bytes of keys and values (at least one key); the

@@ -399,9 +399,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(p) = &progress {
                 p.finish();
             }
-            match result {
-                Ok(summary) => {
-                    println!("{summary}");
+            let summary = match result {
+                Ok(summary) => summary,
+                Err(e) => {
+                    eprintln!("kappakv verify: {e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            println!("{summary}");
+            let mut progress: Option<kappakv_server::commands::progress::Progress> = None;
+            let state = kappakv_server::commands::verify::check_state(
+                &config.data_dir,
+                &mut |done, total| {
+                    progress
+                        .get_or_insert_with(|| {
+                            kappakv_server::commands::progress::Progress::new(
+                                "state", "entries", total,
+                            )
+                        })
+                        .update(done);
+                },
+            );
+            if let Some(p) = &progress {
+                p.finish();
+            }
+            match state {
+                Ok(state) => {
+                    println!("{state}");
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {

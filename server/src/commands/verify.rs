@@ -14,7 +14,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use kappakv_protocol::verify::ChainChecker;
-use kappakv_protocol::{DecodeError, Lsn, SignedEntry, VerifyError};
+use kappakv_protocol::{DecodeError, Lsn, SignedEntry, StateRoot, VerifyError};
 
 use crate::log::file::{FsLogDir, LogDir, OpenMode};
 use crate::log::segment::{
@@ -141,6 +141,181 @@ pub enum VerifyLogError {
     /// An author's chain ends with entries no signature covers.
     #[error("end of the log: {0}")]
     Unsigned(#[source] Box<VerifyError>),
+    /// The key/value view in `indexes.redb` does not hold the state the log gives.
+    #[error(
+        "the key/value view in indexes.redb has state root {index_root} at lsn {lsn}, but the log gives {log_root} there; `kappakv rebuild-indexes` rebuilds the views from the log"
+    )]
+    StateMismatch {
+        /// Where the view is.
+        lsn: Lsn,
+        /// The view's root.
+        index_root: StateRoot,
+        /// The root the log gives.
+        log_root: StateRoot,
+    },
+    /// The key/value view's rows do not give the digest it keeps with them.
+    #[error(
+        "the key/value view in indexes.redb (at lsn {lsn}) keeps state root {kept}, but its rows give {rows}; `kappakv rebuild-indexes` rebuilds the views from the log"
+    )]
+    IndexDigest {
+        /// Where the view is.
+        lsn: Lsn,
+        /// The root of its rows.
+        rows: StateRoot,
+        /// The root it keeps.
+        kept: StateRoot,
+    },
+    /// Replaying the log into a scratch view failed.
+    #[error("replaying the log to compute its state: {0}")]
+    State(String),
+}
+
+/// What replaying the log into a scratch key/value view found ([`check_state`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateCheck {
+    /// Entries replayed: the whole log.
+    pub lsn: Lsn,
+    /// The state root the log gives.
+    pub root: StateRoot,
+    /// How the node's own key/value view compares.
+    pub index: IndexAgreement,
+}
+
+/// How the key/value view in `indexes.redb` compares with the state the log gives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IndexAgreement {
+    /// Its state root equals the log's at the LSN it has applied.
+    Agrees {
+        /// The view's applied LSN.
+        lsn: Lsn,
+    },
+    /// There is no `indexes.redb` (a start rebuilds it).
+    Absent,
+    /// It could not be opened, such as while a node runs on the data dir.
+    NotOpened(String),
+}
+
+impl fmt::Display for StateCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "state root {} at lsn {}; ", self.root, self.lsn)?;
+        match &self.index {
+            IndexAgreement::Agrees { lsn } => {
+                write!(f, "the key/value view agrees at lsn {lsn}")
+            }
+            IndexAgreement::Absent => write!(f, "no indexes.redb to compare"),
+            IndexAgreement::NotOpened(why) => {
+                write!(f, "indexes.redb not compared ({why})")
+            }
+        }
+    }
+}
+
+/// Entries replayed into the scratch view per transaction.
+const STATE_BATCH: usize = 100_000;
+/// The scratch view's file, in the data dir, removed when the check ends.
+const STATE_SCRATCH: &str = "verify-state.redb";
+
+/// Replays the log of `data_dir` into a scratch key/value view, computing the state root it
+/// gives, and compares it with the node's own key/value view (`indexes.redb`) at the LSN that
+/// view has applied. `progress` is told the entries replayed of the log's. Run it after
+/// [`run`]: it trusts that the log verifies.
+pub fn check_state(
+    data_dir: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<StateCheck, VerifyLogError> {
+    use kappakv_indexes::views::KvView;
+    use kappakv_indexes::{Indexes, Snapshot};
+
+    let fail = |e: &dyn fmt::Display| VerifyLogError::State(e.to_string());
+    let index = match Snapshot::open_read_only(&data_dir.join("indexes.redb")) {
+        Ok(Some(snapshot)) => {
+            let lsn = snapshot.kv_applied_lsn().map_err(|e| fail(&e))?;
+            let root = snapshot.state_digest().map_err(|e| fail(&e))?.root();
+            let rows = snapshot
+                .state_digest_of_rows()
+                .map_err(|e| fail(&e))?
+                .root();
+            if rows != root {
+                return Err(VerifyLogError::IndexDigest {
+                    lsn,
+                    rows,
+                    kept: root,
+                });
+            }
+            Ok((lsn, root))
+        }
+        Ok(None) => Err(IndexAgreement::Absent),
+        Err(e) => Err(IndexAgreement::NotOpened(e.to_string())),
+    };
+    let reader =
+        crate::log::LogReader::open(&crate::log::log_dir(data_dir)).map_err(|e| fail(&e))?;
+    let end = reader.last_lsn().map_err(|e| fail(&e))?;
+    let scratch_path = data_dir.join(STATE_SCRATCH);
+    let _ = std::fs::remove_file(&scratch_path);
+    let result = (|| {
+        let (scratch, _) =
+            Indexes::open(&scratch_path, vec![Box::new(KvView)]).map_err(|e| fail(&e))?;
+        let mut agreement = index.clone().err();
+        let mut at = 0;
+        let mut batch: Vec<(Lsn, SignedEntry)> = Vec::with_capacity(STATE_BATCH.min(end as usize));
+        let compare_at = index.as_ref().ok().map(|(lsn, _)| *lsn);
+        let mut entries = reader.iter(0, end).map_err(|e| fail(&e))?;
+        loop {
+            let next = entries.next().transpose().map_err(|e| fail(&e))?;
+            let done = next.is_none();
+            if let Some((lsn, entry)) = next {
+                batch.push((lsn, entry));
+            }
+            let last = batch.last().map(|(lsn, _)| *lsn);
+            let flush = done || batch.len() >= STATE_BATCH || last == compare_at;
+            if flush && !batch.is_empty() {
+                let refs: Vec<(Lsn, &SignedEntry)> = batch.iter().map(|(l, e)| (*l, e)).collect();
+                scratch.apply(&refs, false).map_err(|e| fail(&e))?;
+                at = last.unwrap_or(at);
+                batch.clear();
+                progress(at, end);
+            }
+            if let Ok((lsn, index_root)) = &index
+                && at == *lsn
+                && agreement.is_none()
+            {
+                let log_root = scratch
+                    .snapshot()
+                    .and_then(|s| s.state_digest())
+                    .map_err(|e| fail(&e))?
+                    .root();
+                if log_root != *index_root {
+                    return Err(VerifyLogError::StateMismatch {
+                        lsn: *lsn,
+                        index_root: *index_root,
+                        log_root,
+                    });
+                }
+                agreement = Some(IndexAgreement::Agrees { lsn: *lsn });
+            }
+            if done {
+                break;
+            }
+        }
+        let root = scratch
+            .snapshot()
+            .and_then(|s| s.state_digest())
+            .map_err(|e| fail(&e))?
+            .root();
+        let index = agreement.unwrap_or_else(|| {
+            IndexAgreement::NotOpened(format!(
+                "its key/value view is at lsn {}, past the log's end at {end}",
+                index.as_ref().map_or(0, |(lsn, _)| *lsn)
+            ))
+        });
+        Ok(StateCheck {
+            lsn: end,
+            root,
+            index,
+        })
+    })();
+    let _ = std::fs::remove_file(&scratch_path);
+    result
 }
 
 /// Verifies the log in `DATA_DIR/log`. Reads only.

@@ -257,13 +257,7 @@ impl Bootstrap {
             .iter()
             .all(|(a, seq)| covered.get(a).is_some_and(|v| seq <= v));
         let mut phase = self.phase();
-        if !within {
-            tracing::warn!(peer = %meta.peer, "the log got ahead of the snapshot while it loaded: replaying instead");
-            *phase = Phase::Off;
-            drop(phase);
-            drop(store);
-            let _ = std::fs::remove_file(self.dir.path().join(SNAPSHOT_FILE));
-        } else {
+        if within {
             tracing::info!(
                 peer = %meta.peer,
                 keys = meta.keys,
@@ -278,6 +272,12 @@ impl Bootstrap {
                 dropped: false,
             };
             drop(phase);
+        } else {
+            tracing::warn!(peer = %meta.peer, "the log got ahead of the snapshot while it loaded: replaying instead");
+            *phase = Phase::Off;
+            drop(phase);
+            drop(store);
+            let _ = std::fs::remove_file(self.dir.path().join(SNAPSHOT_FILE));
         }
         self.changed.notify_waiters();
     }
@@ -465,7 +465,7 @@ impl Bootstrap {
         let mut refused = self.refused.lock().expect("refused lock");
         if refused.insert(*peer) {
             let path = self.dir.path().join(REFUSED_PEERS);
-            let text: String = refused.iter().map(|p| format!("{p}\n")).collect();
+            let text: String = refused.iter().map(|p| p.to_hex() + "\n").collect();
             if let Err(e) = crate::auth::write_private(&path, text.as_bytes()) {
                 tracing::warn!(path = %path.display(), error = %e, "could not record the refused peer");
             }
