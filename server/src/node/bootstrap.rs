@@ -448,15 +448,15 @@ impl Bootstrap {
         if let Err(e) = crate::auth::write_private(&record, &bytes) {
             tracing::warn!(path = %record.display(), error = %e, "could not record the bootstrap's outcome");
         }
-        // The reads stop using the file before it goes.
-        *self.phase() = Phase::Done(outcome);
-        self.changed.notify_waiters();
+        // Readers holding the store keep reading the unlinked file until they drop it.
         let snapshot = self.dir.path().join(SNAPSHOT_FILE);
         if let Err(e) = std::fs::remove_file(&snapshot)
             && e.kind() != std::io::ErrorKind::NotFound
         {
             tracing::warn!(path = %snapshot.display(), error = %e, "could not remove the snapshot");
         }
+        *self.phase() = Phase::Done(outcome);
+        self.changed.notify_waiters();
     }
 
     fn refuse(&self, peer: &NodeId, reason: &str) {
