@@ -15,13 +15,14 @@
 //! - `scattered`: keys drawn from 100,000 (`key-%08d`) in a scattered order, unsigned.
 //!
 //! ```text
-//! cargo bench -p kappakv-indexes --bench rebuild [-- [SHAPE…] [--samples N] [--batch N] [--no-baseline]]
+//! cargo bench -p kappakv-indexes --bench rebuild [-- [SHAPE…] [--samples N] [--batch N] [--entries N] [--no-baseline]]
 //! ```
 //!
 //! Set `KAPPAKV_BENCH_DIR` to put the files somewhere other than the system temp dir (it must
 //! not be tmpfs to measure the disk). Peak memory (VmHWM) is printed as each input is generated
 //! (the input held in memory is most of it) and at the end.
 
+use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,8 @@ use kappakv_indexes::{DEFAULT_CACHE_BYTES, Indexes, default_views};
 use kappakv_protocol::{Entry, EntryId, Keypair, Lsn, Op, SignedEntry, Timestamp};
 use redb::TableDefinition;
 
+/// Entries in the log, and keys the baseline inserts (`--entries` sets another number, e.g.
+/// to run under a profiler).
 const ENTRIES: usize = 1_000_000;
 const VALUE_BYTES: usize = 100;
 /// Entries per transaction of `kappakv rebuild-indexes` (`REBUILD_BATCH`).
@@ -57,6 +60,7 @@ struct Options {
     shapes: Vec<Shape>,
     samples: usize,
     batch: usize,
+    entries: usize,
     baseline: bool,
 }
 
@@ -65,6 +69,7 @@ fn options() -> Options {
         shapes: Vec::new(),
         samples: 3,
         batch: REBUILD_BATCH,
+        entries: ENTRIES,
         baseline: true,
     };
     let mut args = std::env::args().skip(1);
@@ -74,6 +79,7 @@ fn options() -> Options {
             "--bench" => {}
             "--samples" => opts.samples = number(args.next(), "--samples"),
             "--batch" => opts.batch = number(args.next(), "--batch"),
+            "--entries" => opts.entries = number(args.next(), "--entries"),
             "--no-baseline" => opts.baseline = false,
             name => match Shape::ALL.iter().find(|s| s.name() == name) {
                 Some(&shape) => opts.shapes.push(shape),
@@ -97,52 +103,36 @@ fn main() {
     let opts = options();
     let base = std::env::var_os("KAPPAKV_BENCH_DIR").map_or_else(std::env::temp_dir, Into::into);
     println!(
-        "{ENTRIES} entries, {} per transaction, {} sample(s), files in {}",
+        "{} entries, {} per transaction, {} sample(s), files in {}; rates are entries \
+         per second of wall-clock time, and (in brackets) per second the thread spent on a CPU",
+        opts.entries,
         opts.batch,
         opts.samples,
         base.display()
     );
-    let keys = random_keys();
+    let keys = random_keys(opts.entries);
     for &shape in &opts.shapes {
-        let log = generate(shape);
+        let log = generate(shape, opts.entries);
         println!("{}: input generated; VmHWM {}", shape.name(), peak_rss());
-        let (mut redb_rates, mut rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        let mut rebuilds = Rates::default();
+        let mut raws = Rates::default();
         for sample in 1..=opts.samples {
-            let redb_rate = opts.baseline.then(|| rate(raw_redb(&base, &keys)));
-            let rebuild_rate = rate(rebuild(&base, &log, opts.batch));
-            print!(
-                "{} sample {sample}: rebuild {}",
-                shape.name(),
-                k(rebuild_rate)
-            );
-            rates.push(rebuild_rate);
-            if let Some(redb_rate) = redb_rate {
-                print!(
-                    ", raw redb {}, ratio {:.2}",
-                    k(redb_rate),
-                    rebuild_rate / redb_rate
-                );
-                redb_rates.push(redb_rate);
-                ratios.push(rebuild_rate / redb_rate);
+            let raw = opts.baseline.then(|| raw_redb(&base, &keys));
+            let rebuilt = rebuild(&base, &log, opts.batch);
+            print!("{} sample {sample}: rebuild {}", shape.name(), rebuilt);
+            rebuilds.push(rebuilt);
+            if let Some(raw) = raw {
+                print!(", raw redb {raw}, ratio {}", rebuilt.ratio(raw));
+                raws.push(raw);
             }
             println!();
         }
-        print!(
-            "{} median: rebuild {} ({}–{})",
-            shape.name(),
-            k(median(&rates)),
-            k(min(&rates)),
-            k(max(&rates))
-        );
+        print!("{} median: rebuild {}", shape.name(), rebuilds.summary());
         if opts.baseline {
             print!(
-                ", raw redb {} ({}–{}), ratio {:.2} ({:.2}–{:.2})",
-                k(median(&redb_rates)),
-                k(min(&redb_rates)),
-                k(max(&redb_rates)),
-                median(&ratios),
-                min(&ratios),
-                max(&ratios)
+                ", raw redb {}, ratio {}",
+                raws.summary(),
+                Rates::ratio_summary(&rebuilds, &raws)
             );
         }
         println!();
@@ -150,9 +140,124 @@ fn main() {
     println!("peak memory: VmHWM {}", peak_rss());
 }
 
-/// Entries (or inserts) per second.
-fn rate(elapsed: Duration) -> f64 {
-    ENTRIES as f64 / elapsed.as_secs_f64()
+/// One run's rate: entries (or inserts) per second of wall-clock time, and per second the
+/// thread spent on a CPU (where `/proc/thread-self/schedstat` tells), which a busy machine
+/// disturbs less.
+#[derive(Debug, Clone, Copy)]
+struct Rate {
+    wall: f64,
+    cpu: Option<f64>,
+}
+
+impl Rate {
+    fn measure(entries: usize, run: impl FnOnce()) -> Self {
+        let (cpu_before, started) = (thread_cpu(), Instant::now());
+        run();
+        let wall = started.elapsed();
+        let cpu = thread_cpu()
+            .zip(cpu_before)
+            .and_then(|(after, before)| after.checked_sub(before));
+        let per_second = |time: Duration| entries as f64 / time.as_secs_f64();
+        Self {
+            wall: per_second(wall),
+            cpu: cpu.map(per_second),
+        }
+    }
+
+    fn ratio(self, base: Rate) -> Ratio {
+        Ratio {
+            wall: self.wall / base.wall,
+            cpu: self.cpu.zip(base.cpu).map(|(a, b)| a / b),
+        }
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", k(self.wall))?;
+        match self.cpu {
+            Some(cpu) => write!(f, " ({})", k(cpu)),
+            None => Ok(()),
+        }
+    }
+}
+
+struct Ratio {
+    wall: f64,
+    cpu: Option<f64>,
+}
+
+impl std::fmt::Display for Ratio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.2}", self.wall)?;
+        match self.cpu {
+            Some(cpu) => write!(f, " ({cpu:.2})"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The samples of one measurement.
+#[derive(Default)]
+struct Rates(Vec<Rate>);
+
+impl Rates {
+    fn push(&mut self, rate: Rate) {
+        self.0.push(rate);
+    }
+
+    fn walls(&self) -> Vec<f64> {
+        self.0.iter().map(|r| r.wall).collect()
+    }
+
+    fn cpus(&self) -> Option<Vec<f64>> {
+        self.0.iter().map(|r| r.cpu).collect()
+    }
+
+    /// Median (min–max), wall-clock and then CPU.
+    fn summary(&self) -> String {
+        let walls = self.walls();
+        let mut out = format!(
+            "{} ({}–{})",
+            k(median(&walls)),
+            k(min(&walls)),
+            k(max(&walls))
+        );
+        if let Some(cpus) = self.cpus() {
+            write!(out, " [CPU {}]", k(median(&cpus))).expect("a String takes any write");
+        }
+        out
+    }
+
+    /// The median (min–max) of the per-sample ratios, wall-clock and then CPU.
+    fn ratio_summary(rebuilds: &Rates, raws: &Rates) -> String {
+        let ratios: Vec<Ratio> = rebuilds
+            .0
+            .iter()
+            .zip(&raws.0)
+            .map(|(a, b)| a.ratio(*b))
+            .collect();
+        let walls: Vec<f64> = ratios.iter().map(|r| r.wall).collect();
+        let mut out = format!(
+            "{:.2} ({:.2}–{:.2})",
+            median(&walls),
+            min(&walls),
+            max(&walls)
+        );
+        let cpus: Option<Vec<f64>> = ratios.iter().map(|r| r.cpu).collect();
+        if let Some(cpus) = cpus {
+            write!(out, " [CPU {:.2}]", median(&cpus)).expect("a String takes any write");
+        }
+        out
+    }
+}
+
+/// Time the calling thread has spent on a CPU: the first field of
+/// `/proc/thread-self/schedstat`, in nanoseconds.
+fn thread_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns = stat.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
 }
 
 fn k(rate: f64) -> String {
@@ -179,9 +284,9 @@ fn max(values: &[f64]) -> f64 {
 }
 
 /// Applies the whole log to a fresh index file in transactions of `batch` entries, each
-/// durable, then one durable commit, as a rebuild does. Returns the time from the first apply
-/// to the last commit.
-fn rebuild(base: &Path, log: &[SignedEntry], batch: usize) -> Duration {
+/// durable, then one durable commit, as a rebuild does. Measures from the first apply to the
+/// last commit.
+fn rebuild(base: &Path, log: &[SignedEntry], batch: usize) -> Rate {
     let dir = tempfile::tempdir_in(base).expect("temp dir");
     let (indexes, _) =
         Indexes::open(dir.path().join("indexes.redb"), default_views()).expect("open");
@@ -190,34 +295,34 @@ fn rebuild(base: &Path, log: &[SignedEntry], batch: usize) -> Duration {
         .enumerate()
         .map(|(i, e)| (i as Lsn + 1, e))
         .collect();
-    let started = Instant::now();
-    for chunk in log.chunks(batch) {
-        indexes.apply(chunk, true).expect("apply");
-    }
-    indexes.persist().expect("persist");
-    started.elapsed()
+    Rate::measure(log.len(), || {
+        for chunk in log.chunks(batch) {
+            indexes.apply(chunk, true).expect("apply");
+        }
+        indexes.persist().expect("persist");
+    })
 }
 
 const BASELINE: TableDefinition<&[u8; 16], u64> = TableDefinition::new("baseline");
 
-/// redb inserting [`ENTRIES`] random 16-byte keys in one durable transaction into a fresh file
+/// redb inserting `keys`, random 16-byte keys, in one durable transaction into a fresh file
 /// with the views' page cache.
-fn raw_redb(base: &Path, keys: &[[u8; 16]]) -> Duration {
+fn raw_redb(base: &Path, keys: &[[u8; 16]]) -> Rate {
     let dir = tempfile::tempdir_in(base).expect("temp dir");
     let db = redb::Database::builder()
         .set_cache_size(DEFAULT_CACHE_BYTES)
         .create(dir.path().join("baseline.redb"))
         .expect("create");
-    let started = Instant::now();
-    let txn = db.begin_write().expect("begin");
-    {
-        let mut table = txn.open_table(BASELINE).expect("table");
-        for (i, key) in keys.iter().enumerate() {
-            table.insert(key, i as u64).expect("insert");
+    Rate::measure(keys.len(), || {
+        let txn = db.begin_write().expect("begin");
+        {
+            let mut table = txn.open_table(BASELINE).expect("table");
+            for (i, key) in keys.iter().enumerate() {
+                table.insert(key, i as u64).expect("insert");
+            }
         }
-    }
-    txn.commit().expect("commit");
-    started.elapsed()
+        txn.commit().expect("commit");
+    })
 }
 
 /// splitmix64: a fixed pseudo-random sequence, the same every run.
@@ -233,9 +338,9 @@ impl SplitMix {
     }
 }
 
-fn random_keys() -> Vec<[u8; 16]> {
+fn random_keys(entries: usize) -> Vec<[u8; 16]> {
     let mut rng = SplitMix(1);
-    (0..ENTRIES)
+    (0..entries)
         .map(|_| {
             let mut key = [0; 16];
             key[..8].copy_from_slice(&rng.next().to_le_bytes());
@@ -246,7 +351,7 @@ fn random_keys() -> Vec<[u8; 16]> {
 }
 
 /// The log of `shape`: entries in LSN order, LSNs from 1.
-fn generate(shape: Shape) -> Vec<SignedEntry> {
+fn generate(shape: Shape, entries: usize) -> Vec<SignedEntry> {
     let keypair = Keypair::from_secret([7; 32]);
     let author = keypair.node_id();
     let (keys, signed_every) = match shape {
@@ -258,7 +363,7 @@ fn generate(shape: Shape) -> Vec<SignedEntry> {
     let mut rng = SplitMix(2);
     // xorshift64 for the scattered shape: the order the bench has always used.
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..ENTRIES as u64)
+    (0..entries as u64)
         .map(|i| {
             let (k, key) = match shape {
                 Shape::Clients => {
