@@ -38,7 +38,7 @@
 //! It never opens log files, spawns threads, uses tokio or QUIC, or validates entries
 //! (signatures, chains): the server reads and verifies the log and decides when to apply,
 //! commit durably, and rebuild. Equivocation is detected by the server using
-//! [`Snapshot::author_head`] and [`Snapshot::entry_lsn`].
+//! [`Snapshot::author_head`] and [`Snapshot::entry_at`].
 
 pub mod checkpoint;
 pub mod digest;

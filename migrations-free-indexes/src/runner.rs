@@ -668,17 +668,14 @@ mod tests {
         let snap = indexes.snapshot().unwrap();
         assert_eq!(snap.applied_lsn(KV_VIEW).unwrap(), 0);
         assert_eq!(snap.applied_lsn(LOG_LOOKUP_VIEW).unwrap(), 4);
-        assert_eq!(snap.entry_lsn(&entries[2].id).unwrap(), Some(3));
+        let author = entries[2].entry.author;
+        assert_eq!(snap.entry_at(&author, 3).unwrap(), Some((3, entries[2].id)));
         drop(snap);
         let err = indexes.rebuild(Some("nope")).unwrap_err();
         assert!(err.to_string().contains("log_lookup, kv, history"), "{err}");
         assert_eq!(indexes.rebuild(None).unwrap().len(), 3);
         assert_eq!(
-            indexes
-                .snapshot()
-                .unwrap()
-                .entry_lsn(&entries[2].id)
-                .unwrap(),
+            indexes.snapshot().unwrap().entry_at(&author, 3).unwrap(),
             None
         );
         indexes.apply(&batch(&entries, 1), false).unwrap();
@@ -757,9 +754,12 @@ mod tests {
             snap.author_head(&NodeId([7; 32])).unwrap(),
             Some((3, entries[2].id))
         );
-        assert_eq!(snap.entry_lsn(&entries[1].id).unwrap(), Some(2));
-        assert_eq!(snap.entry_lsn(&EntryId([0; 32])).unwrap(), None);
-        // Where each (author, seq) is: the first record, should the log hold it twice.
+        // Which entry each (author, seq) is, and where: the first record, should the log
+        // hold it twice.
+        let at = |author: u8, seq| snap.entry_at(&NodeId([author; 32]), seq).unwrap();
+        assert_eq!(at(7, 2), Some((2, entries[1].id)));
+        assert_eq!(at(1, 1), Some((4, EntryId([9; 32]))));
+        assert_eq!(at(7, 4), None);
         let seq_lsn = |author: u8, seq| snap.author_seq_lsn(&NodeId([author; 32]), seq).unwrap();
         assert_eq!(seq_lsn(7, 1), Some(1));
         assert_eq!(seq_lsn(7, 2), Some(2));
@@ -768,5 +768,17 @@ mod tests {
         assert_eq!(seq_lsn(1, 1), Some(4));
         assert_eq!(seq_lsn(2, 1), None);
         assert_eq!(snap.log_lookup_applied_lsn().unwrap(), 5);
+        drop(snap);
+        // Again in a later batch: the first record still wins, and the head stays.
+        indexes.apply(&[(6, &entries[1])], false).unwrap();
+        let snap = indexes.snapshot().unwrap();
+        assert_eq!(
+            snap.entry_at(&NodeId([7; 32]), 2).unwrap(),
+            Some((2, entries[1].id))
+        );
+        assert_eq!(
+            snap.author_head(&NodeId([7; 32])).unwrap(),
+            Some((3, entries[2].id))
+        );
     }
 }

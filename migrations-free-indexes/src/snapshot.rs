@@ -18,8 +18,7 @@ use crate::error::{CorruptRecord, ReadError};
 use crate::record::{CurrentVersion, HistoryRecord, decode_current};
 use crate::tables::{
     HISTORY_BY_KEY, HISTORY_BY_KEY_NAME, HISTORY_RECORDS, KV_CURRENT, KV_DIGEST, KV_DIGEST_ROW,
-    KV_SUPERSEDED, KV_VIEW, LOG_AUTHOR_HEAD, LOG_AUTHOR_SEQ_LSN, LOG_ENTRY_LSN, LOG_LOOKUP_VIEW,
-    VIEW_CHECKPOINTS,
+    KV_SUPERSEDED, KV_VIEW, LOG_AUTHOR_HEAD, LOG_AUTHOR_SEQ_LSN, LOG_LOOKUP_VIEW, VIEW_CHECKPOINTS,
 };
 use crate::views::kv::decode_digest;
 
@@ -253,24 +252,25 @@ impl Snapshot {
         }))
     }
 
-    /// The LSN of the record holding entry `id`, if the log holds it.
-    pub fn entry_lsn(&self, id: &EntryId) -> Result<Option<Lsn>, ReadError> {
-        let Some(table) = self.table(LOG_ENTRY_LSN)? else {
+    /// The entry the log holds at (`author`, `seq`): the LSN of its record and its id. The log
+    /// holds an entry exactly when this names its id (an id covers the author and seq).
+    pub fn entry_at(&self, author: &NodeId, seq: u64) -> Result<Option<(Lsn, EntryId)>, ReadError> {
+        let Some(table) = self.table(LOG_AUTHOR_SEQ_LSN)? else {
             return Ok(None);
         };
-        Ok(table.get(&id.0)?.map(|g| g.value()))
+        Ok(table.get((&author.0, seq))?.map(|g| {
+            let (lsn, id) = g.value();
+            (lsn, EntryId(*id))
+        }))
     }
 
     /// The LSN of the record holding `author`'s entry `seq`, if the log holds it.
     pub fn author_seq_lsn(&self, author: &NodeId, seq: u64) -> Result<Option<Lsn>, ReadError> {
-        let Some(table) = self.table(LOG_AUTHOR_SEQ_LSN)? else {
-            return Ok(None);
-        };
-        Ok(table.get((&author.0, seq))?.map(|g| g.value()))
+        Ok(self.entry_at(author, seq)?.map(|(lsn, _)| lsn))
     }
 
     /// The LSN the log lookup view has applied: its answers ([`Snapshot::version_vector`],
-    /// [`Snapshot::entry_lsn`], [`Snapshot::author_seq_lsn`]…) reflect exactly the log up to it.
+    /// [`Snapshot::entry_at`], [`Snapshot::author_seq_lsn`]…) reflect exactly the log up to it.
     pub fn log_lookup_applied_lsn(&self) -> Result<Lsn, ReadError> {
         self.applied_lsn(LOG_LOOKUP_VIEW)
     }

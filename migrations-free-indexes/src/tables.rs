@@ -34,14 +34,10 @@ pub const FRAMEWORK_TABLES: &[&str] = &[VIEW_CHECKPOINTS_NAME, VIEW_TABLES_NAME]
 
 /// Name of the log lookup view.
 pub const LOG_LOOKUP_VIEW: &str = "log_lookup";
-/// Definition version of the log lookup view. 2: adds [`LOG_AUTHOR_SEQ_LSN`].
-pub const LOG_LOOKUP_VERSION: u64 = 2;
-
-/// Which entries the log holds. Key: `EntryId`. Value: the LSN of its record (the first, should
-/// the log ever hold it twice).
-pub const LOG_ENTRY_LSN: TableDefinition<&[u8; 32], u64> = TableDefinition::new(LOG_ENTRY_LSN_NAME);
-/// Name of [`LOG_ENTRY_LSN`].
-pub const LOG_ENTRY_LSN_NAME: &str = "log_lookup.entry_lsn";
+/// Definition version of the log lookup view. 2: adds [`LOG_AUTHOR_SEQ_LSN`]. 3: drops the
+/// EntryId → LSN table (1M random 32-byte keys, the costliest table to build); the id of each
+/// entry is in [`LOG_AUTHOR_SEQ_LSN`].
+pub const LOG_LOOKUP_VERSION: u64 = 3;
 
 /// The version vector. Key: author `NodeId`. Value: `(highest seq in the log, its EntryId)`.
 pub const LOG_AUTHOR_HEAD: TableDefinition<&[u8; 32], (u64, &[u8; 32])> =
@@ -49,13 +45,16 @@ pub const LOG_AUTHOR_HEAD: TableDefinition<&[u8; 32], (u64, &[u8; 32])> =
 /// Name of [`LOG_AUTHOR_HEAD`].
 pub const LOG_AUTHOR_HEAD_NAME: &str = "log_lookup.author_head";
 
-/// Where each author's entries are. Key: `(author NodeId, seq)`. Value: the LSN of the record
-/// holding that entry (the first, should the log ever hold it twice). A peer session starts
-/// reading the log at the first entry the peer lacks, found here from the peer's version
-/// vector alone. Keys of one author grow with the log, so applying the log only ever appends
-/// at the end of each author's range.
-pub const LOG_AUTHOR_SEQ_LSN: TableDefinition<(&[u8; 32], u64), u64> =
+/// Which entries the log holds, and where. Key: `(author NodeId, seq)`. Value: `(LSN, EntryId)`:
+/// the record holding that entry (the first, should the log ever hold it twice) and the
+/// entry's id. Since an entry's id covers its author and seq, the log holds entry X exactly
+/// when X's `(author, seq)` row names X. A peer session starts reading the log at the first
+/// entry the peer lacks, found here from the peer's version vector alone. Keys of one author
+/// grow with the log, so applying the log only ever appends at the end of each author's range.
+pub const LOG_AUTHOR_SEQ_LSN: TableDefinition<AuthorSeq, (u64, &[u8; 32])> =
     TableDefinition::new(LOG_AUTHOR_SEQ_LSN_NAME);
+/// Key of [`LOG_AUTHOR_SEQ_LSN`]: `(author NodeId, seq)`.
+pub type AuthorSeq = (&'static [u8; 32], u64);
 /// Name of [`LOG_AUTHOR_SEQ_LSN`].
 pub const LOG_AUTHOR_SEQ_LSN_NAME: &str = "log_lookup.author_seq_lsn";
 

@@ -432,7 +432,10 @@ proptest! {
         }
         prop_assert_eq!(a.version_vector().unwrap(), b.version_vector().unwrap());
         for (lsn, se) in &all {
-            prop_assert_eq!(a.entry_lsn(&se.id).unwrap(), Some(*lsn));
+            prop_assert_eq!(
+                a.entry_at(&se.entry.author, se.entry.seq).unwrap(),
+                Some((*lsn, se.id))
+            );
         }
     }
 }
@@ -445,7 +448,7 @@ type Row = (Vec<u8>, Vec<u8>);
 fn table_rows(path: &std::path::Path) -> BTreeMap<&'static str, Vec<Row>> {
     use kappakv_indexes::tables::{
         HISTORY_BY_KEY, HISTORY_RECORDS, KV_CURRENT, KV_SUPERSEDED, LOG_AUTHOR_HEAD,
-        LOG_AUTHOR_SEQ_LSN, LOG_ENTRY_LSN,
+        LOG_AUTHOR_SEQ_LSN,
     };
     use redb::{ReadableDatabase as _, ReadableTable as _};
 
@@ -476,7 +479,6 @@ fn table_rows(path: &std::path::Path) -> BTreeMap<&'static str, Vec<Row>> {
         ("kv.superseded", rows(&txn, KV_SUPERSEDED)),
         ("history.by_key", rows(&txn, HISTORY_BY_KEY)),
         ("history.records", rows(&txn, HISTORY_RECORDS)),
-        ("log_lookup.entry_lsn", rows(&txn, LOG_ENTRY_LSN)),
         ("log_lookup.author_head", rows(&txn, LOG_AUTHOR_HEAD)),
         ("log_lookup.author_seq_lsn", rows(&txn, LOG_AUTHOR_SEQ_LSN)),
     ])

@@ -770,7 +770,7 @@ impl Sim {
         let plan = plan(
             std::slice::from_ref(&run),
             |author| node.chains.heads().get(author).copied(),
-            |id| Ok::<_, std::convert::Infallible>(node.ids.contains(id)),
+            |_, _, id| Ok::<_, std::convert::Infallible>(node.ids.contains(id)),
         )
         .unwrap_or_else(|never| match never {});
         for (_, refused) in &plan.refused {

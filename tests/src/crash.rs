@@ -347,7 +347,6 @@ fn dump_table(txn: &redb::ReadTransaction, name: &str) -> Result<Vec<(Vec<u8>, V
     Ok(match name {
         tables::VIEW_CHECKPOINTS_NAME => rows(txn, tables::VIEW_CHECKPOINTS)?,
         tables::VIEW_TABLES_NAME => rows(txn, tables::VIEW_TABLES)?,
-        tables::LOG_ENTRY_LSN_NAME => rows(txn, tables::LOG_ENTRY_LSN)?,
         tables::LOG_AUTHOR_HEAD_NAME => rows(txn, tables::LOG_AUTHOR_HEAD)?,
         tables::LOG_AUTHOR_SEQ_LSN_NAME => rows(txn, tables::LOG_AUTHOR_SEQ_LSN)?,
         tables::KV_CURRENT_NAME => rows(txn, tables::KV_CURRENT)?,

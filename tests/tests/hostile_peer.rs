@@ -321,7 +321,7 @@ async fn an_equivocation_is_refused_counted_and_stored_as_proof() -> anyhow::Res
     .await?;
 
     // In the same stream, the next entry, then a second entry for seq 2: below the head, so
-    // the node finds its own entry for seq 2 by walking back from the head.
+    // the node finds its own entry for seq 2 in the log lookup view.
     let x4 = x.signed("k4", "four");
     let fork2 = sign(entry(x.id(), 2, Some(x1.id), "k2", "forked"), Some(&x.kp));
     rogue.send(&[x4.clone(), fork2.clone()]).await?;

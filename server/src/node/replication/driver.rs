@@ -41,8 +41,6 @@ const PENDING_BYTES_MAX: usize = 2 * MAX_UNSIGNED_RUN_BYTES;
 pub const EQUIVOCATIONS_DIR: &str = "equivocations";
 /// Most equivocation proofs written since start: a hostile author could otherwise fill the disk.
 const PROOFS_MAX: u64 = 1024;
-/// Most `prev` links walked back from the head to find this node's entry for a proof.
-const PROOF_WALK_MAX: u32 = 4096;
 /// Two connections with one peer, dialled by different sides within this long of each other,
 /// are a simultaneous dial (see [`Replication::register`]). Well above a handshake on the
 /// networks peers use, well below the idle timeout of [`peer_transport`].
@@ -528,7 +526,7 @@ impl Replication {
                         %author, seq, existing = ?existing, %other,
                         "equivocation: a peer sent a different entry for an (author, seq) this node has; refused"
                     );
-                    match self.store_equivocation(author, seq, existing, &run).await {
+                    match self.store_equivocation(author, seq, &run).await {
                         Ok(Some(path)) => tracing::error!(
                             %author, seq, path = %path.display(),
                             "equivocation proof stored"
@@ -559,7 +557,7 @@ impl Replication {
     async fn plan(&self, runs: &[Vec<SignedEntry>]) -> anyhow::Result<Plan> {
         struct NotLookedUp;
         let writer = &self.node.writer;
-        if let Ok(plan) = session::plan(runs, |a| writer.head(a), |_| Err(NotLookedUp)) {
+        if let Ok(plan) = session::plan(runs, |a| writer.head(a), |_, _, _| Err(NotLookedUp)) {
             return Ok(plan);
         }
         // The heads first: every head the writer shows is durable, so the views hold it once
@@ -581,7 +579,11 @@ impl Replication {
             session::plan(
                 &runs,
                 |a| heads.get(a).copied().flatten(),
-                |id| Ok(snapshot.entry_lsn(id)?.is_some()),
+                |author, seq, id| {
+                    Ok(snapshot
+                        .entry_at(author, seq)?
+                        .is_some_and(|(_, held)| held == *id))
+                },
             )
         })
         .await?
@@ -597,7 +599,6 @@ impl Replication {
         &self,
         author: NodeId,
         seq: u64,
-        existing: Option<kappakv_protocol::EntryId>,
         run: &[SignedEntry],
     ) -> anyhow::Result<Option<PathBuf>> {
         let dir = self.node.data_dir.path().join(EQUIVOCATIONS_DIR);
@@ -605,13 +606,10 @@ impl Replication {
         if path.exists() || self.proofs.load(Ordering::Relaxed) >= PROOFS_MAX {
             return Ok(None);
         }
-        // Ours is found by walking back from a known id (the one at `seq`, or the head) along
-        // `prev`, through the log lookup view: wait until it has caught up with the log.
-        // The head first: every head the writer shows is durable, so the views have it once
-        // they reach the durable LSN read after it.
-        let Some(mut id) = existing.or_else(|| self.node.writer.head(&author).map(|h| h.id)) else {
-            anyhow::bail!("the log has no entry of {author}");
-        };
+        // Ours is found by (author, seq) in the log lookup view: wait until it has caught up
+        // with the log. The run was classified against heads the writer showed, which are
+        // durable, so the views hold our entry at `seq` once they reach the durable LSN read
+        // now.
         let durable = *self.node.durable.borrow();
         anyhow::ensure!(
             self.node.wait_indexed(durable).await,
@@ -627,25 +625,19 @@ impl Replication {
         let log = self.node.data_dir.log();
         let ours = tokio::task::spawn_blocking(move || -> anyhow::Result<SignedEntry> {
             let snapshot = indexes.snapshot()?;
+            let Some((lsn, id)) = snapshot.entry_at(&author, seq)? else {
+                anyhow::bail!("the log has no entry {seq} of {author}");
+            };
             let reader = LogReader::open(&log)?;
-            for _ in 0..=PROOF_WALK_MAX {
-                let Some(lsn) = snapshot.entry_lsn(&id)? else {
-                    break;
-                };
-                let Some((_, e)) = reader.iter(lsn - 1, lsn)?.next().transpose()? else {
-                    break;
-                };
-                if e.entry.seq == seq {
-                    return Ok(e);
-                }
-                match e.entry.prev {
-                    Some(prev) if e.entry.seq > seq => id = prev,
-                    _ => break,
-                }
-            }
-            anyhow::bail!(
-                "entry {seq} of {author} not found within {PROOF_WALK_MAX} links of the head"
-            )
+            let Some((_, e)) = reader.iter(lsn - 1, lsn)?.next().transpose()? else {
+                anyhow::bail!("the log has no record {lsn}");
+            };
+            anyhow::ensure!(
+                e.id == id,
+                "record {lsn} holds {}, not entry {seq} of {author}",
+                e.id
+            );
+            Ok(e)
         })
         .await??;
         encode_record(&ours.encode_payload(), &mut bytes);

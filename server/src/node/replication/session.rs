@@ -335,14 +335,14 @@ pub struct Plan {
 }
 
 /// Classifies `runs`, in order, each against the chain heads the runs before it leave, starting
-/// from `head_of` (the log's durable heads). `contains` says whether the log holds an entry; it
-/// is asked only about a run that ends below its author's head, so a caller may answer from a
-/// view that has caught up with the durable log, and may answer an error (such as "not looked
-/// up yet") to be asked again later.
+/// from `head_of` (the log's durable heads). `contains(author, seq, id)` says whether the log
+/// holds entry `id` at (`author`, `seq`); it is asked only about a run that ends below its
+/// author's head, so a caller may answer from a view that has caught up with the durable log,
+/// and may answer an error (such as "not looked up yet") to be asked again later.
 pub fn plan<E>(
     runs: &[Vec<SignedEntry>],
     mut head_of: impl FnMut(&NodeId) -> Option<ChainHead>,
-    mut contains: impl FnMut(&EntryId) -> Result<bool, E>,
+    mut contains: impl FnMut(&NodeId, u64, &EntryId) -> Result<bool, E>,
 ) -> Result<Plan, E> {
     let mut plan = Plan::default();
     // Heads as the planned appends leave them, and the ids planned.
@@ -355,7 +355,7 @@ pub fn plan<E>(
         let author = last.entry.author;
         let head = *heads.entry(author).or_insert_with(|| head_of(&author));
         let known = last.entry.seq < head.map_or(0, |h| h.seq)
-            && (planned.contains(&last.id) || contains(&last.id)?);
+            && (planned.contains(&last.id) || contains(&author, last.entry.seq, &last.id)?);
         match classify(run.clone(), head, |_| known) {
             Classified::Append(entries) => {
                 plan.present += (run.len() - entries.len()) as u64;
