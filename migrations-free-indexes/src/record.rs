@@ -9,8 +9,8 @@ use crate::tables::{HISTORY_RECORDS_NAME, KV_CURRENT_NAME};
 const KIND_DELETE: u8 = 0;
 const KIND_PUT: u8 = 1;
 
-/// `id [32] | author [32] | timestamp u64 | kind u8`.
-const HISTORY_HEADER: usize = 32 + 32 + 8 + 1;
+/// `id [32] | author [32] | timestamp u64 | previous LSN u64 | previous op index u32 | kind u8`.
+const HISTORY_HEADER: usize = 32 + 32 + 8 + 8 + 4 + 1;
 
 /// One current version, as stored in a [`crate::tables::KV_CURRENT`] row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +117,8 @@ pub(crate) struct HistoryRecord<'a> {
     pub(crate) id: EntryId,
     pub(crate) author: NodeId,
     pub(crate) timestamp: Timestamp,
+    /// The `(LSN, op index)` of the same key's version before this one, if any.
+    pub(crate) previous: Option<(Lsn, u32)>,
     /// `None` for a tombstone.
     pub(crate) value: Option<&'a [u8]>,
 }
@@ -128,6 +130,9 @@ impl<'a> HistoryRecord<'a> {
         out.extend_from_slice(self.id.as_bytes());
         out.extend_from_slice(self.author.as_bytes());
         out.extend_from_slice(&self.timestamp.0.to_le_bytes());
+        let (lsn, op) = self.previous.unwrap_or((0, 0));
+        out.extend_from_slice(&lsn.to_le_bytes());
+        out.extend_from_slice(&op.to_le_bytes());
         encode_value(self.value, out);
     }
 
@@ -142,11 +147,22 @@ impl<'a> HistoryRecord<'a> {
         let (id, rest) = split_array::<32>(bytes);
         let (author, rest) = split_array::<32>(rest);
         let (timestamp, rest) = split_array::<8>(rest);
+        let (previous_lsn, rest) = split_array::<8>(rest);
+        let (previous_op, rest) = split_array::<4>(rest);
         let value = decode_value(rest).map_err(corrupt)?;
+        let previous = match (
+            u64::from_le_bytes(previous_lsn),
+            u32::from_le_bytes(previous_op),
+        ) {
+            (0, 0) => None,
+            (0, _) => return Err(corrupt("an op index without an LSN")),
+            at => Some(at),
+        };
         Ok(Self {
             id: EntryId(id),
             author: NodeId(author),
             timestamp: Timestamp(u64::from_le_bytes(timestamp)),
+            previous,
             value,
         })
     }
@@ -223,11 +239,12 @@ mod tests {
 
     #[test]
     fn history_round_trips() {
-        for value in [None, Some(&b"v"[..])] {
+        for (value, previous) in [(None, None), (Some(&b"v"[..]), Some((7, 2)))] {
             let rec = HistoryRecord {
                 id: EntryId([1; 32]),
                 author: NodeId([2; 32]),
                 timestamp: Timestamp(5),
+                previous,
                 value,
             };
             let mut buf = Vec::new();

@@ -699,7 +699,7 @@ mod tests {
         assert_eq!(report.removed_views, ["history"]);
         assert_eq!(
             report.dropped_tables,
-            ["history.by_key", "history.records", "stray"]
+            ["history.latest", "history.records", "stray"]
         );
         assert!(report.needs_rebuild().next().is_none());
         assert_eq!(indexes.snapshot().unwrap().history(b"k1", 10).unwrap(), []);

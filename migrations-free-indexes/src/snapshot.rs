@@ -17,8 +17,9 @@ use crate::digest::StateDigest;
 use crate::error::{CorruptRecord, ReadError};
 use crate::record::{CurrentVersion, HistoryRecord, decode_current};
 use crate::tables::{
-    HISTORY_BY_KEY, HISTORY_BY_KEY_NAME, HISTORY_RECORDS, KV_CURRENT, KV_DIGEST, KV_DIGEST_ROW,
-    KV_SUPERSEDED, KV_VIEW, LOG_AUTHOR_HEAD, LOG_AUTHOR_SEQ_LSN, LOG_LOOKUP_VIEW, VIEW_CHECKPOINTS,
+    HISTORY_LATEST, HISTORY_LATEST_NAME, HISTORY_RECORDS, HISTORY_RECORDS_NAME, KV_CURRENT,
+    KV_DIGEST, KV_DIGEST_ROW, KV_SUPERSEDED, KV_VIEW, LOG_AUTHOR_HEAD, LOG_AUTHOR_SEQ_LSN,
+    LOG_LOOKUP_VIEW, VIEW_CHECKPOINTS,
 };
 use crate::views::kv::decode_digest;
 
@@ -190,7 +191,7 @@ impl Snapshot {
         limit: usize,
         bytes_max: usize,
     ) -> Result<Vec<Version>, ReadError> {
-        let Some(by_key) = self.table(HISTORY_BY_KEY)? else {
+        let Some(latest) = self.table(HISTORY_LATEST)? else {
             return Ok(Vec::new());
         };
         let Some(records) = self.table(HISTORY_RECORDS)? else {
@@ -198,31 +199,32 @@ impl Snapshot {
         };
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        for row in by_key
-            .range((key, 0u64)..=(key, u64::MAX))?
-            .rev()
-            .take(limit)
-        {
-            if bytes >= bytes_max {
+        let mut next = latest.get(key)?.map(|g| g.value());
+        while let Some(at) = next {
+            if out.len() >= limit || bytes >= bytes_max {
                 break;
             }
-            let (k, index) = row?;
-            let at = (k.value().1, index.value());
             let record = records.get(at)?.ok_or(CorruptRecord {
-                table: HISTORY_BY_KEY_NAME,
-                reason: "points at a missing history record",
+                table: HISTORY_LATEST_NAME,
+                reason: "a link to a missing history record",
             })?;
             let rec = HistoryRecord::decode(record.value())?;
+            // Links point back in the log, so the walk ends.
+            if rec.previous.is_some_and(|previous| previous >= at) {
+                return Err(CorruptRecord {
+                    table: HISTORY_RECORDS_NAME,
+                    reason: "a link that does not point back in the log",
+                }
+                .into());
+            }
+            next = rec.previous;
+            bytes += rec.value.map_or(0, <[u8]>::len);
             out.push(Version {
                 id: rec.id,
                 author: rec.author,
                 timestamp: rec.timestamp,
                 value: rec.value.map(<[u8]>::to_vec),
             });
-            bytes += out
-                .last()
-                .and_then(|v| v.value.as_ref())
-                .map_or(0, Vec::len);
         }
         Ok(out)
     }

@@ -97,20 +97,25 @@ pub const KV_DIGEST_ROW: &str = "current";
 
 /// Name of the history view.
 pub const HISTORY_VIEW: &str = "history";
-/// Definition version of the history view.
-pub const HISTORY_VERSION: u64 = 1;
+/// Definition version of the history view. 2: each record points at the key's version
+/// before it, and a row per key at its newest ([`HISTORY_LATEST`]), instead of a row per
+/// version keyed by `(key, LSN)`, which took a random-position insert per op.
+pub const HISTORY_VERSION: u64 = 2;
 
-/// Which versions each key has. Key: `(key, LSN)`, so a reverse range over one key is newest
-/// first. Value: the op's index within its entry (`u32`), to find the record in
-/// [`HISTORY_RECORDS`]. Small rows: this is the table that takes random-position inserts.
-pub const HISTORY_BY_KEY: TableDefinition<(&[u8], u64), u32> =
-    TableDefinition::new(HISTORY_BY_KEY_NAME);
-/// Name of [`HISTORY_BY_KEY`].
-pub const HISTORY_BY_KEY_NAME: &str = "history.by_key";
+/// Where each key's history starts. Key: the key. Value: `(LSN, op index)` of its newest
+/// version, the key of its record in [`HISTORY_RECORDS`]. One row per key ever written, so a
+/// batch reads and writes each key it touches once, however many versions it adds.
+pub const HISTORY_LATEST: TableDefinition<&[u8], (u64, u32)> =
+    TableDefinition::new(HISTORY_LATEST_NAME);
+/// Name of [`HISTORY_LATEST`].
+pub const HISTORY_LATEST_NAME: &str = "history.latest";
 
 /// Every version ever written, tombstones included, in log order. Key: `(LSN, op index)`, so
-/// applying the log only ever appends. Value: `id [32] | author [32] | timestamp u64 LE | kind
-/// u8 (0 delete, 1 put) | value bytes (put only, the rest of the record)`.
+/// applying the log only ever appends. Value: `id [32] | author [32] | timestamp u64 LE |
+/// previous LSN u64 LE | previous op index u32 LE | kind u8 (0 delete, 1 put) | value bytes
+/// (put only, the rest of the record)`, where `(previous LSN, previous op index)` is the key
+/// of the record of the same key's version before this one, LSN 0 for none: a key's history,
+/// newest first, is a walk from [`HISTORY_LATEST`] along these links.
 pub const HISTORY_RECORDS: TableDefinition<(u64, u32), &[u8]> =
     TableDefinition::new(HISTORY_RECORDS_NAME);
 /// Name of [`HISTORY_RECORDS`].

@@ -447,7 +447,7 @@ type Row = (Vec<u8>, Vec<u8>);
 /// stores, beyond what its queries answer.
 fn table_rows(path: &std::path::Path) -> BTreeMap<&'static str, Vec<Row>> {
     use kappakv_indexes::tables::{
-        HISTORY_BY_KEY, HISTORY_RECORDS, KV_CURRENT, KV_SUPERSEDED, LOG_AUTHOR_HEAD,
+        HISTORY_LATEST, HISTORY_RECORDS, KV_CURRENT, KV_SUPERSEDED, LOG_AUTHOR_HEAD,
         LOG_AUTHOR_SEQ_LSN,
     };
     use redb::{ReadableDatabase as _, ReadableTable as _};
@@ -477,7 +477,7 @@ fn table_rows(path: &std::path::Path) -> BTreeMap<&'static str, Vec<Row>> {
     BTreeMap::from([
         ("kv.current", rows(&txn, KV_CURRENT)),
         ("kv.superseded", rows(&txn, KV_SUPERSEDED)),
-        ("history.by_key", rows(&txn, HISTORY_BY_KEY)),
+        ("history.latest", rows(&txn, HISTORY_LATEST)),
         ("history.records", rows(&txn, HISTORY_RECORDS)),
         ("log_lookup.author_head", rows(&txn, LOG_AUTHOR_HEAD)),
         ("log_lookup.author_seq_lsn", rows(&txn, LOG_AUTHOR_SEQ_LSN)),

@@ -1,18 +1,23 @@
 //! Every version of every key, tombstones included, newest first by LSN.
 //!
 //! Two tables: the records themselves in log order ([`HISTORY_RECORDS`], appended through a
-//! cursor at the end of the tree, never inserted in the middle), and a small per-key index
-//! ([`HISTORY_BY_KEY`]) that takes the random-position inserts. Keeping values out of the
-//! random-insert table is what keeps a rebuild from rewriting most of the file every batch.
+//! cursor at the end of the tree, never inserted in the middle), each pointing at the record of
+//! the same key's version before it, and one row per key pointing at its newest record
+//! ([`HISTORY_LATEST`]). A key's history is a walk along those links, one record lookup per
+//! version, as a range over a per-version index followed by a record lookup per version was.
+//! Applying a batch reads and writes each key's row once however many versions the batch adds,
+//! where a per-version index took a random-position insert per op, which rewrote most of that
+//! index every batch.
 
 use std::ops::Bound;
 
-use redb::WriteTransaction;
+use kappakv_protocol::Lsn;
+use redb::{ReadableTable, WriteTransaction};
 
 use crate::error::ApplyError;
 use crate::record::HistoryRecord;
 use crate::tables::{
-    HISTORY_BY_KEY, HISTORY_BY_KEY_NAME, HISTORY_RECORDS, HISTORY_RECORDS_NAME, HISTORY_VERSION,
+    HISTORY_LATEST, HISTORY_LATEST_NAME, HISTORY_RECORDS, HISTORY_RECORDS_NAME, HISTORY_VERSION,
     HISTORY_VIEW,
 };
 use crate::view::{Batch, View};
@@ -31,13 +36,48 @@ impl View for HistoryView {
     }
 
     fn tables(&self) -> Vec<&str> {
-        vec![HISTORY_BY_KEY_NAME, HISTORY_RECORDS_NAME]
+        vec![HISTORY_LATEST_NAME, HISTORY_RECORDS_NAME]
     }
 
     fn apply(&self, txn: &WriteTransaction, batch: &Batch<'_>) -> Result<(), ApplyError> {
+        // Every op as (key prefix, key, LSN, op index, position in log order), sorted by key
+        // and then in log order. An entry has one op per key (a valid entry does); should one
+        // have more, its last op on the key is the version history keeps, the others get
+        // records that nothing links to.
+        let mut ops: Vec<(u128, &[u8], Lsn, u32, usize)> = Vec::with_capacity(batch.len());
+        for &(lsn, se) in batch {
+            for (index, op) in se.entry.ops.iter().enumerate() {
+                let key = op.key();
+                ops.push((key_prefix(key), key, lsn, index as u32, ops.len()));
+            }
+        }
+        ops.sort_unstable();
+
+        // The link of each op in log order: the key's version before it, in the batch or, for
+        // the key's first op of the batch, the newest stored. Keys in order, so the row reads
+        // and writes go through the table in one ascending pass.
+        let mut previous: Vec<Option<(Lsn, u32)>> = vec![None; ops.len()];
+        {
+            let mut latest = txn.open_table(HISTORY_LATEST)?;
+            for key_ops in ops.chunk_by(|a, b| a.0 == b.0 && a.1 == b.1) {
+                let key = key_ops[0].1;
+                let mut last = latest.get(key)?.map(|g| g.value());
+                for (i, &(_, _, lsn, index, at)) in key_ops.iter().enumerate() {
+                    previous[at] = last;
+                    let overwritten = key_ops.get(i + 1).is_some_and(|next| next.2 == lsn);
+                    if !overwritten {
+                        last = Some((lsn, index));
+                    }
+                }
+                let last = last.expect("a key with ops has a newest one");
+                latest.insert(key, last)?;
+            }
+        }
+
         let mut records = txn.open_table(HISTORY_RECORDS)?;
         let mut cursor = records.upper_bound_mut(Bound::<(u64, u32)>::Unbounded)?;
         let mut buf = Vec::new();
+        let mut at = 0;
         for &(lsn, se) in batch {
             for (index, op) in se.entry.ops.iter().enumerate() {
                 buf.clear();
@@ -45,32 +85,137 @@ impl View for HistoryView {
                     id: se.id,
                     author: se.entry.author,
                     timestamp: se.entry.timestamp,
+                    previous: previous[at],
                     value: op.value(),
                 }
                 .encode_into(&mut buf);
+                at += 1;
                 // The runner hands each LSN to a view once, in ascending order, so every
                 // record sorts after the last one stored.
                 cursor.insert_before((lsn, index as u32), buf.as_slice())?;
             }
         }
         cursor.close()?;
-        drop(records);
-
-        let mut rows: Vec<(&[u8], u64, u32)> = batch
-            .iter()
-            .flat_map(|(lsn, se)| {
-                se.entry
-                    .ops
-                    .iter()
-                    .enumerate()
-                    .map(move |(i, op)| (op.key(), *lsn, i as u32))
-            })
-            .collect();
-        rows.sort_unstable();
-        let mut by_key = txn.open_table(HISTORY_BY_KEY)?;
-        for (key, lsn, index) in rows {
-            by_key.insert((key, lsn), index)?;
-        }
         Ok(())
+    }
+}
+
+/// The first 16 bytes of `key`, zero-padded, as a number: ordering by it and then by the key
+/// is ordering by the key, and most comparisons of a sort end at the number, without reading
+/// the keys (which lie all over memory) again.
+fn key_prefix(key: &[u8]) -> u128 {
+    let mut bytes = [0; 16];
+    let n = key.len().min(16);
+    bytes[..n].copy_from_slice(&key[..n]);
+    u128::from_be_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use kappakv_protocol::{Entry, EntryId, NodeId, Op, SignedEntry, Timestamp};
+
+    use super::*;
+    use crate::Indexes;
+
+    fn entry(seq: u64, ops: Vec<Op>) -> SignedEntry {
+        let entry = Entry {
+            author: NodeId([1; 32]),
+            seq,
+            prev: None,
+            timestamp: Timestamp(seq),
+            ops,
+        };
+        SignedEntry {
+            id: entry.id(),
+            entry,
+            signature: None,
+        }
+    }
+
+    fn put(key: &str, value: &str) -> Op {
+        Op::Put {
+            key: key.into(),
+            value: value.into(),
+            supersedes: vec![],
+        }
+    }
+
+    /// `a` written by four entries (the second with two ops on `a`, one on `b`), applied in
+    /// the given batch sizes.
+    fn history_of(chunks: &[usize]) -> Vec<Vec<(EntryId, Option<Vec<u8>>)>> {
+        let entries = [
+            entry(1, vec![put("a", "1")]),
+            entry(2, vec![put("a", "2a"), put("b", "x"), put("a", "2b")]),
+            entry(
+                3,
+                vec![Op::Delete {
+                    key: b"a".to_vec(),
+                    supersedes: vec![],
+                }],
+            ),
+            entry(4, vec![put("a", "4")]),
+        ];
+        let (indexes, _) = Indexes::open_in_memory(vec![Box::new(HistoryView)]).unwrap();
+        let log: Vec<(Lsn, &SignedEntry)> = (1..).zip(&entries).collect();
+        let mut at = 0;
+        for &n in chunks.iter().cycle() {
+            if at == log.len() {
+                break;
+            }
+            let end = (at + n).min(log.len());
+            indexes.apply(&log[at..end], false).unwrap();
+            at = end;
+        }
+        let snap = indexes.snapshot().unwrap();
+        let ids = |key: &[u8], limit, bytes_max| {
+            snap.history_within(key, limit, bytes_max)
+                .unwrap()
+                .into_iter()
+                .map(|v| (v.id, v.value))
+                .collect::<Vec<_>>()
+        };
+        let a = ids(b"a", 10, usize::MAX);
+        let expected = vec![
+            (entries[3].id, Some(b"4".to_vec())),
+            (entries[2].id, None),
+            (entries[1].id, Some(b"2b".to_vec())),
+            (entries[0].id, Some(b"1".to_vec())),
+        ];
+        assert_eq!(a, expected, "newest first; an entry's last op on a key");
+        assert_eq!(ids(b"a", 2, usize::MAX), expected[..2]);
+        assert_eq!(ids(b"a", 10, 1), expected[..1], "stops at the byte bound");
+        assert_eq!(ids(b"zz", 10, usize::MAX), []);
+        vec![a, ids(b"b", 10, usize::MAX)]
+    }
+
+    #[test]
+    fn key_prefix_order_is_key_order() {
+        let keys: [&[u8]; 7] = [
+            b"",
+            b"\0",
+            b"a",
+            b"a\0",
+            b"abcdefghijklmnop",
+            b"abcdefghijklmnop\0",
+            b"abcdefghijklmnoq",
+        ];
+        for a in keys {
+            for b in keys {
+                assert_eq!(
+                    (key_prefix(a), a).cmp(&(key_prefix(b), b)),
+                    a.cmp(b),
+                    "{a:?} {b:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_key_history_walks_back_across_batches() {
+        let one = history_of(&[4]);
+        assert_eq!(one[1].len(), 1);
+        assert_eq!(history_of(&[1]), one);
+        assert_eq!(history_of(&[3, 1]), one);
+        assert_eq!(history_of(&[1, 2]), one);
     }
 }
