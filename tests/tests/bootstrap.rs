@@ -335,3 +335,41 @@ async fn verify_recomputes_the_state_root_from_the_log() -> anyhow::Result<()> {
     assert!(stderr.contains("rebuild-indexes"), "{stderr}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_node_bootstraps_while_its_peer_takes_writes() -> anyhow::Result<()> {
+    let (dir, a_node, a, a_id) = filled_peer(20_000, 500, 100).await?;
+    let (b_dir, b_addr, _) = new_node(dir.path(), &a).await?;
+    // A takes writes all through B's bootstrap, so A's log runs past every snapshot's point.
+    let mut load = command("kappactl")?;
+    load.args([
+        "--ticket",
+        &a_node.ticket()?.to_string(),
+        "bench",
+        "--op",
+        "put",
+        "--clients",
+        "16",
+        "--duration",
+        "6",
+        "--keys",
+        "500",
+    ]);
+    let load = tokio::spawn(async move { run(&mut load, Duration::from_secs(120)).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b_node = ProcessNode::start_in(&b_dir, b_addr, &[peer_setting(a_id, a_node.addr)]).await?;
+    let b = b_node.client().await?;
+    wait_status(&b, Duration::from_secs(60), "a snapshot loaded", |s| {
+        s.bootstrap.is_some()
+    })
+    .await?;
+    let out = load.await??;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = ends_verified(&a, &b).await?;
+    assert_eq!(status.equivocations, 0);
+    Ok(())
+}

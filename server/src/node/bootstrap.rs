@@ -154,8 +154,19 @@ impl Bootstrap {
         })
     }
 
+    /// The phase, after giving up on a snapshot that is wanted but has not come in time.
     fn phase(&self) -> std::sync::MutexGuard<'_, Phase> {
-        self.phase.lock().expect("bootstrap lock")
+        let mut phase = self.phase.lock().expect("bootstrap lock");
+        if let Phase::Wanted {
+            until,
+            fetching: false,
+        } = &*phase
+            && Instant::now() >= *until
+        {
+            tracing::info!("no snapshot came from a peer in time: replaying the log instead");
+            *phase = Phase::Off;
+        }
+        phase
     }
 
     /// The snapshot reads come from, while one is loaded and the views have not replayed the
@@ -287,36 +298,16 @@ impl Bootstrap {
     pub async fn admit(&self, runs: Vec<Vec<SignedEntry>>) -> Vec<Vec<SignedEntry>> {
         loop {
             let notified = self.changed.notified();
-            let wait = match &mut *self.phase() {
-                Phase::Wanted { until, fetching } => {
-                    if *fetching || Instant::now() < *until {
-                        Some(if *fetching {
-                            Duration::from_millis(200)
-                        } else {
-                            until.saturating_duration_since(Instant::now())
-                        })
-                    } else {
-                        tracing::info!(
-                            "no snapshot came from a peer in time: replaying the log instead"
-                        );
-                        None
-                    }
-                }
-                _ => None,
+            let wait = match &*self.phase() {
+                // A fetch ends in a notification; the poll is a backstop.
+                Phase::Wanted { fetching: true, .. } => Duration::from_millis(200),
+                Phase::Wanted { until, .. } => until.saturating_duration_since(Instant::now()),
+                _ => break,
             };
-            match wait {
-                Some(wait) => {
-                    let _ = tokio::time::timeout(wait, notified).await;
-                }
-                None => break,
-            }
+            let _ = tokio::time::timeout(wait, notified).await;
         }
         let mut phase = self.phase();
         match &mut *phase {
-            Phase::Wanted { .. } => {
-                *phase = Phase::Off;
-                runs
-            }
             Phase::Loaded {
                 meta,
                 log_complete: false,
@@ -324,19 +315,24 @@ impl Bootstrap {
                 ..
             } => {
                 let covered: HashMap<NodeId, u64> = meta.version_vector.iter().copied().collect();
-                let before = runs.len();
-                let kept: Vec<_> = runs
-                    .into_iter()
-                    .filter(|run| {
-                        run.last().is_some_and(|e| {
-                            covered
-                                .get(&e.entry.author)
-                                .is_some_and(|v| e.entry.seq <= *v)
-                        })
-                    })
-                    .collect();
-                if kept.len() < before {
-                    *dropped = true;
+                let mut kept = Vec::with_capacity(runs.len());
+                for mut run in runs {
+                    let Some(first) = run.first() else {
+                        continue;
+                    };
+                    let limit = covered.get(&first.entry.author).copied().unwrap_or(0);
+                    // Runs released one after the other are joined, so one may cross V: its
+                    // part up to V goes in when it ends signed (V is a signed point).
+                    let within = run.partition_point(|e| e.entry.seq <= limit);
+                    if within < run.len() {
+                        *dropped = true;
+                        run.truncate(within);
+                    }
+                    if run.last().is_some_and(|e| e.signature.is_some()) {
+                        kept.push(run);
+                    } else if !run.is_empty() {
+                        *dropped = true;
+                    }
                 }
                 kept
             }
