@@ -12,7 +12,7 @@
 use std::ops::Bound;
 
 use kappakv_protocol::Lsn;
-use redb::{ReadableTable, WriteTransaction};
+use redb::WriteTransaction;
 
 use crate::error::ApplyError;
 use crate::record::HistoryRecord;
@@ -51,26 +51,35 @@ impl View for HistoryView {
                 ops.push((key_prefix(key), key, lsn, index as u32, ops.len()));
             }
         }
-        ops.sort_unstable();
+        ops.sort_unstable_by(|a, b| {
+            compare_keys((a.0, a.1), (b.0, b.1)).then((a.2, a.3).cmp(&(b.2, b.3)))
+        });
 
         // The link of each op in log order: the key's version before it, in the batch or, for
-        // the key's first op of the batch, the newest stored. Keys in order, so the row reads
-        // and writes go through the table in one ascending pass.
+        // the key's first op of the batch, the newest stored. Keys in order, so the rows are
+        // read and written in one ascending pass, an existing row in place.
         let mut previous: Vec<Option<(Lsn, u32)>> = vec![None; ops.len()];
+        let mut link = |key_ops: &[(u128, &[u8], Lsn, u32, usize)], mut last| {
+            for (i, &(_, _, lsn, index, at)) in key_ops.iter().enumerate() {
+                previous[at] = last;
+                let overwritten = key_ops.get(i + 1).is_some_and(|next| next.2 == lsn);
+                if !overwritten {
+                    last = Some((lsn, index));
+                }
+            }
+            last.expect("a key with ops has a newest one")
+        };
         {
             let mut latest = txn.open_table(HISTORY_LATEST)?;
-            for key_ops in ops.chunk_by(|a, b| a.0 == b.0 && a.1 == b.1) {
+            for key_ops in ops.chunk_by(|a, b| compare_keys((a.0, a.1), (b.0, b.1)).is_eq()) {
                 let key = key_ops[0].1;
-                let mut last = latest.get(key)?.map(|g| g.value());
-                for (i, &(_, _, lsn, index, at)) in key_ops.iter().enumerate() {
-                    previous[at] = last;
-                    let overwritten = key_ops.get(i + 1).is_some_and(|next| next.2 == lsn);
-                    if !overwritten {
-                        last = Some((lsn, index));
-                    }
+                if let Some(mut row) = latest.get_mut(key)? {
+                    let last = link(key_ops, Some(row.value()));
+                    row.insert(last)?;
+                } else {
+                    let last = link(key_ops, None);
+                    latest.insert(key, last)?;
                 }
-                let last = last.expect("a key with ops has a newest one");
-                latest.insert(key, last)?;
             }
         }
 
@@ -100,14 +109,26 @@ impl View for HistoryView {
     }
 }
 
-/// The first 16 bytes of `key`, zero-padded, as a number: ordering by it and then by the key
-/// is ordering by the key, and most comparisons of a sort end at the number, without reading
-/// the keys (which lie all over memory) again.
+/// The first 16 bytes of `key`, zero-padded, as a number, for [`compare_keys`].
 fn key_prefix(key: &[u8]) -> u128 {
     let mut bytes = [0; 16];
     let n = key.len().min(16);
     bytes[..n].copy_from_slice(&key[..n]);
     u128::from_be_bytes(bytes)
+}
+
+/// Compares two keys given with their [`key_prefix`], as the keys compare. Most comparisons of
+/// a sort end at the prefixes, and those of two keys of at most 16 bytes at their lengths,
+/// without reading the keys (which lie all over memory) again.
+fn compare_keys(a: (u128, &[u8]), b: (u128, &[u8])) -> std::cmp::Ordering {
+    a.0.cmp(&b.0).then_with(|| {
+        if a.1.len() <= 16 && b.1.len() <= 16 {
+            // Equal but for the zero padding: the shorter is a prefix of the longer.
+            a.1.len().cmp(&b.1.len())
+        } else {
+            a.1.cmp(b.1)
+        }
+    })
 }
 
 #[cfg(test)]
@@ -189,20 +210,23 @@ mod tests {
     }
 
     #[test]
-    fn key_prefix_order_is_key_order() {
-        let keys: [&[u8]; 7] = [
+    fn prefix_comparison_is_key_order() {
+        let keys: [&[u8]; 10] = [
             b"",
             b"\0",
+            b"\0\0",
             b"a",
             b"a\0",
+            b"ab",
             b"abcdefghijklmnop",
             b"abcdefghijklmnop\0",
+            b"abcdefghijklmnopq",
             b"abcdefghijklmnoq",
         ];
         for a in keys {
             for b in keys {
                 assert_eq!(
-                    (key_prefix(a), a).cmp(&(key_prefix(b), b)),
+                    compare_keys((key_prefix(a), a), (key_prefix(b), b)),
                     a.cmp(b),
                     "{a:?} {b:?}"
                 );
