@@ -44,6 +44,18 @@ pub struct DigestVersion<'a> {
     pub value: Option<&'a [u8]>,
 }
 
+impl<'a> DigestVersion<'a> {
+    /// What the digest hashes of a version as reads return it.
+    pub fn of(version: &'a kappakv_protocol::Version) -> Self {
+        Self {
+            id: version.id,
+            author: version.author,
+            timestamp: version.timestamp,
+            value: version.value.as_deref(),
+        }
+    }
+}
+
 /// The sum of the hashes of every current version of every key.
 #[derive(Clone, PartialEq, Eq)]
 pub struct StateDigest {

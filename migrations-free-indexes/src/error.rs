@@ -141,6 +141,36 @@ impl From<CorruptRecord> for QueryError {
     }
 }
 
+/// A snapshot's rows do not make a state.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateLoadError {
+    /// A row's key does not sort after the one before it.
+    #[error("snapshot rows out of key order")]
+    Order,
+    /// A key with no versions, versions not ascending by id, or a key or value over the
+    /// protocol's limits.
+    #[error("malformed snapshot row: {0}")]
+    Malformed(&'static str),
+    /// The rows' digest is not the root the peer announced.
+    #[error("the snapshot's rows give state root {computed}, not the {announced} announced")]
+    Root {
+        /// The root of the rows received.
+        computed: kappakv_protocol::StateRoot,
+        /// The root the peer sent.
+        announced: kappakv_protocol::StateRoot,
+    },
+    /// The file failed.
+    #[error("snapshot file: {0}")]
+    Storage(#[source] redb::Error),
+    /// The file cannot be opened or created.
+    #[error("snapshot file: {0}")]
+    Database(#[from] redb::DatabaseError),
+    /// The meta row does not decode.
+    #[error(transparent)]
+    Corrupt(#[from] CorruptRecord),
+}
+
 /// Implements `From<redb sub-error>` for our enums through `redb::Error`.
 macro_rules! from_redb {
     ($($ours:ident),+) => {$(
@@ -161,4 +191,10 @@ macro_rules! from_redb {
     )+};
 }
 
-from_redb!(OpenViewError, ApplyError, RebuildError, ReadError);
+from_redb!(
+    OpenViewError,
+    ApplyError,
+    RebuildError,
+    ReadError,
+    StateLoadError
+);

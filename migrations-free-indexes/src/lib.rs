@@ -56,11 +56,13 @@ pub mod views;
 
 pub use checkpoint::Checkpoint;
 pub use digest::StateDigest;
-pub use error::{ApplyError, CorruptRecord, OpenViewError, QueryError, ReadError, RebuildError};
+pub use error::{
+    ApplyError, CorruptRecord, OpenViewError, QueryError, ReadError, RebuildError, StateLoadError,
+};
 pub use overlay::KvOverlay;
 pub use runner::{DEFAULT_CACHE_BYTES, Indexes, OpenReport, ResetReason, ViewOpened};
 pub use snapshot::Snapshot;
-pub use state_snapshot::{StateLoadError, StateMeta, StateRow, StateStore};
+pub use state_snapshot::{StateMeta, StateRow, StateStore};
 pub use view::{Batch, View};
 pub use views::secondary::{IndexStats, QueryPage};
 pub use views::{

@@ -20,7 +20,7 @@ use redb::{Database, Durability, ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::digest::{DigestVersion, StateDigest};
-use crate::error::{CorruptRecord, ReadError};
+use crate::error::{CorruptRecord, ReadError, StateLoadError};
 use crate::record::{CurrentVersion, decode_current, encode_current};
 use crate::snapshot::Snapshot;
 use crate::tables::KV_CURRENT;
@@ -53,64 +53,6 @@ impl StateMeta {
 const STATE_META: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot.meta");
 const META_ROW: &str = "meta";
 
-/// A snapshot's rows do not make a state.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StateLoadError {
-    /// A row's key does not sort after the one before it.
-    #[error("snapshot rows out of key order")]
-    Order,
-    /// A key with no versions, versions not ascending by id, or a key or value over the
-    /// protocol's limits.
-    #[error("malformed snapshot row: {0}")]
-    Malformed(&'static str),
-    /// The rows' digest is not the root the peer announced.
-    #[error("the snapshot's rows give state root {computed}, not the {announced} announced")]
-    Root {
-        /// The root of the rows received.
-        computed: StateRoot,
-        /// The root the peer sent.
-        announced: StateRoot,
-    },
-    /// The file failed.
-    #[error("snapshot file: {0}")]
-    Storage(#[from] redb::Error),
-    /// The meta row does not decode.
-    #[error(transparent)]
-    Corrupt(#[from] CorruptRecord),
-}
-
-impl From<redb::StorageError> for StateLoadError {
-    fn from(e: redb::StorageError) -> Self {
-        Self::Storage(e.into())
-    }
-}
-impl From<redb::TableError> for StateLoadError {
-    fn from(e: redb::TableError) -> Self {
-        Self::Storage(e.into())
-    }
-}
-impl From<redb::TransactionError> for StateLoadError {
-    fn from(e: redb::TransactionError) -> Self {
-        Self::Storage(e.into())
-    }
-}
-impl From<redb::CommitError> for StateLoadError {
-    fn from(e: redb::CommitError) -> Self {
-        Self::Storage(e.into())
-    }
-}
-impl From<redb::DatabaseError> for StateLoadError {
-    fn from(e: redb::DatabaseError) -> Self {
-        Self::Storage(e.into())
-    }
-}
-impl From<redb::SetDurabilityError> for StateLoadError {
-    fn from(e: redb::SetDurabilityError) -> Self {
-        Self::Storage(e.into())
-    }
-}
-
 /// A snapshot being loaded, or loaded, on the receiving node.
 pub struct StateStore {
     db: Database,
@@ -133,7 +75,7 @@ impl StateStore {
         match std::fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(StateLoadError::Storage(redb::StorageError::Io(e).into())),
+            Err(e) => return Err(redb::StorageError::Io(e).into()),
         }
         let db = Database::builder()
             .set_cache_size(crate::DEFAULT_CACHE_BYTES)
@@ -202,15 +144,8 @@ impl StateStore {
                         value: v.value.as_deref(),
                     })
                     .collect();
-                let digested: Vec<DigestVersion<'_>> = set
-                    .iter()
-                    .map(|v| DigestVersion {
-                        id: v.id,
-                        author: v.author,
-                        timestamp: v.timestamp,
-                        value: v.value,
-                    })
-                    .collect();
+                let digested: Vec<DigestVersion<'_>> =
+                    versions.iter().map(DigestVersion::of).collect();
                 self.digest.add(key, &digested);
                 buf.clear();
                 encode_current(&set, &mut buf);
@@ -301,15 +236,8 @@ impl Snapshot {
         loop {
             let (rows, more) = self.state_rows(after.as_deref(), 16 * 1024 * 1024)?;
             for (key, versions) in &rows {
-                let versions: Vec<DigestVersion<'_>> = versions
-                    .iter()
-                    .map(|v| DigestVersion {
-                        id: v.id,
-                        author: v.author,
-                        timestamp: v.timestamp,
-                        value: v.value.as_deref(),
-                    })
-                    .collect();
+                let versions: Vec<DigestVersion<'_>> =
+                    versions.iter().map(DigestVersion::of).collect();
                 digest.add(key, &versions);
             }
             after = rows.last().map(|(k, _)| k.clone());

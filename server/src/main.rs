@@ -383,22 +383,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Verify(arg) => {
             init_tracing(LogFormat::Text);
             let config = data_dir_config(&arg)?;
-            let mut progress: Option<kappakv_server::commands::progress::Progress> = None;
-            let result = kappakv_server::commands::verify::run_observed(
-                &config.data_dir,
-                &mut |done, total| {
-                    progress
-                        .get_or_insert_with(|| {
-                            kappakv_server::commands::progress::Progress::new(
-                                "verify", "bytes", total,
-                            )
-                        })
-                        .update(done);
-                },
-            );
-            if let Some(p) = &progress {
-                p.finish();
-            }
+            use kappakv_server::commands::{progress, verify};
+            let result = progress::observed("verify", "bytes", |p| {
+                verify::run_observed(&config.data_dir, p)
+            });
             let summary = match result {
                 Ok(summary) => summary,
                 Err(e) => {
@@ -407,22 +395,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             };
             println!("{summary}");
-            let mut progress: Option<kappakv_server::commands::progress::Progress> = None;
-            let state = kappakv_server::commands::verify::check_state(
-                &config.data_dir,
-                &mut |done, total| {
-                    progress
-                        .get_or_insert_with(|| {
-                            kappakv_server::commands::progress::Progress::new(
-                                "state", "entries", total,
-                            )
-                        })
-                        .update(done);
-                },
-            );
-            if let Some(p) = &progress {
-                p.finish();
-            }
+            let state = progress::observed("state", "entries", |p| {
+                verify::check_state(&config.data_dir, p)
+            });
             match state {
                 Ok(state) => {
                     println!("{state}");

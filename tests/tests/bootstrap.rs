@@ -162,9 +162,8 @@ async fn a_new_node_answers_from_a_snapshot_before_its_replay_ends_and_verifies_
 /// Makes `a`'s key/value view lie: the value of `key` changes in its view (and the view's
 /// digest with it, so the snapshot is consistent with itself), while its log stays as it was.
 fn forge_view(data_dir: &Path, key: &[u8]) -> anyhow::Result<()> {
-    use kappakv_indexes::digest::DigestVersion;
     use kappakv_indexes::tables::{KV_CURRENT, KV_DIGEST, KV_DIGEST_ROW};
-    use kappakv_indexes::{Indexes, StateDigest, default_views};
+    use kappakv_indexes::{Indexes, default_views};
     use redb::{ReadableDatabase as _, ReadableTable as _};
 
     let path = data_dir.join("indexes.redb");
@@ -185,24 +184,10 @@ fn forge_view(data_dir: &Path, key: &[u8]) -> anyhow::Result<()> {
         }
         txn.commit()?;
     }
+    // The digest of the forged rows, so that the view is consistent with itself.
     let digest = {
         let (indexes, _) = Indexes::open(&path, default_views())?;
-        let (rows, more) = indexes.snapshot()?.state_rows(None, usize::MAX)?;
-        assert!(!more);
-        let mut digest = StateDigest::new();
-        for (key, versions) in &rows {
-            let versions: Vec<DigestVersion<'_>> = versions
-                .iter()
-                .map(|v| DigestVersion {
-                    id: v.id,
-                    author: v.author,
-                    timestamp: v.timestamp,
-                    value: v.value.as_deref(),
-                })
-                .collect();
-            digest.add(key, &versions);
-        }
-        digest
+        indexes.snapshot()?.state_digest_of_rows()?
     };
     let db = redb::Database::open(&path)?;
     let txn = db.begin_write()?;

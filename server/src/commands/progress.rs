@@ -60,3 +60,22 @@ impl Progress {
         }
     }
 }
+
+/// Runs `work` with a progress callback `(done, total)` shown under `label` in `unit`, the
+/// display made at the first call (when the total is known) and cleared at the end.
+pub fn observed<T>(
+    label: &'static str,
+    unit: &'static str,
+    work: impl FnOnce(&mut dyn FnMut(u64, u64)) -> T,
+) -> T {
+    let mut progress: Option<Progress> = None;
+    let result = work(&mut |done, total| {
+        progress
+            .get_or_insert_with(|| Progress::new(label, unit, total))
+            .update(done);
+    });
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    result
+}
