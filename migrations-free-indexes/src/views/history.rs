@@ -12,7 +12,7 @@
 use std::ops::Bound;
 
 use kappakv_protocol::Lsn;
-use redb::WriteTransaction;
+use redb::{Table, WriteTransaction};
 
 use crate::error::ApplyError;
 use crate::record::HistoryRecord;
@@ -40,73 +40,112 @@ impl View for HistoryView {
     }
 
     fn apply(&self, txn: &WriteTransaction, batch: &Batch<'_>) -> Result<(), ApplyError> {
-        // Every op as (key prefix, key, LSN, op index, position in log order), sorted by key
-        // and then in log order. An entry has one op per key (a valid entry does); should one
-        // have more, its last op on the key is the version history keeps, the others get
-        // records that nothing links to.
-        let mut ops: Vec<(u128, &[u8], Lsn, u32, usize)> = Vec::with_capacity(batch.len());
-        for &(lsn, se) in batch {
-            for (index, op) in se.entry.ops.iter().enumerate() {
-                let key = op.key();
-                ops.push((key_prefix(key), key, lsn, index as u32, ops.len()));
-            }
-        }
-        ops.sort_unstable_by(|a, b| {
-            compare_keys((a.0, a.1), (b.0, b.1)).then((a.2, a.3).cmp(&(b.2, b.3)))
-        });
-
-        // The link of each op in log order: the key's version before it, in the batch or, for
-        // the key's first op of the batch, the newest stored. Keys in order, so the rows are
-        // read and written in one ascending pass, an existing row in place.
-        let mut previous: Vec<Option<(Lsn, u32)>> = vec![None; ops.len()];
-        let mut link = |key_ops: &[(u128, &[u8], Lsn, u32, usize)], mut last| {
-            for (i, &(_, _, lsn, index, at)) in key_ops.iter().enumerate() {
-                previous[at] = last;
-                let overwritten = key_ops.get(i + 1).is_some_and(|next| next.2 == lsn);
-                if !overwritten {
-                    last = Some((lsn, index));
-                }
-            }
-            last.expect("a key with ops has a newest one")
-        };
-        {
-            let mut latest = txn.open_table(HISTORY_LATEST)?;
-            for key_ops in ops.chunk_by(|a, b| compare_keys((a.0, a.1), (b.0, b.1)).is_eq()) {
-                let key = key_ops[0].1;
-                if let Some(mut row) = latest.get_mut(key)? {
-                    let last = link(key_ops, Some(row.value()));
-                    row.insert(last)?;
-                } else {
-                    let last = link(key_ops, None);
-                    latest.insert(key, last)?;
-                }
-            }
-        }
-
-        let mut records = txn.open_table(HISTORY_RECORDS)?;
-        let mut cursor = records.upper_bound_mut(Bound::<(u64, u32)>::Unbounded)?;
-        let mut buf = Vec::new();
-        let mut at = 0;
-        for &(lsn, se) in batch {
-            for (index, op) in se.entry.ops.iter().enumerate() {
-                buf.clear();
-                HistoryRecord {
-                    id: se.id,
-                    author: se.entry.author,
-                    timestamp: se.entry.timestamp,
-                    previous: previous[at],
-                    value: op.value(),
-                }
-                .encode_into(&mut buf);
-                at += 1;
-                // The runner hands each LSN to a view once, in ascending order, so every
-                // record sorts after the last one stored.
-                cursor.insert_before((lsn, index as u32), buf.as_slice())?;
-            }
-        }
-        cursor.close()?;
-        Ok(())
+        apply_in_steps(txn, batch, OPS_PER_STEP)
     }
+}
+
+/// Applies `batch` in steps of whole entries, about `ops_per_step` ops each.
+fn apply_in_steps(
+    txn: &WriteTransaction,
+    batch: &Batch<'_>,
+    ops_per_step: usize,
+) -> Result<(), ApplyError> {
+    let mut latest = txn.open_table(HISTORY_LATEST)?;
+    let mut records = txn.open_table(HISTORY_RECORDS)?;
+    let mut rest = batch;
+    while !rest.is_empty() {
+        let mut ops = 0;
+        let n = rest
+            .iter()
+            .take_while(|(_, se)| {
+                let fits = ops == 0 || ops + se.entry.ops.len() <= ops_per_step;
+                ops += se.entry.ops.len();
+                fits
+            })
+            .count();
+        let (step, after) = rest.split_at(n);
+        apply_step(&mut latest, &mut records, step)?;
+        rest = after;
+    }
+    Ok(())
+}
+
+/// Ops linked and appended per step of a batch, so that a batch's memory here stays small
+/// however large the batch (the node's indexer applies up to 64 MiB of keys and values at
+/// once); the rows stored do not depend on where the steps fall.
+const OPS_PER_STEP: usize = 65_536;
+
+/// An op of a step: key prefix, key, LSN, op index, position in log order.
+type StepOp<'a> = (u128, &'a [u8], Lsn, u32, u32);
+
+/// Applies entries to the history tables.
+fn apply_step(
+    latest: &mut Table<'_, &'static [u8], (u64, u32)>,
+    records: &mut Table<'_, (u64, u32), &'static [u8]>,
+    step: &Batch<'_>,
+) -> Result<(), ApplyError> {
+    // Every op, sorted by key and then in log order. An entry has one op per key (a valid
+    // entry does); should one have more, its last op on the key is the version history keeps,
+    // the others get records that nothing links to.
+    let mut ops: Vec<StepOp<'_>> = Vec::with_capacity(step.len());
+    for &(lsn, se) in step {
+        for (index, op) in se.entry.ops.iter().enumerate() {
+            let key = op.key();
+            let at = ops.len() as u32;
+            ops.push((key_prefix(key), key, lsn, index as u32, at));
+        }
+    }
+    ops.sort_unstable_by(|a, b| {
+        compare_keys((a.0, a.1), (b.0, b.1)).then((a.2, a.3).cmp(&(b.2, b.3)))
+    });
+
+    // The link of each op in log order: the key's version before it, in the step or, for the
+    // key's first op of the step, the newest stored. Keys in order, so the rows are read and
+    // written in one ascending pass, an existing row in place.
+    let mut previous: Vec<Option<(Lsn, u32)>> = vec![None; ops.len()];
+    let mut link = |key_ops: &[StepOp<'_>], mut last| {
+        for (i, &(_, _, lsn, index, at)) in key_ops.iter().enumerate() {
+            previous[at as usize] = last;
+            let overwritten = key_ops.get(i + 1).is_some_and(|next| next.2 == lsn);
+            if !overwritten {
+                last = Some((lsn, index));
+            }
+        }
+        last.expect("a key with ops has a newest one")
+    };
+    for key_ops in ops.chunk_by(|a, b| compare_keys((a.0, a.1), (b.0, b.1)).is_eq()) {
+        let key = key_ops[0].1;
+        if let Some(mut row) = latest.get_mut(key)? {
+            let last = link(key_ops, Some(row.value()));
+            row.insert(last)?;
+        } else {
+            let last = link(key_ops, None);
+            latest.insert(key, last)?;
+        }
+    }
+    drop(ops);
+
+    let mut cursor = records.upper_bound_mut(Bound::<(u64, u32)>::Unbounded)?;
+    let mut buf = Vec::new();
+    let mut previous = previous.into_iter();
+    for &(lsn, se) in step {
+        for (index, op) in se.entry.ops.iter().enumerate() {
+            buf.clear();
+            HistoryRecord {
+                id: se.id,
+                author: se.entry.author,
+                timestamp: se.entry.timestamp,
+                previous: previous.next().flatten(),
+                value: op.value(),
+            }
+            .encode_into(&mut buf);
+            // The runner hands each LSN to a view once, in ascending order, so every record
+            // sorts after the last one stored.
+            cursor.insert_before((lsn, index as u32), buf.as_slice())?;
+        }
+    }
+    cursor.close()?;
+    Ok(())
 }
 
 /// The first 16 bytes of `key`, zero-padded, as a number, for [`compare_keys`].
@@ -161,9 +200,58 @@ mod tests {
         }
     }
 
+    /// The history view applying its batches in steps of `ops` ops.
+    struct Stepped(usize);
+
+    impl View for Stepped {
+        fn name(&self) -> &str {
+            HistoryView.name()
+        }
+        fn version(&self) -> u64 {
+            HistoryView.version()
+        }
+        fn tables(&self) -> Vec<&str> {
+            HistoryView.tables()
+        }
+        fn apply(&self, txn: &WriteTransaction, batch: &Batch<'_>) -> Result<(), ApplyError> {
+            apply_in_steps(txn, batch, self.0)
+        }
+    }
+
+    /// Every row of the history tables.
+    type Rows = (Vec<(Vec<u8>, (u64, u32))>, Vec<((u64, u32), Vec<u8>)>);
+
+    fn rows(indexes: &Indexes) -> Rows {
+        use redb::ReadableTable as _;
+        let snap = indexes.snapshot().unwrap();
+        let latest = snap.table(HISTORY_LATEST).unwrap().unwrap();
+        let records = snap.table(HISTORY_RECORDS).unwrap().unwrap();
+        (
+            latest
+                .iter()
+                .unwrap()
+                .map(|row| {
+                    let (k, v) = row.unwrap();
+                    (k.value().to_vec(), v.value())
+                })
+                .collect(),
+            records
+                .iter()
+                .unwrap()
+                .map(|row| {
+                    let (k, v) = row.unwrap();
+                    (k.value(), v.value().to_vec())
+                })
+                .collect(),
+        )
+    }
+
+    /// The histories of `a` and `b` and every row.
+    type Outcome = (Vec<Vec<(EntryId, Option<Vec<u8>>)>>, Rows);
+
     /// `a` written by four entries (the second with two ops on `a`, one on `b`), applied in
-    /// the given batch sizes.
-    fn history_of(chunks: &[usize]) -> Vec<Vec<(EntryId, Option<Vec<u8>>)>> {
+    /// the given batch sizes by the history view applying batches in steps of `step` ops.
+    fn history_of(chunks: &[usize], step: usize) -> Outcome {
         let entries = [
             entry(1, vec![put("a", "1")]),
             entry(2, vec![put("a", "2a"), put("b", "x"), put("a", "2b")]),
@@ -176,7 +264,7 @@ mod tests {
             ),
             entry(4, vec![put("a", "4")]),
         ];
-        let (indexes, _) = Indexes::open_in_memory(vec![Box::new(HistoryView)]).unwrap();
+        let (indexes, _) = Indexes::open_in_memory(vec![Box::new(Stepped(step))]).unwrap();
         let log: Vec<(Lsn, &SignedEntry)> = (1..).zip(&entries).collect();
         let mut at = 0;
         for &n in chunks.iter().cycle() {
@@ -206,7 +294,9 @@ mod tests {
         assert_eq!(ids(b"a", 2, usize::MAX), expected[..2]);
         assert_eq!(ids(b"a", 10, 1), expected[..1], "stops at the byte bound");
         assert_eq!(ids(b"zz", 10, usize::MAX), []);
-        vec![a, ids(b"b", 10, usize::MAX)]
+        let histories = vec![a, ids(b"b", 10, usize::MAX)];
+        drop(snap);
+        (histories, rows(&indexes))
     }
 
     #[test]
@@ -235,11 +325,17 @@ mod tests {
     }
 
     #[test]
-    fn a_key_history_walks_back_across_batches() {
-        let one = history_of(&[4]);
-        assert_eq!(one[1].len(), 1);
-        assert_eq!(history_of(&[1]), one);
-        assert_eq!(history_of(&[3, 1]), one);
-        assert_eq!(history_of(&[1, 2]), one);
+    fn a_key_history_walks_back_across_batches_and_steps() {
+        let one = history_of(&[4], OPS_PER_STEP);
+        assert_eq!(one.0[1].len(), 1);
+        for step in [1, 2, 3, OPS_PER_STEP] {
+            for chunks in [&[1][..], &[3, 1], &[1, 2], &[4]] {
+                assert_eq!(
+                    history_of(chunks, step),
+                    one,
+                    "{chunks:?} in steps of {step}"
+                );
+            }
+        }
     }
 }
