@@ -18,8 +18,10 @@
 //! space). For each of `--runs` runs a fresh node B starts as a child process, peered with A,
 //! and the clock runs from B's spawn until each [`Mark`]: the first get on B answering A's
 //! current value of a probed key (every probed key is asked every ~20 ms, one get at a time),
-//! every probed key answering it, B's log holding A's whole log, and B's `indexed_lsn` equal to
-//! A's log LSN with B's version vector equal to A's. B's status is sampled every 100 ms.
+//! every probed key answering it, B's log holding A's whole log, B's `indexed_lsn` equal to A's
+//! log LSN with B's version vector equal to A's, and, when B started from A's snapshot (the
+//! default, `bootstrap = snapshot`), B's replay verifying the snapshot's state root. B's status
+//! is sampled every 100 ms.
 //!
 //! ```text
 //! cargo run --release -p kappakv-tests --bin catchup-bench -- --entries 1000000 --runs 3
@@ -444,7 +446,8 @@ async fn wait_indexed(client: &Client) -> Result<Status> {
 /// What a run times, each from B's spawn to the first moment it held.
 ///
 /// A moment read from B's status is one more variant, a label and a line in
-/// [`Mark::of_status`]; the run ends once every mark of [`Mark::END`] held.
+/// [`Mark::of_status`]. A run ends once B has indexed A's log, its bootstrap (if it started from
+/// a snapshot) is done, and every probed key answered A's values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Mark {
     /// A get on B answered A's current value of one of the probed keys.
@@ -455,18 +458,20 @@ enum Mark {
     LogComplete,
     /// B's views had applied A's whole log and B's version vector equalled A's.
     Indexed,
+    /// B, started from A's snapshot, replayed its log up to the snapshot and found the
+    /// snapshot's state root (`status.bootstrap.verified`).
+    Verified,
 }
 
 impl Mark {
     /// Every mark, in the order printed.
-    const ALL: [Mark; 4] = [
+    const ALL: [Mark; 5] = [
         Mark::FirstGet,
         Mark::AllGets,
         Mark::LogComplete,
         Mark::Indexed,
+        Mark::Verified,
     ];
-    /// The marks a run waits for: once B has indexed A's log every get answers A's values.
-    const END: [Mark; 2] = [Mark::Indexed, Mark::AllGets];
 
     fn label(self) -> &'static str {
         match self {
@@ -474,6 +479,7 @@ impl Mark {
             Mark::AllGets => "all probed keys current",
             Mark::LogComplete => "log complete",
             Mark::Indexed => "indexed",
+            Mark::Verified => "verified",
         }
     }
 
@@ -489,6 +495,9 @@ impl Mark {
         }
         if b.indexed_lsn >= a.log_lsn && vv(b) == *a_vv {
             marks.push(Mark::Indexed);
+        }
+        if b.bootstrap.as_ref().is_some_and(|s| s.verified) {
+            marks.push(Mark::Verified);
         }
         marks
     }
@@ -551,6 +560,7 @@ async fn run_once(
     let status = async {
         let mut samples = Vec::new();
         let mut marks = BTreeMap::new();
+        let mut refused = false;
         loop {
             if started.elapsed() > RUN_TIMEOUT {
                 bail!("B did not catch up within {RUN_TIMEOUT:?}");
@@ -561,7 +571,12 @@ async fn run_once(
             for mark in Mark::of_status(&s, target, &want) {
                 marks.entry(mark).or_insert(t);
             }
-            if marks.contains_key(&Mark::Indexed) {
+            if s.bootstrap.as_ref().is_some_and(|s| s.refused) && !refused {
+                refused = true;
+                println!("  B refused A's snapshot: its replay ended with another state root");
+            }
+            let bootstrap_done = s.bootstrap.as_ref().is_none_or(|s| !s.serving_snapshot);
+            if marks.contains_key(&Mark::Indexed) && bootstrap_done {
                 return Ok((marks, samples));
             }
             tokio::time::sleep(SAMPLE_EVERY).await;
@@ -575,10 +590,6 @@ async fn run_once(
     if let Some(last) = gets.iter().copied().reduce(f64::max) {
         marks.insert(Mark::AllGets, last);
     }
-    debug_assert!(
-        probes.is_empty() || Mark::END.iter().all(|m| marks.contains_key(m)),
-        "a run ends once every mark of Mark::END held"
-    );
     let peak_rss = b.peak_rss();
     let (b_total, b_threads) = b.cpu();
     let a_cpu = a.cpu().0 - a_cpu_before;
