@@ -100,27 +100,19 @@ fn apply_step(
     });
 
     // The link of each op in log order: the key's version before it, in the step or, for the
-    // key's first op of the step, the newest stored. Keys in order, so the rows are read and
-    // written in one ascending pass, an existing row in place.
+    // key's first op of the step, the newest stored. Keys in order, so the rows are written in
+    // one ascending pass: the key's last op here is its newest version, and the row it replaces
+    // is what the first op links to, so one insert per key both reads and writes its row.
     let mut previous: Vec<Option<(Lsn, u32)>> = vec![None; ops.len()];
-    let mut link = |key_ops: &[StepOp<'_>], mut last| {
+    for key_ops in ops.chunk_by(|a, b| compare_keys((a.0, a.1), (b.0, b.1)).is_eq()) {
+        let &(_, key, lsn, index, _) = key_ops.last().expect("chunks are not empty");
+        let mut last = latest.insert(key, (lsn, index))?.map(|g| g.value());
         for (i, &(_, _, lsn, index, at)) in key_ops.iter().enumerate() {
             previous[at as usize] = last;
             let overwritten = key_ops.get(i + 1).is_some_and(|next| next.2 == lsn);
             if !overwritten {
                 last = Some((lsn, index));
             }
-        }
-        last.expect("a key with ops has a newest one")
-    };
-    for key_ops in ops.chunk_by(|a, b| compare_keys((a.0, a.1), (b.0, b.1)).is_eq()) {
-        let key = key_ops[0].1;
-        if let Some(mut row) = latest.get_mut(key)? {
-            let last = link(key_ops, Some(row.value()));
-            row.insert(last)?;
-        } else {
-            let last = link(key_ops, None);
-            latest.insert(key, last)?;
         }
     }
     drop(ops);
