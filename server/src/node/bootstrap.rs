@@ -474,3 +474,122 @@ fn read_refused(path: &std::path::Path) -> HashSet<NodeId> {
         .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use kappakv_indexes::StateDigest;
+    use kappakv_protocol::{Entry, Keypair, Op, Timestamp};
+
+    use super::*;
+
+    /// `n` entries of `kp`'s chain, those at `signed_at` signed.
+    fn chain(kp: &Keypair, n: u64, signed_at: &[u64]) -> Vec<SignedEntry> {
+        let mut prev = None;
+        (1..=n)
+            .map(|seq| {
+                let entry = Entry {
+                    author: kp.node_id(),
+                    seq,
+                    prev,
+                    timestamp: Timestamp(seq),
+                    ops: vec![Op::Put {
+                        key: b"k".to_vec(),
+                        value: vec![],
+                        supersedes: vec![],
+                    }],
+                };
+                let id = entry.id();
+                prev = Some(id);
+                let signature = signed_at.contains(&seq).then(|| kp.sign(&id));
+                SignedEntry {
+                    entry,
+                    id,
+                    signature,
+                }
+            })
+            .collect()
+    }
+
+    /// A node that has loaded a snapshot of `vv` from peer 9.
+    fn loaded(dir: &DataDir, vv: Vec<(NodeId, u64)>) -> Bootstrap {
+        let bootstrap = Bootstrap::open(dir, BootstrapMode::Snapshot, 0, true).unwrap();
+        assert!(
+            bootstrap.writes_held().is_some(),
+            "writes wait for a snapshot"
+        );
+        assert!(bootstrap.start_fetch(&NodeId([9; 32])));
+        assert!(
+            !bootstrap.start_fetch(&NodeId([8; 32])),
+            "one fetch at a time"
+        );
+        let mut store = StateStore::create(&dir.path().join(SNAPSHOT_FILE)).unwrap();
+        let meta = StateMeta {
+            peer: NodeId([9; 32]),
+            version_vector: vv,
+            root: StateDigest::new().root(),
+            keys: 0,
+        };
+        store.finish(&meta).unwrap();
+        bootstrap.loaded(store, meta, &[]);
+        bootstrap
+    }
+
+    #[tokio::test]
+    async fn only_what_the_snapshot_covers_goes_in_until_the_log_reaches_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = DataDir(dir.path().to_path_buf());
+        let (a, b) = (Keypair::from_secret([1; 32]), Keypair::from_secret([2; 32]));
+        let bootstrap = loaded(&dir, vec![(a.node_id(), 3)]);
+        assert_eq!(bootstrap.stop_at(), Some(3));
+        assert!(bootstrap.reads().is_some());
+        assert!(bootstrap.writes_held().is_some());
+
+        // Two runs of A joined (signed at 3 and 5) go in up to 3; B's run, which the
+        // snapshot does not cover, waits for a later session.
+        let admitted = bootstrap
+            .admit(vec![chain(&a, 5, &[3, 5]), chain(&b, 2, &[2])])
+            .await;
+        assert_eq!(admitted.len(), 1);
+        assert_eq!(admitted[0].len(), 3);
+        // A run crossing the point unsigned there is not cut.
+        assert!(bootstrap.admit(vec![chain(&a, 5, &[5])]).await.is_empty());
+
+        assert!(!bootstrap.appended(&[(a.node_id(), 2)]));
+        assert!(
+            bootstrap.appended(&[(a.node_id(), 3)]),
+            "runs were dropped: sessions restart once the log reaches the snapshot"
+        );
+        // Past the point, everything goes in.
+        assert_eq!(bootstrap.admit(vec![chain(&b, 2, &[2])]).await.len(), 1);
+    }
+
+    #[test]
+    fn a_loaded_snapshot_outlives_a_restart_and_an_unfinished_one_does_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir(tmp.path().to_path_buf());
+        let a = Keypair::from_secret([1; 32]);
+        drop(loaded(&dir, vec![(a.node_id(), 3)]));
+        let again = Bootstrap::open(&dir, BootstrapMode::Snapshot, 2, true).unwrap();
+        assert_eq!(again.stop_at(), Some(3));
+        let status = again.status().unwrap();
+        assert!(status.serving_snapshot && !status.verified);
+        drop(again);
+
+        // A load that never finished is removed, and a node with entries replays.
+        std::fs::remove_file(dir.path().join(SNAPSHOT_FILE)).unwrap();
+        drop(StateStore::create(&dir.path().join(SNAPSHOT_FILE)).unwrap());
+        let after = Bootstrap::open(&dir, BootstrapMode::Snapshot, 2, true).unwrap();
+        assert!(!dir.path().join(SNAPSHOT_FILE).exists());
+        assert!(after.stop_at().is_none() && after.writes_held().is_none());
+        // Replay mode never wants one.
+        let tmp2 = tempfile::tempdir().unwrap();
+        let replay = Bootstrap::open(
+            &DataDir(tmp2.path().to_path_buf()),
+            BootstrapMode::Replay,
+            0,
+            true,
+        )
+        .unwrap();
+        assert!(replay.writes_held().is_none());
+    }
+}
