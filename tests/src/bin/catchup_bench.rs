@@ -666,7 +666,10 @@ async fn main() -> Result<()> {
         _ => {}
     }
     let t = Instant::now();
-    let mut a = Node::spawn(&exe, &a_dir, a_addr, &peers, &[])?;
+    // A is where the data starts: a node with peers and an empty log would otherwise wait for a
+    // snapshot from them (the Bs, not started yet) and hold the bench fill's writes.
+    let a_env = [("KAPPAKV_BOOTSTRAP".to_string(), "replay".to_string())];
+    let mut a = Node::spawn(&exe, &a_dir, a_addr, &peers, &a_env)?;
     let a_client = wait_client(&mut a, SAMPLE_EVERY).await?;
     if let Some(kappactl) = &kappactl
         && args.fill == Fill::Bench
