@@ -115,8 +115,8 @@ pub struct Config {
     pub batch_bytes_max: usize,
     /// A new segment is started once the current one is over this size.
     pub segment_bytes_max: u64,
-    /// Most entries the indexer applies in one redb transaction (and at most about 64 MiB of
-    /// keys and values). Larger transactions catch up faster: each commit copies every page it
+    /// Most entries the indexer applies in one redb transaction (and at most about 32 MiB of
+    /// entries in memory). Larger transactions catch up faster: each commit copies every page it
     /// touches.
     pub index_batch_entries_max: usize,
     /// Memory for the index database's page cache.

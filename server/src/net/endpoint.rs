@@ -53,8 +53,9 @@ const CONNECTION_STATE_BYTES: u64 = 64 * 1024;
 /// [`BUFFER_BYTES`]).
 const STREAM_STATE_BYTES: u64 = 3 * 1024;
 /// The node's own memory besides its index cache: about 40 MiB measured while serving 64
-/// clients of puts, and up to about 64 MiB of keys and values in an indexer transaction
-/// while its views catch up a long log.
+/// clients of puts, and up to about 32 MiB of entries in an indexer transaction (keys, values
+/// and per-op costs, `node::indexer::BATCH_BYTES_MAX`) while its views catch up a long log,
+/// with room for the allocator's slack.
 const NODE_BASE_BYTES: u64 = 112 * 1024 * 1024;
 
 /// The most memory clients can make a node with `config` hold, with the node's own on top:

@@ -53,17 +53,25 @@ pub fn all_views(_: &str) -> bool {
     true
 }
 
-/// Most bytes of keys and values one indexer transaction holds in memory, whatever
-/// `index_batch_entries_max` says: a log of large values is applied in smaller batches.
-pub const BATCH_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Most bytes one indexer transaction holds in memory, as [`entry_bytes`] counts them,
+/// whatever `index_batch_entries_max` says: a log of large values or of many-op entries is
+/// applied in smaller batches. With the process's other memory and the index cache it keeps a
+/// node with 1,000,000 keys within about 150 MB.
+pub const BATCH_BYTES_MAX: usize = 32 * 1024 * 1024;
 
-/// What an entry holds in memory, roughly: its keys and values, and a fixed part for the rest.
+/// What one op costs a batch besides its key and value: the decoded op's two vectors and their
+/// allocations, and the views' per-op rows of the batch plan (the kv view's plan alone is
+/// about 112 bytes an op).
+const OP_OVERHEAD_BYTES: usize = 192;
+
+/// What an entry holds in memory while its batch is applied, roughly: its keys and values, a
+/// part per op and a fixed part for the rest.
 fn entry_bytes(entry: &SignedEntry) -> usize {
     256 + entry
         .entry
         .ops
         .iter()
-        .map(|op| op.key().len() + op.value().map_or(0, <[u8]>::len))
+        .map(|op| OP_OVERHEAD_BYTES + op.key().len() + op.value().map_or(0, <[u8]>::len))
         .sum::<usize>()
 }
 
