@@ -70,13 +70,9 @@ impl std::fmt::Debug for StateStore {
 }
 
 impl StateStore {
-    /// A new, empty snapshot file at `path`, replacing whatever was there.
+    /// A new, empty snapshot file at `path`. The caller removes any file there first: this
+    /// crate leaves files to the server.
     pub fn create(path: &Path) -> Result<Self, StateLoadError> {
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(redb::StorageError::Io(e).into()),
-        }
         let db = Database::builder()
             .set_cache_size(crate::DEFAULT_CACHE_BYTES)
             .create(path)?;
@@ -407,14 +403,14 @@ mod tests {
         assert!(StateStore::open(&path).unwrap().is_none());
 
         // Rows out of order, across pages.
-        let mut store = StateStore::create(&path).unwrap();
+        let mut store = StateStore::create(&dir.path().join("order.redb")).unwrap();
         store.load(&rows[5..6]).unwrap();
         assert!(matches!(
             store.load(&rows[4..5]),
             Err(StateLoadError::Order)
         ));
         // Versions not ascending by id.
-        let mut store = StateStore::create(&path).unwrap();
+        let mut store = StateStore::create(&dir.path().join("ids.redb")).unwrap();
         let versions = &mut rows[0].1;
         let mut twice = versions[0].clone();
         twice.id = EntryId([0; 32]);

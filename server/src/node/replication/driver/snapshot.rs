@@ -204,7 +204,14 @@ impl Replication {
         };
         tracing::info!(keys, entries = meta.entries(), "receiving a snapshot");
         let path = self.node.data_dir.path().join(SNAPSHOT_FILE);
-        let mut store = tokio::task::spawn_blocking(move || StateStore::create(&path)).await??;
+        let mut store = tokio::task::spawn_blocking(move || {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
+            StateStore::create(&path).map_err(anyhow::Error::from)
+        })
+        .await??;
         let loaded = |r: Result<(), StateLoadError>| match r {
             Ok(()) => Ok(()),
             Err(
