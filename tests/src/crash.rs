@@ -351,6 +351,7 @@ fn dump_table(txn: &redb::ReadTransaction, name: &str) -> Result<Vec<(Vec<u8>, V
         tables::LOG_AUTHOR_SEQ_LSN_NAME => rows(txn, tables::LOG_AUTHOR_SEQ_LSN)?,
         tables::KV_CURRENT_NAME => rows(txn, tables::KV_CURRENT)?,
         tables::KV_SUPERSEDED_NAME => rows(txn, tables::KV_SUPERSEDED)?,
+        tables::KV_DIGEST_NAME => rows(txn, tables::KV_DIGEST)?,
         tables::HISTORY_LATEST_NAME => rows(txn, tables::HISTORY_LATEST)?,
         tables::HISTORY_RECORDS_NAME => rows(txn, tables::HISTORY_RECORDS)?,
         n if n.starts_with(tables::SECONDARY_VIEW_PREFIX) => {
