@@ -387,6 +387,16 @@ impl Node {
     }
 }
 
+impl Drop for Node {
+    /// A node still running when the bench ends early (an error) is killed, not left behind.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// The name and CPU seconds of a `/proc/…/stat` line (utime and stime, at 100 ticks a second,
 /// Linux's `USER_HZ` on every common architecture).
 fn cpu_of_stat(stat: &str) -> Option<(String, f64)> {
