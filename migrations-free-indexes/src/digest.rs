@@ -23,6 +23,10 @@
 
 use kappakv_protocol::{EntryId, NodeId, StateRoot, Timestamp};
 
+/// The version of the digest's definition: two digests of different versions cannot be
+/// compared. It changes with [`crate::tables::KV_VERSION`] whenever what is hashed changes.
+pub const DIGEST_VERSION: u32 = 2;
+
 /// Lanes of the digest.
 pub const LANES: usize = 1024;
 /// Bytes of a digest's lanes ([`StateDigest::to_bytes`]).

@@ -64,8 +64,9 @@ pub const LOG_AUTHOR_SEQ_LSN_NAME: &str = "log_lookup.author_seq_lsn";
 pub const KV_VIEW: &str = "kv";
 /// Definition version of the key/value view. 2: a batch replays each key's supersede marks
 /// and versions in log order, so the stored rows no longer depend on batch boundaries. 3: adds
-/// [`KV_DIGEST`].
-pub const KV_VERSION: u64 = 3;
+/// [`KV_DIGEST`]. 4: the digest hashes each key with all its versions
+/// ([`crate::digest::DIGEST_VERSION`] 2).
+pub const KV_VERSION: u64 = 4;
 
 /// Current versions, one row per key that has any. Key: the key. Value: its current versions
 /// ascending by id, `count u32 LE` then per version `id [32] | author [32] | timestamp u64 LE |

@@ -46,6 +46,9 @@ pub enum PeerMessage {
         state_root: StateRoot,
         /// Keys that follow.
         keys: u64,
+        /// The version of the state digest's definition the root is of: a receiver with
+        /// another cannot check the rows against it, and replays instead.
+        digest_version: u32,
     },
     /// Keys of a snapshot in key order, each with every current version, tombstones
     /// included, ascending by id.
@@ -130,6 +133,7 @@ mod tests {
                 version_vector: vec![],
                 state_root: StateRoot([0; 32]),
                 keys: 0,
+                digest_version: 1,
             },
             PeerMessage::SnapshotRows { rows: vec![] },
             PeerMessage::SnapshotEnd,

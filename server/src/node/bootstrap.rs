@@ -45,6 +45,9 @@ pub const REFUSED_PEERS: &str = "snapshot-refused";
 /// How long a new node holds received entries back while no snapshot is arriving, before it
 /// gives up on one and replays.
 pub const SNAPSHOT_WAIT: Duration = Duration::from_secs(10);
+/// Fetches from one peer that may fail (its connection lost, a version that serves none)
+/// before it is not asked again until a restart.
+const FETCH_TRIES: u32 = 3;
 
 /// What `bootstrap.json` holds.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -79,6 +82,8 @@ pub struct Bootstrap {
     changed: tokio::sync::Notify,
     dir: DataDir,
     refused: Mutex<HashSet<NodeId>>,
+    /// Failed fetches by peer, since start.
+    failures: Mutex<HashMap<NodeId, u32>>,
 }
 
 impl std::fmt::Debug for Bootstrap {
@@ -151,6 +156,7 @@ impl Bootstrap {
             changed: tokio::sync::Notify::new(),
             dir: dir.clone(),
             refused: Mutex::new(refused),
+            failures: Mutex::new(HashMap::new()),
         })
     }
 
@@ -229,7 +235,14 @@ impl Bootstrap {
     /// Whether to ask `peer` for a snapshot now; when `true` the caller must end with
     /// [`Bootstrap::loaded`] or [`Bootstrap::fetch_failed`].
     pub fn start_fetch(&self, peer: &NodeId) -> bool {
-        if self.refused.lock().expect("refused lock").contains(peer) {
+        if self.refused.lock().expect("refused lock").contains(peer)
+            || self
+                .failures
+                .lock()
+                .expect("failures lock")
+                .get(peer)
+                .is_some_and(|n| *n >= FETCH_TRIES)
+        {
             return false;
         }
         match &mut *self.phase() {
@@ -248,13 +261,18 @@ impl Bootstrap {
         if lied {
             self.refuse(peer, reason);
         } else {
-            tracing::warn!(peer = %peer, reason, "could not take a snapshot from the peer; trying the next one to connect");
+            tracing::warn!(peer = %peer, reason, "could not take a snapshot from the peer");
+            *self
+                .failures
+                .lock()
+                .expect("failures lock")
+                .entry(*peer)
+                .or_default() += 1;
         }
+        // Another peer, or the same one again, may serve one while the wait lasts.
         let mut phase = self.phase();
-        if let Phase::Wanted { fetching, until } = &mut *phase {
+        if let Phase::Wanted { fetching, .. } = &mut *phase {
             *fetching = false;
-            // A new wait, for another peer.
-            *until = Instant::now() + SNAPSHOT_WAIT;
         }
         drop(phase);
         self.changed.notify_waiters();

@@ -738,8 +738,10 @@ impl Replication {
 /// `idle_timeout_ms` is set lower); it also bounds a handshake.
 pub fn peer_transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
+    // Two unidirectional streams carry the session; a bidirectional one a snapshot, which a
+    // peer may ask of either side of the connection, whoever dialled it.
     t.max_concurrent_uni_streams(2u32.into())
-        .max_concurrent_bidi_streams(0u32.into())
+        .max_concurrent_bidi_streams(1u32.into())
         .keep_alive_interval(Some(PEER_KEEP_ALIVE))
         .max_idle_timeout(Some(
             PEER_IDLE_TIMEOUT

@@ -22,6 +22,8 @@ use crate::log::LogReader;
 use crate::node::bootstrap::SNAPSHOT_FILE;
 use crate::node::replication::Replication;
 
+/// How long a failed fetch waits before it asks again on a live connection.
+const RETRY_AFTER: Duration = Duration::from_millis(200);
 /// How long either side waits for the other's next message.
 const MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes of keys and values one `SnapshotRows` message carries, besides the key that crosses
@@ -93,6 +95,7 @@ impl Replication {
                 Ok(PeerMessage::SnapshotStart {
                     version_vector: snapshot.version_vector()?,
                     state_root: snapshot.state_digest()?.root(),
+                    digest_version: kappakv_indexes::digest::DIGEST_VERSION,
                     keys: snapshot.kv_keys()?,
                 })
             })();
@@ -169,15 +172,38 @@ impl Replication {
 
     /// Asks `peer` for a snapshot over `conn` and loads it; the bootstrap then answers reads
     /// from it. Called once [`crate::node::bootstrap::Bootstrap::start_fetch`] said so.
-    pub(super) async fn fetch_snapshot(&self, conn: quinn::Connection, peer: NodeId) {
-        tracing::info!("asking the peer for a snapshot of its key/value state");
+    pub(super) async fn fetch_snapshot(&self, mut conn: quinn::Connection, mut peer: NodeId) {
         let bootstrap = &self.node.bootstrap;
-        match self.fetch(&conn, peer).await {
-            Ok((store, meta)) => {
-                bootstrap.loaded(store, meta, &self.node.writer.version_vector());
+        loop {
+            tracing::info!(peer = %peer.short(), "asking the peer for a snapshot of its key/value state");
+            match self.fetch(&conn, peer).await {
+                Ok((store, meta)) => {
+                    bootstrap.loaded(store, meta, &self.node.writer.version_vector());
+                    return;
+                }
+                Err(FetchError::Lied(why)) => bootstrap.fetch_failed(&peer, true, &why),
+                Err(FetchError::Failed(e)) => {
+                    bootstrap.fetch_failed(&peer, false, &format!("{e:#}"));
+                }
             }
-            Err(FetchError::Lied(why)) => bootstrap.fetch_failed(&peer, true, &why),
-            Err(FetchError::Failed(e)) => bootstrap.fetch_failed(&peer, false, &format!("{e:#}")),
+            // The connection may have given way to another one with the same peer (both
+            // sides dialled), or another peer may be up: ask on a live connection while the
+            // wait lasts.
+            tokio::time::sleep(RETRY_AFTER).await;
+            let live: Vec<(NodeId, quinn::Connection)> = self
+                .state
+                .lock()
+                .expect("peer state lock")
+                .iter()
+                .filter_map(|(id, s)| {
+                    let (conn, _, _) = s.conn.as_ref()?;
+                    conn.close_reason().is_none().then(|| (*id, conn.clone()))
+                })
+                .collect();
+            let Some(next) = live.into_iter().find(|(p, _)| bootstrap.start_fetch(p)) else {
+                return;
+            };
+            (peer, conn) = next;
         }
     }
 
@@ -186,16 +212,26 @@ impl Replication {
         conn: &quinn::Connection,
         peer: NodeId,
     ) -> Result<(StateStore, StateMeta), FetchError> {
-        let (mut send, mut recv) = conn.open_bi().await?;
+        // A peer that allows no stream for it (an older version) never lets it open.
+        let (mut send, mut recv) = tokio::time::timeout(MESSAGE_TIMEOUT, conn.open_bi())
+            .await
+            .map_err(|_| anyhow::anyhow!("the peer opened no stream for a snapshot"))??;
         write_message(&mut send, &PeerMessage::SnapshotRequest).await?;
         let PeerMessage::SnapshotStart {
             version_vector,
             state_root,
             keys,
+            digest_version,
         } = next(&mut recv).await?
         else {
             return Err(FetchError::Lied("a snapshot that does not start".into()));
         };
+        if digest_version != kappakv_indexes::digest::DIGEST_VERSION {
+            return Err(FetchError::Failed(anyhow::anyhow!(
+                "the peer's state digest is version {digest_version}, this node's {}",
+                kappakv_indexes::digest::DIGEST_VERSION
+            )));
+        }
         let meta = StateMeta {
             peer,
             version_vector,
