@@ -132,7 +132,7 @@ pub fn resolve_current<'o, E>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::convert::Infallible;
 
     use kappakv_protocol::{Entry, Op, SignedEntry};
@@ -143,7 +143,8 @@ mod tests {
         EntryId([n; 32])
     }
 
-    fn put(seq: u64, key: &[u8], supersedes: Vec<EntryId>) -> SignedEntry {
+    /// A one-put entry of author 1 at `seq`.
+    pub(crate) fn put(seq: u64, key: &[u8], supersedes: Vec<EntryId>) -> SignedEntry {
         let entry = Entry {
             author: NodeId([1; 32]),
             seq,

@@ -8,8 +8,9 @@
 //!
 //! It is plain data: no threads, no locks. The server owns one on its writer thread, records
 //! every entry it appends, and prunes with the indexer's published applied LSN. Memory grows
-//! with the indexer's lag; bounding it (by back-pressure on the writer) is the server's job,
-//! with [`KvOverlay::len`] as the measure.
+//! with the indexer's lag (a few hundred bytes an op); bounding it (by back-pressure on the
+//! writer) is the server's job, with [`KvOverlay::len`] as the measure. Pruning gives the room
+//! of a burst back.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -91,6 +92,21 @@ impl KvOverlay {
                 }
             }
         }
+        self.release_spare();
+    }
+
+    /// Gives back the room a burst left behind: neither a map nor a deque shrinks by itself, so
+    /// a moment of lag would otherwise keep its memory for the process's life. Shrinks only
+    /// when most of the room is unused, so the cost of moving what is left is amortized over
+    /// the ops that were pruned.
+    fn release_spare(&mut self) {
+        const KEEP: usize = 4096;
+        if self.by_key.capacity() > KEEP && self.by_key.capacity() / 4 > self.by_key.len() {
+            self.by_key.shrink_to((self.by_key.len() * 2).max(KEEP));
+        }
+        if self.order.capacity() > KEEP && self.order.capacity() / 4 > self.order.len() {
+            self.order.shrink_to((self.order.len() * 2).max(KEEP));
+        }
     }
 
     /// Forgets the ops of entries above `lsn`, e.g. after a failed append whose LSNs will be
@@ -143,5 +159,34 @@ impl KvOverlay {
             |id| snapshot.is_superseded(key, id),
             pending.iter().map(|op| (&op.id, op.supersedes.as_slice())),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mvr::tests::put;
+
+    #[test]
+    fn pruning_a_burst_gives_its_room_back() {
+        let mut overlay = KvOverlay::new();
+        for lsn in 1..=100_000 {
+            overlay.record(lsn, &put(lsn, &lsn.to_be_bytes(), vec![]));
+        }
+        assert_eq!(overlay.len(), 100_000);
+        let burst = overlay.by_key.capacity();
+        assert!(burst >= 100_000 && overlay.order.capacity() >= 100_000);
+
+        overlay.prune(99_000);
+        assert_eq!(overlay.len(), 1_000);
+        assert!(
+            overlay.by_key.capacity() <= 8192 && overlay.order.capacity() <= 8192,
+            "map room {} (was {burst}), deque room {}",
+            overlay.by_key.capacity(),
+            overlay.order.capacity()
+        );
+        // What is left is still there.
+        assert_eq!(overlay.by_key.len(), 1_000);
+        assert!(overlay.by_key.contains_key(&100_000u64.to_be_bytes()[..]));
     }
 }

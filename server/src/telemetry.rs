@@ -32,6 +32,10 @@ pub const FSYNC_SECONDS: &str = "kappakv_log_fsync_duration_seconds";
 /// Batches the log refused, by `kind`: `disk_full` (the writes were refused and the node goes
 /// on) or `fatal` (a failed write or `fsync`: the node takes no more writes until restarted).
 pub const LOG_WRITE_FAILURES: &str = "kappakv_log_write_failures_total";
+/// Each time the writer waited for the views before its next batch, because the log was too
+/// far ahead of them (back-pressure that bounds the memory of writes the views have not
+/// applied), how long.
+pub const WRITER_HELD_SECONDS: &str = "kappakv_writer_held_for_views_seconds";
 /// 1 while the log takes writes; 0 once it failed and the node must be restarted.
 pub const LOG_WRITABLE: &str = "kappakv_log_writable";
 /// 1 while the indexer runs; 0 once it stopped after an error (the node takes no writes and
@@ -120,6 +124,11 @@ pub fn describe() {
         LOG_WRITE_FAILURES,
         "Batches the log refused, by kind (disk_full or fatal)"
     );
+    describe_histogram!(
+        WRITER_HELD_SECONDS,
+        metrics::Unit::Seconds,
+        "Waits of the writer for the views to catch up with the log"
+    );
     describe_gauge!(
         LOG_WRITABLE,
         "1 while the log takes writes, 0 once it failed (restart the node)"
@@ -204,6 +213,11 @@ pub fn group_commit(local: u64, remote: u64) {
 /// The log refused a batch: `kind` is `disk_full` or `fatal`.
 pub fn log_write_failed(kind: &'static str) {
     counter!(LOG_WRITE_FAILURES, "kind" => kind).increment(1);
+}
+
+/// The writer waited `held` for the views before a batch.
+pub fn writer_held(held: Duration) {
+    histogram!(WRITER_HELD_SECONDS).record(held.as_secs_f64());
 }
 
 /// One `fdatasync` of the log, started at `started`.

@@ -17,7 +17,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -199,22 +199,58 @@ fn caught_up_background_views(indexes: &Indexes, at: Lsn) -> Result<Vec<String>,
         .collect())
 }
 
-/// What the indexer thread tells the writer's side of the node without a channel: the LSN of
-/// the serving views' last durable checkpoint (the writer keeps room on the disk for what they
-/// will write after it), and the error the thread stopped with, once it has.
+/// What the indexer thread tells the writer's side of the node without a channel: how far the
+/// serving views have applied the log (the writer waits on it when it is too far ahead), the
+/// LSN of their last durable checkpoint (the writer keeps room on the disk for what they will
+/// write after it), and the error the thread stopped with, once it has.
 #[derive(Debug, Default)]
 pub struct IndexerShared {
+    applied: Mutex<Lsn>,
+    advanced: Condvar,
     checkpoint: AtomicU64,
     failed: OnceLock<String>,
 }
 
 impl IndexerShared {
-    /// The state of views whose durable checkpoint is at `checkpoint`.
-    pub fn new(checkpoint: Lsn) -> Self {
+    /// The state of views that have applied the log through `applied` and whose durable
+    /// checkpoint is at `checkpoint`.
+    pub fn new(applied: Lsn, checkpoint: Lsn) -> Self {
         Self {
+            applied: Mutex::new(applied),
+            advanced: Condvar::new(),
             checkpoint: AtomicU64::new(checkpoint),
             failed: OnceLock::new(),
         }
+    }
+
+    /// The LSN the serving views have applied (committed, not necessarily durable).
+    pub fn applied(&self) -> Lsn {
+        *self.applied.lock().expect("applied lock")
+    }
+
+    /// Waits until the serving views have applied past `lsn`, the indexer has stopped after an
+    /// error, or `timeout` has passed; returns the applied LSN.
+    pub fn wait_applied_past(&self, lsn: Lsn, timeout: Duration) -> Lsn {
+        let guard = self.applied.lock().expect("applied lock");
+        let (guard, _) = self
+            .advanced
+            .wait_timeout_while(guard, timeout, |applied| {
+                *applied <= lsn && self.failed.get().is_none()
+            })
+            .expect("applied lock");
+        *guard
+    }
+
+    pub(super) fn set_applied(&self, lsn: Lsn) {
+        *self.applied.lock().expect("applied lock") = lsn;
+        self.advanced.notify_all();
+    }
+
+    pub(super) fn set_failed(&self, error: String) {
+        let _ = self.failed.set(error);
+        // Taken and released, so a waiter is either before its check or already waiting.
+        drop(self.applied.lock());
+        self.advanced.notify_all();
     }
 
     /// The LSN the serving views had applied at their last durable checkpoint. Until the next
@@ -228,6 +264,18 @@ impl IndexerShared {
     /// The error the indexer stopped with, if it stopped after one.
     pub fn failure(&self) -> Option<&str> {
         self.failed.get().map(String::as_str)
+    }
+}
+
+/// Records a panic of the indexer thread as its failure, so that the writer refuses writes
+/// (and stops waiting for views that will not move) as after an error.
+struct FailOnPanic(Arc<IndexerShared>);
+
+impl Drop for FailOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.set_failed("the indexer thread panicked".to_string());
+        }
     }
 }
 
@@ -290,6 +338,7 @@ impl IndexerHandle {
             .name("kappakv-indexer".into())
             .spawn(move || {
                 let _span = tracing::error_span!("indexer").entered();
+                let _panic = FailOnPanic(shared2.clone());
                 // The views are fixed for the node's life; without background views, the
                 // checkpoint reads that schedule them are skipped on every batch.
                 let has_background = indexes.view_names().iter().any(|n| !is_serving_view(n));
@@ -352,6 +401,7 @@ impl IndexerHandle {
                             }
                             views_tx.send_replace(indexes.applied_lsns()?);
                             indexed_tx.send_replace(applied);
+                            shared2.set_applied(applied);
                             worked = true;
                         }
                         // Then one step of a view being built in the background: whenever the
@@ -391,7 +441,7 @@ impl IndexerHandle {
                     Ok(())
                 })();
                 if let Err(e) = &result {
-                    let _ = shared2.failed.set(e.to_string());
+                    shared2.set_failed(e.to_string());
                     tracing::error!(
                         error = %e,
                         "the indexes could not be updated and the indexer stopped: this node takes \

@@ -297,10 +297,12 @@ impl Node {
             batch_entries_max: config.batch_entries_max,
             batch_bytes_max: config.batch_bytes_max,
         };
-        // The views' durable checkpoint (the whole log, now: the catch-up ends with one), for
-        // the writer to keep room on the disk for what they will write after it, and the
+        // How far the views have applied the log (the writer waits for them when it is too far
+        // ahead), their durable checkpoint (the whole log, now: the catch-up ends with one;
+        // the writer keeps room on the disk for what they will write after it), and the
         // indexer's error if it stops after one (the writer then refuses every write).
-        let views = Arc::new(indexer::IndexerShared::new(log_lsn));
+        let applied = indexer::applied_lsn(&indexes, &indexer::is_serving_view)?;
+        let views = Arc::new(indexer::IndexerShared::new(applied, log_lsn));
         let resolver = resolver::KvResolver::new(indexes.clone(), views.clone());
         let writer = WriterHandle::spawn(
             store,

@@ -19,6 +19,15 @@ use super::writer::SupersedeResolver;
 /// How long the resolver reuses one snapshot before taking a newer one and pruning the overlay.
 const SNAPSHOT_REFRESH: Duration = Duration::from_millis(20);
 
+/// Most ops the overlay holds before the writer waits for the indexer ([`KvResolver::hold`]).
+/// An op costs the overlay about 250 bytes, so this bounds it to about 16 MiB, plus the ops of
+/// one writer batch. The indexer applies this many in a fraction of a second, so a burst of
+/// writes is still taken at once, and a longer one at the rate the views apply it.
+pub const OVERLAY_OPS_MAX: usize = 65_536;
+
+/// How long one wait for the indexer lasts before the writer looks again.
+const HOLD_WAIT: Duration = Duration::from_millis(100);
+
 /// Resolves plain writes from the kv view plus an overlay of entries it has not applied yet.
 pub struct KvResolver {
     indexes: Arc<Indexes>,
@@ -74,6 +83,27 @@ impl SupersedeResolver for KvResolver {
         })
     }
 
+    /// Waits while the overlay holds more than [`OVERLAY_OPS_MAX`] ops, pruning it as the
+    /// indexer applies them; returns at once if the indexer has stopped after an error (every
+    /// write is then refused).
+    fn hold(&mut self) {
+        if self.overlay.len() <= OVERLAY_OPS_MAX {
+            return;
+        }
+        let started = Instant::now();
+        // The cached snapshot is older than what is pruned now.
+        self.snapshot = None;
+        let mut applied = self.views.applied();
+        loop {
+            self.overlay.prune(applied);
+            if self.overlay.len() <= OVERLAY_OPS_MAX || self.views.failure().is_some() {
+                break;
+            }
+            applied = self.views.wait_applied_past(applied, HOLD_WAIT);
+        }
+        crate::telemetry::writer_held(started.elapsed());
+    }
+
     fn refusal(&mut self) -> Option<Arc<str>> {
         self.views.failure().map(Arc::from)
     }
@@ -90,20 +120,93 @@ impl SupersedeResolver for KvResolver {
         self.overlay.discard_after(after);
     }
 
-    /// Forgets what the kv view has applied and lets go of the snapshot, so that neither the
-    /// overlay nor an open read transaction (which keeps redb from reusing freed pages) outlives
-    /// the batch. Every op is recorded, remote ones and those with a context included, so this
-    /// runs after every batch, not only when a plain write needs a snapshot.
+    /// Forgets what the views have applied (as the indexer publishes it: no read of the view)
+    /// and lets go of the snapshot, so that neither the overlay nor an open read transaction
+    /// (which keeps redb from reusing freed pages) outlives the batch. Every op is recorded,
+    /// remote ones and those with a context included, so this runs after every batch, not only
+    /// when a plain write needs a snapshot.
     fn batch_done(&mut self) {
         self.snapshot = None;
-        if self.overlay.is_empty() {
-            return;
+        self.overlay.prune(self.views.applied());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kappakv_indexes::default_views;
+    use kappakv_protocol::{Entry, NodeId, Op, Timestamp};
+
+    use super::*;
+
+    /// An entry of 1024 plain puts, appended at `lsn`.
+    fn entry(lsn: Lsn) -> SignedEntry {
+        let ops = (0..1024u32)
+            .map(|i| Op::Put {
+                key: format!("{lsn}/{i}").into_bytes(),
+                value: b"v".to_vec(),
+                supersedes: vec![],
+            })
+            .collect();
+        let entry = Entry {
+            author: NodeId([1; 32]),
+            seq: lsn,
+            prev: None,
+            timestamp: Timestamp(lsn),
+            ops,
+        };
+        SignedEntry {
+            id: entry.id(),
+            entry,
+            signature: None,
         }
-        match self.indexes.snapshot().and_then(|s| s.kv_applied_lsn()) {
-            Ok(applied) => self.overlay.prune(applied),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the kv view's checkpoint to prune the overlay");
-            }
+    }
+
+    /// A resolver whose overlay holds 65 entries of 1024 ops the views have not applied: one
+    /// entry over the bound.
+    fn resolver_over_the_bound(dir: &std::path::Path) -> (KvResolver, Arc<IndexerShared>) {
+        let (indexes, _) = Indexes::open(dir.join("indexes.redb"), default_views()).unwrap();
+        let views = Arc::new(IndexerShared::new(0, 0));
+        let mut resolver = KvResolver::new(Arc::new(indexes), views.clone());
+        for lsn in 1..=65 {
+            resolver.appended(lsn, &entry(lsn));
         }
+        assert!(resolver.overlay.len() > OVERLAY_OPS_MAX);
+        (resolver, views)
+    }
+
+    /// Runs [`KvResolver::hold`] on a thread of its own; the resolver comes back once it
+    /// returns.
+    fn hold_on_a_thread(mut resolver: KvResolver) -> std::sync::mpsc::Receiver<KvResolver> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            resolver.hold();
+            let _ = tx.send(resolver);
+        });
+        rx
+    }
+
+    #[test]
+    fn the_writer_is_held_until_the_views_apply_enough() {
+        let dir = tempfile::tempdir().unwrap();
+        let (resolver, views) = resolver_over_the_bound(dir.path());
+        let held = hold_on_a_thread(resolver);
+        assert!(
+            held.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the writer went on with more than {OVERLAY_OPS_MAX} ops unapplied"
+        );
+        // The views apply the first entry: the overlay is back within the bound.
+        views.set_applied(1);
+        let resolver = held.recv().unwrap();
+        assert_eq!(resolver.overlay.len(), 64 * 1024);
+    }
+
+    #[test]
+    fn a_failed_indexer_does_not_hold_the_writer_forever() {
+        let dir = tempfile::tempdir().unwrap();
+        let (resolver, views) = resolver_over_the_bound(dir.path());
+        let held = hold_on_a_thread(resolver);
+        views.set_failed("the index database failed".into());
+        let mut resolver = held.recv().unwrap();
+        assert!(resolver.refusal().is_some(), "every write is refused then");
     }
 }

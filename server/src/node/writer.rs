@@ -185,6 +185,11 @@ pub trait SupersedeResolver: Send + 'static {
     /// replacing nothing.
     fn current(&mut self, key: &[u8]) -> Result<Vec<EntryId>, String>;
 
+    /// Called before every batch is built: may block until the views have caught up enough
+    /// that what the resolver keeps of entries they have not applied stays bounded. The
+    /// writer's queue then fills, and callers wait in it (back-pressure).
+    fn hold(&mut self) {}
+
     /// Why no write may be ordered now, if none may: the views it reads have failed for good.
     /// Asked before every batch; every command of the batch is then refused with
     /// [`WriteError::ViewsFailed`].
@@ -583,6 +588,7 @@ impl Writer {
     /// Builds, appends and acknowledges one batch. On error every caller of the batch has been
     /// told, and the writer must stop.
     fn batch(&mut self, commands: &mut Vec<Command>) -> Result<(), Arc<AppendError>> {
+        self.resolver.hold();
         if let Some(reason) = self.resolver.refusal() {
             for cmd in commands.drain(..) {
                 let _ = match cmd {
