@@ -151,6 +151,23 @@ pub enum Request {
     },
 }
 
+impl crate::frame::MessageKinds for Request {
+    const KINDS: &'static [&'static str] = &[
+        "Hello",
+        "Write",
+        "Get",
+        "Scan",
+        "History",
+        "Watch",
+        "Status",
+        "PeerAdd",
+        "PeerRemove",
+        "PeerList",
+        "Query",
+        "Sync",
+    ];
+}
+
 impl Request {
     /// Whether this request changes the node.
     pub fn is_write(&self) -> bool {
@@ -179,5 +196,99 @@ impl Request {
             Request::Query { .. } => "query",
             Request::Sync { .. } => "sync",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{Decoded, FRAME_HEADER_LEN, MessageKinds, decode_message, encode_frame};
+
+    #[test]
+    fn every_kind_is_listed_and_an_unknown_one_is_told_apart() {
+        let requests = [
+            Request::Hello { token: "t".into() },
+            Request::Write { ops: vec![] },
+            Request::Get {
+                key: b"k".to_vec(),
+                min_lsn: 0,
+            },
+            Request::Scan {
+                range: KeyRange::default(),
+                limit: 1,
+                min_lsn: 0,
+            },
+            Request::History {
+                key: b"k".to_vec(),
+                limit: 1,
+                min_lsn: 0,
+            },
+            Request::Watch {
+                prefix: vec![],
+                from_lsn: None,
+            },
+            Request::Status,
+            Request::PeerAdd {
+                node_id: NodeId([1; 32]),
+                addr: "127.0.0.1:7700".into(),
+            },
+            Request::PeerRemove {
+                node_id: NodeId([1; 32]),
+            },
+            Request::PeerList,
+            Request::Query {
+                index: "i".into(),
+                query: IndexQuery::Exact(vec![]),
+                limit: 1,
+                start_after: None,
+                min_lsn: 0,
+                wait_ms: 0,
+            },
+            Request::Sync {
+                send: true,
+                receive: true,
+                live: false,
+            },
+        ];
+        for r in &requests {
+            // Adding a kind fails to compile here until it is listed.
+            match r {
+                Request::Hello { .. }
+                | Request::Write { .. }
+                | Request::Get { .. }
+                | Request::Scan { .. }
+                | Request::History { .. }
+                | Request::Watch { .. }
+                | Request::Status
+                | Request::PeerAdd { .. }
+                | Request::PeerRemove { .. }
+                | Request::PeerList
+                | Request::Query { .. }
+                | Request::Sync { .. } => {}
+            }
+            let frame = encode_frame(r);
+            let body = &frame[FRAME_HEADER_LEN..];
+            let kind = crate::frame::message_kind(body).expect("a tagged message");
+            assert!(Request::KINDS.contains(&kind), "{kind} is not listed");
+            assert!(matches!(decode_message::<Request>(body), Ok(Decoded::Message(d)) if d == *r));
+        }
+        assert_eq!(requests.len(), Request::KINDS.len());
+
+        #[derive(serde::Serialize)]
+        enum Newer {
+            Compact { below: u64 },
+        }
+        let frame = encode_frame(&Newer::Compact { below: 3 });
+        assert!(matches!(
+            decode_message::<Request>(&frame[FRAME_HEADER_LEN..]),
+            Ok(Decoded::UnknownKind(k)) if k == "Compact"
+        ));
+        // A known kind with the wrong fields is malformed, not unknown.
+        #[derive(serde::Serialize)]
+        enum Wrong {
+            Get { key: bool },
+        }
+        let frame = encode_frame(&Wrong::Get { key: true });
+        assert!(decode_message::<Request>(&frame[FRAME_HEADER_LEN..]).is_err());
     }
 }

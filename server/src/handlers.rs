@@ -6,8 +6,7 @@ use std::time::Duration;
 use kappakv_indexes::{QueryError, SecondaryIndexView, View as _};
 use kappakv_protocol::limits::{MAX_HISTORY_LIMIT, MAX_KEY_BYTES, MAX_QUERY_LIMIT, MAX_SCAN_LIMIT};
 use kappakv_protocol::{
-    ErrorCode, IndexQuery, IndexStatus, KeyRange, KeyVersions, Lsn, Request, Response, Status,
-    WriteOp,
+    ErrorCode, IndexQuery, IndexStatus, KeyVersions, Lsn, Request, Response, Status, WriteOp,
 };
 use serde_bytes::ByteBuf;
 
@@ -77,7 +76,7 @@ pub async fn handle(node: &Node, request: Request, role: Role) -> Reply {
                 Bootstrapping::FromSnapshot,
                 move |snap| {
                     let (page, resume) =
-                        snap.scan_within(&range_checked(range), limit as usize, REPLY_BYTES_MAX)?;
+                        snap.scan_within(&range, limit as usize, REPLY_BYTES_MAX)?;
                     let mut out: Vec<Response> = page.into_iter().map(versions_frame).collect();
                     out.push(Response::ScanEnd {
                         resume_after: resume.map(ByteBuf::from),
@@ -193,10 +192,6 @@ fn versions_frame(kv: KeyVersions) -> Response {
         };
     }
     Response::Versions(kv)
-}
-
-fn range_checked(range: KeyRange) -> KeyRange {
-    range
 }
 
 fn key_too_large(len: usize) -> Reply {

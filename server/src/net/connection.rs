@@ -4,9 +4,9 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use kappakv_protocol::frame::{FRAME_HEADER_LEN, decode_body, encode_frame, frame_len};
+use kappakv_protocol::frame::{Decoded, FRAME_HEADER_LEN, decode_message, encode_frame, frame_len};
 use kappakv_protocol::limits::MAX_FRAME_BYTES;
-use kappakv_protocol::{DecodeError, ErrorCode, Request, Response};
+use kappakv_protocol::{ErrorCode, Request, Response};
 use quinn::{RecvStream, SendStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -93,14 +93,21 @@ pub const BUFFER_BYTES: usize = 64 * 1024 * 1024;
 /// is never held back: every write's reply is this small.
 const UNCOUNTED_REPLY_BYTES: usize = 4 * 1024;
 
-/// The budget of [`BUFFER_BYTES`], shared by every client stream; one permit per byte.
+/// The budget of [`BUFFER_BYTES`], shared by every client stream (one permit per byte), and
+/// the watches' own ([`super::watch::Budget`]). One per endpoint; cloning shares it.
 #[derive(Clone, Debug)]
-pub struct Buffers(Arc<Semaphore>);
+pub struct Buffers {
+    streams: Arc<Semaphore>,
+    watches: super::watch::Budget,
+}
 
 impl Buffers {
-    /// A budget of `bytes`.
+    /// A budget of `bytes` for requests and replies, and the watches' budget.
     pub fn new(bytes: usize) -> Self {
-        Self(Arc::new(Semaphore::new(bytes)))
+        Self {
+            streams: Arc::new(Semaphore::new(bytes)),
+            watches: super::watch::Budget::default(),
+        }
     }
 
     /// Adds `bytes` to what `held` counts, if the budget has them.
@@ -108,7 +115,7 @@ impl Buffers {
         let Ok(n) = u32::try_from(bytes) else {
             return false;
         };
-        match self.0.clone().try_acquire_many_owned(n) {
+        match self.streams.clone().try_acquire_many_owned(n) {
             Ok(p) => {
                 match held {
                     Some(h) => h.merge(p),
@@ -190,20 +197,19 @@ async fn read_request(
             _ => return Err(ReadRequest::Gone),
         }
     }
-    decode_body::<Request>(&body).map_err(|e| {
-        let DecodeError::Malformed(msg) = &e else {
-            unreachable!("decode_body only reports malformed input")
-        };
-        let code = if msg.contains("unknown variant") {
-            ErrorCode::UnknownRequest
-        } else {
-            ErrorCode::Malformed
-        };
-        ReadRequest::Frame(Response::Error {
-            code,
-            message: format!("cannot decode request: {msg}"),
-        })
-    })
+    match decode_message::<Request>(&body) {
+        Ok(Decoded::Message(request)) => Ok(request),
+        Ok(Decoded::UnknownKind(kind)) => Err(ReadRequest::Frame(Response::Error {
+            code: ErrorCode::UnknownRequest,
+            message: format!(
+                "this node does not know request {kind:?} (a client newer than the node?)"
+            ),
+        })),
+        Err(e) => Err(ReadRequest::Frame(Response::Error {
+            code: ErrorCode::Malformed,
+            message: format!("cannot decode request: {e}"),
+        })),
+    }
 }
 
 /// Reads and drops up to `n` bytes.
@@ -351,7 +357,16 @@ async fn serve_stream(
         }
         Reply::Watch { prefix, from_lsn } => {
             drop(held);
-            super::watch::stream(node, &mut tx, &mut rx, prefix, from_lsn, cancel).await;
+            super::watch::stream(
+                node,
+                &buffers.watches,
+                &mut tx,
+                &mut rx,
+                prefix,
+                from_lsn,
+                cancel,
+            )
+            .await;
             let _ = tx.finish();
             return;
         }

@@ -29,16 +29,29 @@ const READ_CHUNK_BYTES: usize = 256 * 1024;
 /// room for a chunk before reading it, and gives the room back change by change as it sends
 /// them, so watchers that read slowly hold at most this much between them.
 pub const BUFFER_BYTES: usize = 8 * 1024 * 1024;
-/// The budget of [`BUFFER_BYTES`], one permit per byte.
-static BUFFERS: Semaphore = Semaphore::const_new(BUFFER_BYTES);
-
 /// Watches reading the log at once. Besides the chunk it makes, a read holds the record it
 /// is at and that record's decoded entry.
 const READS_AT_ONCE: usize = 1;
-static READS: Semaphore = Semaphore::const_new(READS_AT_ONCE);
 /// What the reads in progress hold besides their chunks: for each, a record (in a buffer that
 /// may be twice its size) and its decoded entry.
 pub const READING_BYTES: usize = READS_AT_ONCE * 3 * MAX_RECORD_BYTES;
+
+/// What the watches of one endpoint share: the budget of [`BUFFER_BYTES`] (one permit per
+/// byte) and the slots of [`READS_AT_ONCE`] log reads. Cloning shares it.
+#[derive(Clone, Debug)]
+pub struct Budget {
+    buffers: Arc<Semaphore>,
+    reads: Arc<Semaphore>,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self {
+            buffers: Arc::new(Semaphore::new(BUFFER_BYTES)),
+            reads: Arc::new(Semaphore::new(READS_AT_ONCE)),
+        }
+    }
+}
 
 /// Writes one frame, giving up after `timeout`: a client that stops reading must not hold the
 /// stream forever.
@@ -65,6 +78,7 @@ fn error(code: ErrorCode, message: String) -> Response {
 /// falls too far behind.
 pub async fn stream(
     node: &Node,
+    budget: &Budget,
     tx: &mut SendStream,
     rx: &mut RecvStream,
     prefix: Vec<u8>,
@@ -125,11 +139,16 @@ pub async fn stream(
                 let permit = tokio::select! {
                     () = cancel.cancelled() => return,
                     () = &mut client_gone => return,
-                    p = BUFFERS.acquire_many(u32::try_from(room).expect("under the budget")) => {
+                    p = budget.buffers.acquire_many(u32::try_from(room).expect("under the budget")) => {
                         p.expect("the budget is never closed")
                     }
                 };
-                let slot = READS.acquire().await.expect("never closed");
+                let slot = budget
+                    .reads
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("never closed");
                 let reader = reader.clone();
                 let prefix2 = prefix.clone();
                 let read = tokio::task::spawn_blocking(move || {
