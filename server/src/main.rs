@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
+use kappakv_server::commands::{backup, progress, restore};
 use kappakv_server::config::{Layered, LogFormat};
 use kappakv_server::{Config, Server};
 
@@ -383,7 +384,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Verify(arg) => {
             init_tracing(LogFormat::Text);
             let config = data_dir_config(&arg)?;
-            use kappakv_server::commands::{progress, verify};
+            use kappakv_server::commands::verify;
             let result = progress::observed("verify", "bytes", |p| {
                 verify::run_observed(&config.data_dir, p)
             });
@@ -440,15 +441,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Backup { data_dir, out } => {
             let config = data_dir_config(&data_dir)?;
-            let manifest = kappakv_server::commands::backup::run(&config.data_dir, &out)
-                .with_context(|| format!("backing up {}", config.data_dir.display()))?;
+            let manifest = progress::observed("backup", "bytes", |p| {
+                backup::run_observed(&config.data_dir, &out, p)
+            })
+            .with_context(|| format!("backing up {}", config.data_dir.display()))?;
             println!("{manifest}; written to {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Restore { data_dir, backup } => {
             let config = data_dir_config(&data_dir)?;
-            let manifest = kappakv_server::commands::restore::run(&backup, &config.data_dir)
-                .with_context(|| format!("restoring {}", backup.display()))?;
+            let manifest = progress::observed("restore", "bytes", |p| {
+                restore::run_observed(&backup, &config.data_dir, p)
+            })
+            .with_context(|| format!("restoring {}", backup.display()))?;
             println!(
                 "restored {manifest} into {}; start the node on it to rebuild its indexes",
                 config.data_dir.display()
@@ -476,13 +481,17 @@ fn export(data_dir: &Path, out: Option<&Path>, since: Option<&Path>) -> Result<E
     let summary = match out.filter(|p| p.as_os_str() != "-") {
         None => {
             let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
-            export::run(data_dir, since.as_ref(), &mut stdout, "standard output")?
+            progress::observed("export", "entries", |p| {
+                export::run_observed(data_dir, since.as_ref(), &mut stdout, "standard output", p)
+            })?
         }
         Some(path) => {
             let to = path.display().to_string();
             let file = std::fs::File::create(path).with_context(|| format!("creating {to}"))?;
             let mut writer = std::io::BufWriter::new(file);
-            let summary = export::run(data_dir, since.as_ref(), &mut writer, &to)?;
+            let summary = progress::observed("export", "entries", |p| {
+                export::run_observed(data_dir, since.as_ref(), &mut writer, &to, p)
+            })?;
             writer
                 .into_inner()
                 .map_err(std::io::IntoInnerError::into_error)

@@ -174,8 +174,12 @@ struct Scan {
 }
 
 /// Scans the whole records of `log`, or only those up to `durable` (the LSN a running node
-/// reports as durable; the log must hold it).
-fn scan(log: &FsLogDir, bound: &live::Bound) -> Result<Scan, BackupError> {
+/// reports as durable; the log must hold it), telling `progress` the bytes read so far.
+fn scan(
+    log: &FsLogDir,
+    bound: &live::Bound,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Scan, BackupError> {
     let durable = bound.durable_lsn();
     let names = log.list().map_err(io_err(log.path()))?;
     let bases = segment_bases(&names);
@@ -187,6 +191,9 @@ fn scan(log: &FsLogDir, bound: &live::Bound) -> Result<Scan, BackupError> {
     let mut unsigned: HashSet<NodeId> = HashSet::new();
     let mut since_cut: Vec<(NodeId, u64)> = Vec::new();
     let mut lsn = bases.first().copied().unwrap_or(0);
+    // Bytes of the segments before this one, and when progress was last told.
+    let mut before = 0;
+    let mut told = 0;
     'segments: for (i, &base) in bases.iter().enumerate() {
         let name = segment_name(base);
         let path = log.path().join(&name);
@@ -201,6 +208,10 @@ fn scan(log: &FsLogDir, bound: &live::Bound) -> Result<Scan, BackupError> {
             }
             match cursor.next(file.as_ref()).map_err(io_err(&path))? {
                 Scanned::Record { offset, payload } => {
+                    if before + offset >= told + PROGRESS_BYTES {
+                        told = before + offset;
+                        progress(told);
+                    }
                     let entry = SignedEntry::decode_payload(payload).map_err(|source| {
                         BackupError::Decode {
                             segment: path.clone(),
@@ -227,6 +238,7 @@ fn scan(log: &FsLogDir, bound: &live::Bound) -> Result<Scan, BackupError> {
                 }
                 Scanned::End => {
                     lengths.push(at);
+                    before += at;
                     break;
                 }
                 Scanned::Damaged { offset, damage } => {
@@ -253,13 +265,18 @@ fn scan(log: &FsLogDir, bound: &live::Bound) -> Result<Scan, BackupError> {
     })
 }
 
+/// Bytes between two calls of a progress callback.
+const PROGRESS_BYTES: u64 = 4 * 1024 * 1024;
+
 /// Copies the first `len` bytes of `from` (a segment being read) to the new file `to`, after
-/// syncing `from` so that what is copied is durable on the source, then syncs `to`.
+/// syncing `from` so that what is copied is durable on the source, then syncs `to`. `progress`
+/// is told the bytes copied after each chunk.
 fn copy_prefix(
     from: &mut dyn LogFile,
     from_path: &Path,
     to: &Path,
     len: u64,
+    progress: &mut dyn FnMut(u64),
 ) -> Result<(), BackupError> {
     from.sync_data().map_err(io_err(from_path))?;
     let mut out = std::fs::OpenOptions::new()
@@ -285,6 +302,7 @@ fn copy_prefix(
         }
         out.write_all(&buf[..n]).map_err(io_err(to))?;
         at += n as u64;
+        progress(at);
     }
     out.sync_all().map_err(io_err(to))
 }
@@ -307,6 +325,16 @@ pub(crate) fn is_missing_or_empty(dir: &Path) -> Result<bool, std::io::Error> {
 
 /// Backs up the data dir `data_dir` into the new or empty directory `out`.
 pub fn run(data_dir: &Path, out: &Path) -> Result<Manifest, BackupError> {
+    run_observed(data_dir, out, &mut |_, _| {})
+}
+
+/// Backs up like [`run`], telling `progress` the bytes of the log read so far (scanned, then
+/// copied) out of those to read.
+pub fn run_observed(
+    data_dir: &Path,
+    out: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Manifest, BackupError> {
     if !is_missing_or_empty(out).map_err(io_err(out))? {
         return Err(BackupError::OutNotEmpty {
             path: out.to_path_buf(),
@@ -330,7 +358,15 @@ pub fn run(data_dir: &Path, out: &Path) -> Result<Manifest, BackupError> {
 
     let log = FsLogDir::new(&log_path);
     let bound = live::bound(data_dir)?;
-    let scan = scan(&log, &bound)?;
+    // The log's size, for progress only: the copy reads each segment up to the cut again.
+    let log_bytes: u64 = log
+        .list()
+        .map_err(io_err(&log_path))?
+        .iter()
+        .filter_map(|name| std::fs::metadata(log_path.join(name)).ok())
+        .map(|m| m.len())
+        .sum();
+    let scan = scan(&log, &bound, &mut |done| progress(done, 2 * log_bytes))?;
     // Below the cut nothing changes any more, not even with a node started now on a log that
     // was not locked: the lock, if ours, can go.
     drop(bound);
@@ -339,20 +375,31 @@ pub fn run(data_dir: &Path, out: &Path) -> Result<Manifest, BackupError> {
     let mut segments = Vec::new();
     // Segments up to the one holding the cut; with no record at all, an empty first segment.
     let keep = scan.cut.map_or(1.min(scan.bases.len()), |c| c.segment + 1);
+    let copy_len = |i: usize| match scan.cut {
+        Some(c) if c.segment == i => c.offset,
+        Some(_) => scan.lengths[i],
+        None => 0,
+    };
+    let total = log_bytes + (0..keep).map(copy_len).sum::<u64>();
+    let mut copied = 0;
     for i in 0..keep {
         let name = segment_name(scan.bases[i]);
         let from_path = log_path.join(&name);
-        let len = match scan.cut {
-            Some(c) if c.segment == i => c.offset,
-            Some(_) => scan.lengths[i],
-            None => 0,
-        };
+        let len = copy_len(i);
         let mut from = log
             .open(&name, OpenMode::Read)
             .map_err(io_err(&from_path))?;
-        copy_prefix(from.as_mut(), &from_path, &out_log.join(&name), len)?;
+        copy_prefix(
+            from.as_mut(),
+            &from_path,
+            &out_log.join(&name),
+            len,
+            &mut |n| progress(log_bytes + copied + n, total),
+        )?;
+        copied += len;
         segments.push((name, len));
     }
+    progress(total, total);
     sync_dir(&out_log)?;
 
     let mut files = Vec::new();

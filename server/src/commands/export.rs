@@ -154,6 +154,17 @@ pub fn run(
     out: &mut dyn Write,
     to: &str,
 ) -> Result<ExportSummary, ExportError> {
+    run_observed(data_dir, since, out, to, &mut |_, _| {})
+}
+
+/// Exports like [`run`], telling `progress` the entries read so far out of those to read.
+pub fn run_observed(
+    data_dir: &Path,
+    since: Option<&VersionVector>,
+    out: &mut dyn Write,
+    to: &str,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ExportSummary, ExportError> {
     let log_dir = crate::log::log_dir(data_dir);
     if !log_dir.is_dir() {
         return Err(ExportError::NoLog {
@@ -166,16 +177,18 @@ pub fn run(
     let on_disk = reader.last_lsn()?;
     bound.check_on_disk(&log_dir, on_disk)?;
     let upto = bound.durable_lsn().unwrap_or(on_disk);
-    export_log(&reader, upto, since, out, to)
+    export_log(&reader, upto, since, out, to, progress)
 }
 
-/// Exports the entries of `reader` up to `upto`, which must be durable (see [`run`]).
-pub fn export_log(
+/// Exports the entries of `reader` up to `upto`, which must be durable (see [`run`]), telling
+/// `progress` the entries read.
+fn export_log(
     reader: &LogReader,
     upto: Lsn,
     since: Option<&VersionVector>,
     out: &mut dyn Write,
     to: &str,
+    progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ExportSummary, ExportError> {
     let write_err = |source| ExportError::Write {
         to: to.to_string(),
@@ -186,6 +199,9 @@ pub fn export_log(
     let mut authors = HashSet::new();
     for item in reader.iter(0, upto)? {
         let (lsn, e) = item?;
+        if lsn % PROGRESS_EVERY == 0 {
+            progress(lsn, upto);
+        }
         let wanted =
             since.is_none_or(|vv| e.entry.seq > vv.get(&e.entry.author).copied().unwrap_or(0));
         if wanted {
@@ -204,10 +220,14 @@ pub fn export_log(
         }
     }
     out.flush().map_err(write_err)?;
+    progress(upto, upto);
     summary.authors = authors.len();
     summary.held_back = cut.pending_entries;
     Ok(summary)
 }
+
+/// Entries between two calls of a progress callback.
+const PROGRESS_EVERY: Lsn = 4096;
 
 /// The records since the last consistent point, and which authors' exported chains end
 /// unsigned.

@@ -53,6 +53,14 @@ impl Progress {
         }
     }
 
+    /// The total is now `total` (a later phase of the work made it known).
+    pub fn set_total(&mut self, total: u64) {
+        self.total = total;
+        if let Some(bar) = &self.bar {
+            bar.set_length(total);
+        }
+    }
+
     /// Takes the bar off the terminal.
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
@@ -62,7 +70,8 @@ impl Progress {
 }
 
 /// Runs `work` with a progress callback `(done, total)` shown under `label` in `unit`, the
-/// display made at the first call (when the total is known) and cleared at the end.
+/// display made at the first call (when the total is known; a later call may change it) and
+/// cleared at the end.
 pub fn observed<T>(
     label: &'static str,
     unit: &'static str,
@@ -70,9 +79,11 @@ pub fn observed<T>(
 ) -> T {
     let mut progress: Option<Progress> = None;
     let result = work(&mut |done, total| {
-        progress
-            .get_or_insert_with(|| Progress::new(label, unit, total))
-            .update(done);
+        let p = progress.get_or_insert_with(|| Progress::new(label, unit, total));
+        if p.total != total {
+            p.set_total(total);
+        }
+        p.update(done);
     });
     if let Some(p) = &progress {
         p.finish();

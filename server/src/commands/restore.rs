@@ -95,7 +95,36 @@ pub fn read_manifest(backup: &Path) -> Result<Manifest, RestoreError> {
 
 /// Restores the backup in `backup` into the new or empty data dir `data_dir`.
 pub fn run(backup: &Path, data_dir: &Path) -> Result<Manifest, RestoreError> {
+    run_observed(backup, data_dir, &mut |_, _| {})
+}
+
+/// A reader that tells `progress` the bytes read through it so far.
+struct Counted<'a, R> {
+    inner: R,
+    read: u64,
+    progress: &'a mut dyn FnMut(u64),
+}
+
+impl<R: std::io::Read> std::io::Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        (self.progress)(self.read);
+        Ok(n)
+    }
+}
+
+/// Restores like [`run`], telling `progress` the bytes of the log handled so far (copied,
+/// then verified) out of those to handle.
+pub fn run_observed(
+    backup: &Path,
+    data_dir: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Manifest, RestoreError> {
     let manifest = read_manifest(backup)?;
+    let log_bytes: u64 = manifest.segments.iter().map(|(_, len)| len).sum();
+    let total = 2 * log_bytes;
+    let mut copied = 0;
     if !is_missing_or_empty(data_dir).map_err(io_err(data_dir))? {
         return Err(RestoreError::DataDirNotEmpty {
             path: data_dir.to_path_buf(),
@@ -122,7 +151,11 @@ pub fn run(backup: &Path, data_dir: &Path) -> Result<Manifest, RestoreError> {
             });
         }
         let to = to_log.join(name);
-        let mut input = std::fs::File::open(&from).map_err(io_err(&from))?;
+        let mut input = Counted {
+            inner: std::fs::File::open(&from).map_err(io_err(&from))?,
+            read: 0,
+            progress: &mut |n| progress(copied + n, total),
+        };
         let mut output = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -130,6 +163,7 @@ pub fn run(backup: &Path, data_dir: &Path) -> Result<Manifest, RestoreError> {
             .map_err(io_err(&to))?;
         std::io::copy(&mut input, &mut output).map_err(io_err(&to))?;
         output.sync_all().map_err(io_err(&to))?;
+        copied += len;
     }
     sync_dir(&to_log)?;
     for (name, _, secret) in IDENTITY_FILES {
@@ -152,7 +186,8 @@ pub fn run(backup: &Path, data_dir: &Path) -> Result<Manifest, RestoreError> {
         sync_dir(parent)?;
     }
     if !manifest.segments.is_empty() {
-        super::verify::run(data_dir)?;
+        super::verify::run_observed(data_dir, &mut |done, _| progress(copied + done, total))?;
     }
+    progress(total, total);
     Ok(manifest)
 }
