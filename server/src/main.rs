@@ -177,6 +177,12 @@ enum Command {
     /// Configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Prints a completion script for SHELL on standard output, such as
+    /// `kappakv completions bash > /etc/bash_completion.d/kappakv`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -466,6 +472,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 config.listen = l;
             }
             print_id(&config)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "kappakv", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
         Command::Config(ConfigCommand::Show(args)) => {

@@ -300,3 +300,27 @@ async fn logs_written_to_a_pipe_carry_no_colour_codes() -> anyhow::Result<()> {
     assert!(!stderr.contains('\u{1b}'), "colour codes in {stderr:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn both_binaries_print_completion_scripts_that_bash_parses() -> anyhow::Result<()> {
+    for (binary, subcommand) in [("kappakv", "rebuild-indexes"), ("kappactl", "watch")] {
+        let mut cmd = command(binary)?;
+        cmd.args(["completions", "bash"]);
+        let out = run(&mut cmd, TIMEOUT).await?;
+        let script = text(&out.stdout);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(script.contains(subcommand), "{binary}: {script}");
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join(binary);
+        std::fs::write(&path, &script)?;
+        let mut bash = std::process::Command::new("bash");
+        bash.arg("-n").arg(&path);
+        let checked = run(&mut bash, TIMEOUT).await?;
+        assert!(
+            checked.status.success(),
+            "bash -n: {}",
+            text(&checked.stderr)
+        );
+    }
+    Ok(())
+}

@@ -53,6 +53,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Print a completion script for SHELL on standard output, such as
+    /// `kappactl completions bash > /etc/bash_completion.d/kappactl`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
     /// Write VALUE under KEY; prints the new version's id.
     Put {
         key: String,
@@ -305,6 +311,11 @@ fn classify(err: &anyhow::Error) -> (ExitCode, String) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Command::Completions { shell } = cli.command {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut command, "kappactl", &mut std::io::stdout());
+        return std::process::ExitCode::SUCCESS;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_ansi(
@@ -561,7 +572,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 out.write_all(output::peers_human(&peers).as_bytes())?;
             }
         }
-        Command::Bench(_) => unreachable!("handled above"),
+        Command::Bench(_) | Command::Completions { .. } => unreachable!("handled above"),
     }
     client.close().await;
     Ok(())
