@@ -209,7 +209,7 @@ def kappakv_binaries(bin_dir: str | None, build: bool, want_etcd_load: bool = Fa
         return d
     d = target_release_dir()
     if build or not all(os.access(d / b, os.X_OK) for b in ("kappakv", "kappactl")):
-        cargo_build(["kappakv-server", "kappakv-client"], ["kappakv", "kappactl"])
+        cargo_build(["kappakv-server", "kappactl"], ["kappakv", "kappactl"])
     if want_etcd_load and (build or not os.access(d / "etcd-load", os.X_OK)):
         cargo_build(["kappakv-tests"], ["etcd-load"])
     return d

@@ -15,7 +15,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use crate::config::ClientOptions;
-use crate::error::{ConnectError, ProtocolError, RequestError};
+use crate::error::{ConnectError, ProtocolError, RequestError, TransportError};
 
 /// What the node said in answer to the hello.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,9 +83,15 @@ async fn dial_one(
     let attempt = async {
         let connecting = endpoint
             .connect_with(config, addr, tls::SERVER_NAME)
-            .map_err(|source| ConnectError::Dial { addr, source })?;
+            .map_err(|e| ConnectError::Dial {
+                addr,
+                source: TransportError::dial(e),
+            })?;
         let conn = connecting.await.map_err(|source| {
-            wrong_node(&seen).unwrap_or(ConnectError::Handshake { addr, source })
+            wrong_node(&seen).unwrap_or(ConnectError::Handshake {
+                addr,
+                source: TransportError::connection(source),
+            })
         })?;
         let hello = hello(&conn, &ticket.token, addr).await?;
         if hello.node_id != expected {
@@ -234,7 +240,9 @@ pub(crate) async fn open(
     let frame = encode_frame(request);
     let (mut send, recv) = conn.open_bi().await.map_err(|source| SendFailure {
         maybe_sent: false,
-        error: RequestError::ConnectionLost { source },
+        error: RequestError::ConnectionLost {
+            source: TransportError::connection(source),
+        },
     })?;
     // Until `write_all` returns, the node cannot hold the whole frame, so it cannot act on it.
     match send.write_all(&frame).await {
@@ -259,7 +267,9 @@ pub(crate) async fn open(
 
 fn write_error(e: quinn::WriteError, request: &'static str) -> RequestError {
     match e {
-        quinn::WriteError::ConnectionLost(source) => RequestError::ConnectionLost { source },
+        quinn::WriteError::ConnectionLost(source) => RequestError::ConnectionLost {
+            source: TransportError::connection(source),
+        },
         quinn::WriteError::Stopped(code) => RequestError::StreamReset {
             request,
             code: code.into_inner(),
@@ -272,7 +282,9 @@ fn write_error(e: quinn::WriteError, request: &'static str) -> RequestError {
 
 fn read_error(e: quinn::ReadError, request: &'static str) -> RequestError {
     match e {
-        quinn::ReadError::ConnectionLost(source) => RequestError::ConnectionLost { source },
+        quinn::ReadError::ConnectionLost(source) => RequestError::ConnectionLost {
+            source: TransportError::connection(source),
+        },
         quinn::ReadError::Reset(code) => RequestError::StreamReset {
             request,
             code: code.into_inner(),

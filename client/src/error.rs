@@ -40,8 +40,8 @@ pub enum ConnectError {
     Dial {
         /// The address.
         addr: SocketAddr,
-        /// What quinn said.
-        source: quinn::ConnectError,
+        /// What the transport said.
+        source: TransportError,
     },
     /// The QUIC handshake, or the connection right after it, failed.
     #[error("cannot connect to {addr}: {source}")]
@@ -49,7 +49,7 @@ pub enum ConnectError {
         /// The address.
         addr: SocketAddr,
         /// What ended the connection.
-        source: quinn::ConnectionError,
+        source: TransportError,
     },
     /// No answer within the connect timeout: is the node running and reachable?
     #[error("no answer from {addr} within {}ms: is `kappakv serve` running there?", after.as_millis())]
@@ -101,6 +101,67 @@ impl ConnectError {
     }
 }
 
+/// A QUIC failure: dialling, or a connection that ended. It describes what QUIC reported; the
+/// QUIC library's own error stays inside, so that this crate's API does not change with it.
+#[derive(Debug)]
+pub struct TransportError(Transport);
+
+#[derive(Debug)]
+enum Transport {
+    Dial(quinn::ConnectError),
+    Connection(quinn::ConnectionError),
+}
+
+impl TransportError {
+    /// Whether this side closed the connection (the client was closed or dropped).
+    pub fn is_locally_closed(&self) -> bool {
+        matches!(
+            self.0,
+            Transport::Connection(quinn::ConnectionError::LocallyClosed)
+        )
+    }
+
+    /// Whether the connection ended because the node stopped answering (an idle timeout).
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self.0,
+            Transport::Connection(quinn::ConnectionError::TimedOut)
+        )
+    }
+
+    /// The application close code, when the node closed the connection on purpose (the codes
+    /// are listed in the protocol document).
+    pub fn close_code(&self) -> Option<u64> {
+        match &self.0 {
+            Transport::Connection(quinn::ConnectionError::ApplicationClosed(c)) => {
+                Some(c.error_code.into_inner())
+            }
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for TransportError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Transport::Dial(e) => e.fmt(f),
+            Transport::Connection(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for TransportError {}
+
+impl TransportError {
+    pub(crate) fn dial(e: quinn::ConnectError) -> Self {
+        Self(Transport::Dial(e))
+    }
+
+    pub(crate) fn connection(e: quinn::ConnectionError) -> Self {
+        Self(Transport::Connection(e))
+    }
+}
+
 /// Bytes from the node that do not make sense for the request sent: a bug or a version mismatch.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -149,7 +210,7 @@ pub enum RequestError {
     #[error("connection to the node lost: {source}")]
     ConnectionLost {
         /// What ended the connection.
-        source: quinn::ConnectionError,
+        source: TransportError,
     },
     /// The node reset the request's stream.
     #[error("the node reset the `{request}` stream (code {code})")]
@@ -200,7 +261,7 @@ impl RequestError {
 
     /// Whether the connection broke (as opposed to the node refusing or the bytes being wrong).
     pub(crate) fn is_connection_lost(&self) -> bool {
-        matches!(self, RequestError::ConnectionLost { source } if !matches!(source, quinn::ConnectionError::LocallyClosed))
+        matches!(self, RequestError::ConnectionLost { source } if !source.is_locally_closed())
     }
 }
 

@@ -59,7 +59,11 @@ pub mod watch;
 
 pub use client::{Batch, Client, Written};
 pub use config::ClientBuilder;
-pub use error::{ConnectError, InvalidRequest, ProtocolError, RequestError, Result, ValueError};
+pub use error::{
+    ConnectError, InvalidRequest, ProtocolError, RequestError, Result, TransportError, ValueError,
+};
+/// The size limits the node enforces (keys, values, ops per batch, frames), checked here too.
+pub use kappakv_protocol::limits;
 pub use kappakv_protocol::{
     BootstrapStatus, Change, Context, EntryId, ErrorCode, IndexQuery, IndexStatus, IndexValue,
     KeyRange, KeyVersions, Lsn, NodeId, PeerStatus, StateRoot, Status, Ticket, Timestamp, Version,

@@ -89,7 +89,7 @@ pub fn binary(name: &str) -> Result<PathBuf> {
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     if !built.iter().any(|b| b == name) {
         let package = if name == "kappactl" {
-            "kappakv-client"
+            "kappactl"
         } else {
             "kappakv-server"
         };

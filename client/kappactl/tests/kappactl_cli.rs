@@ -1,6 +1,7 @@
 //! `kappactl` as a script sees it: output shapes and exit statuses, against the in-process
 //! stand-in node.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::io::Write;
