@@ -156,6 +156,23 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code.
+    pub const ALL: &'static [ErrorCode] = &[
+        ErrorCode::BadRequest,
+        ErrorCode::Malformed,
+        ErrorCode::UnknownRequest,
+        ErrorCode::TooLarge,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::Busy,
+        ErrorCode::Timeout,
+        ErrorCode::Unavailable,
+        ErrorCode::SlowConsumer,
+        ErrorCode::ShuttingDown,
+        ErrorCode::Internal,
+        ErrorCode::IndexBuilding,
+    ];
+
     /// Whether sending the same request again later can succeed.
     pub fn retryable(self) -> bool {
         matches!(
@@ -226,4 +243,114 @@ pub enum Response {
         /// One line saying what went wrong and what to do.
         message: String,
     },
+}
+
+impl crate::frame::MessageKinds for Response {
+    const KINDS: &'static [&'static str] = &[
+        "Hello",
+        "Written",
+        "Versions",
+        "ScanEnd",
+        "QueryEnd",
+        "History",
+        "Change",
+        "Heartbeat",
+        "Status",
+        "SyncStarted",
+        "Ok",
+        "Error",
+    ];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{FRAME_HEADER_LEN, MessageKinds, encode_frame, message_kind};
+
+    #[test]
+    fn every_error_code_is_in_all() {
+        for code in ErrorCode::ALL {
+            // Adding a code fails to compile here until it is listed.
+            match code {
+                ErrorCode::BadRequest
+                | ErrorCode::Malformed
+                | ErrorCode::UnknownRequest
+                | ErrorCode::TooLarge
+                | ErrorCode::Unauthorized
+                | ErrorCode::Forbidden
+                | ErrorCode::Busy
+                | ErrorCode::Timeout
+                | ErrorCode::Unavailable
+                | ErrorCode::SlowConsumer
+                | ErrorCode::ShuttingDown
+                | ErrorCode::Internal
+                | ErrorCode::IndexBuilding => {}
+            }
+        }
+        let distinct: std::collections::BTreeSet<String> =
+            ErrorCode::ALL.iter().map(|c| format!("{c:?}")).collect();
+        assert_eq!(distinct.len(), 13, "each code once");
+    }
+
+    #[test]
+    fn every_response_kind_is_listed() {
+        let version = Version {
+            id: EntryId([1; 32]),
+            author: NodeId([2; 32]),
+            timestamp: Timestamp(3),
+            value: None,
+        };
+        let responses = [
+            Response::Hello {
+                node_id: NodeId([1; 32]),
+                read_only: false,
+            },
+            Response::Written {
+                lsn: 1,
+                id: EntryId([1; 32]),
+            },
+            Response::Versions(KeyVersions {
+                key: vec![],
+                values: vec![],
+                context: vec![],
+            }),
+            Response::ScanEnd { resume_after: None },
+            Response::QueryEnd { resume_after: None },
+            Response::History { versions: vec![] },
+            Response::Change(Change {
+                lsn: 1,
+                key: vec![],
+                version,
+                supersedes: vec![],
+            }),
+            Response::Heartbeat { log_lsn: 1 },
+            Response::Status(Box::default()),
+            Response::SyncStarted,
+            Response::Ok,
+            Response::Error {
+                code: ErrorCode::Busy,
+                message: String::new(),
+            },
+        ];
+        for r in &responses {
+            match r {
+                Response::Hello { .. }
+                | Response::Written { .. }
+                | Response::Versions(_)
+                | Response::ScanEnd { .. }
+                | Response::QueryEnd { .. }
+                | Response::History { .. }
+                | Response::Change(_)
+                | Response::Heartbeat { .. }
+                | Response::Status(_)
+                | Response::SyncStarted
+                | Response::Ok
+                | Response::Error { .. } => {}
+            }
+            let frame = encode_frame(r);
+            let kind = message_kind(&frame[FRAME_HEADER_LEN..]).expect("a tagged message");
+            assert!(Response::KINDS.contains(&kind), "{kind} is not listed");
+        }
+        assert_eq!(responses.len(), Response::KINDS.len());
+    }
 }

@@ -270,8 +270,12 @@ async fn a_snapshot_peer_that_goes_away_half_way_leaves_a_correct_node() -> anyh
     // Back again: B ends with A's log and state, from a snapshot taken again or a replay.
     let a_node = ProcessNode::start_in(&a_node.data_dir, a_node.addr, &[]).await?;
     let a = a_node.client().await?;
+    // The views commit a batch before the bootstrap compares them, so a status can show them
+    // caught up an instant before the comparison ends: wait for that too.
     let status = wait_status(&b, Duration::from_secs(180), "caught up", |s| {
-        s.version_vector == want.version_vector && s.indexed_lsn == s.log_lsn
+        s.version_vector == want.version_vector
+            && s.indexed_lsn == s.log_lsn
+            && s.bootstrap.as_ref().is_none_or(|b| !b.serving_snapshot)
     })
     .await?;
     assert_eq!(status.state_root, a.status().await?.state_root);
