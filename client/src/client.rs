@@ -326,6 +326,56 @@ impl Client {
         self.batch(Batch::new().delete_with(key, context)).await
     }
 
+    /// Puts `value` under `key` only if the key's current versions on this node are exactly
+    /// those `context` names (an empty context: only if the key has no value), superseding
+    /// them; otherwise nothing is written and the error's code is
+    /// [`ErrorCode::Conflict`](crate::ErrorCode::Conflict) ([`RequestError::is_conflict`]).
+    ///
+    /// The check is made where the node orders the write into its log, so two conditional
+    /// writes on one node never both succeed on the same context. It cannot see writes made
+    /// on other nodes that have not reached this one: those still become siblings.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: kappakv_client::Client) -> kappakv_client::Result<()> {
+    /// let got = client.get("counter").await?;
+    /// let n: u64 = got.values.first().map_or(0, |v| {
+    ///     String::from_utf8_lossy(v.value.as_deref().unwrap_or_default()).parse().unwrap_or(0)
+    /// });
+    /// match client.put_if("counter", (n + 1).to_string(), &got.context).await {
+    ///     Ok(_) => {}
+    ///     Err(e) if e.is_conflict() => { /* someone else wrote it: read again */ }
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn put_if(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+        context: &Context,
+    ) -> Result<Written> {
+        self.batch_if(Batch::new().put_with(key, value, context))
+            .await
+    }
+
+    /// Deletes `key` only if its current versions on this node are exactly those `context`
+    /// names; see [`Client::put_if`].
+    pub async fn delete_if(&self, key: impl AsRef<[u8]>, context: &Context) -> Result<Written> {
+        self.batch_if(Batch::new().delete_with(key, context)).await
+    }
+
+    /// Writes several ops atomically only if every op's context names exactly its key's
+    /// current versions on this node: all of them or none. Every op must carry a context
+    /// ([`Batch::put_with`], [`Batch::delete_with`]); see [`Client::put_if`].
+    pub async fn batch_if(&self, ops: impl Into<Vec<WriteOp>>) -> Result<Written> {
+        let ops = ops.into();
+        validate(&ops)?;
+        if let Some(index) = ops.iter().position(|op| op.supersedes.is_none()) {
+            return Err(InvalidRequest::NoContext { index }.into());
+        }
+        self.written(Request::WriteIf { ops }).await
+    }
+
     /// Writes several ops atomically, as one entry (at most one op per key).
     ///
     /// ```no_run
@@ -337,7 +387,11 @@ impl Client {
     pub async fn batch(&self, ops: impl Into<Vec<WriteOp>>) -> Result<Written> {
         let ops = ops.into();
         validate(&ops)?;
-        let request = Request::Write { ops };
+        self.written(Request::Write { ops }).await
+    }
+
+    /// Sends a write and takes its `Written` answer.
+    async fn written(&self, request: Request) -> Result<Written> {
         match self.unary(&request, false).await? {
             Response::Written { lsn, id } => {
                 self.observe_lsn(lsn);

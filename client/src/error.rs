@@ -247,6 +247,12 @@ impl RequestError {
         }
     }
 
+    /// Whether a conditional write found other current versions than its context named:
+    /// nothing was written. Read the key again and decide.
+    pub fn is_conflict(&self) -> bool {
+        self.code() == Some(ErrorCode::Conflict)
+    }
+
     /// The wire error code, when the node answered with an error.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
@@ -308,6 +314,12 @@ pub enum InvalidRequest {
     #[error("more than one op on one key in a batch (op {index})")]
     DuplicateKey {
         /// Index of the second op on that key.
+        index: usize,
+    },
+    /// An op of a conditional write without the context it expects.
+    #[error("op {index} of a conditional write names no context")]
+    NoContext {
+        /// Index of the op.
         index: usize,
     },
 }

@@ -25,6 +25,8 @@ struct OverlayOp {
     lsn: Lsn,
     id: EntryId,
     supersedes: Vec<EntryId>,
+    /// A put (not a delete).
+    put: bool,
 }
 
 /// Recent kv ops, by key, that the kv view may not have applied yet.
@@ -64,6 +66,7 @@ impl KvOverlay {
                 lsn,
                 id: entry.id,
                 supersedes: op.supersedes().to_vec(),
+                put: op.value().is_some(),
             };
             match self.by_key.get_mut(key) {
                 Some(ops) => ops.push(op),
@@ -159,6 +162,34 @@ impl KvOverlay {
             |id| snapshot.is_superseded(key, id),
             pending.iter().map(|op| (&op.id, op.supersedes.as_slice())),
         )
+    }
+
+    /// Like [`KvOverlay::current`], each id with whether its version holds a value (`false`:
+    /// a tombstone).
+    pub fn current_versions(
+        &self,
+        key: &[u8],
+        snapshot: &Snapshot,
+    ) -> Result<Vec<(EntryId, bool)>, ReadError> {
+        let ids = self.current(key, snapshot)?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let applied = snapshot.get(key)?;
+        let puts: std::collections::HashSet<EntryId> = applied
+            .values
+            .iter()
+            .map(|v| v.id)
+            .chain(
+                self.by_key
+                    .get(key)
+                    .into_iter()
+                    .flatten()
+                    .filter(|op| op.put)
+                    .map(|op| op.id),
+            )
+            .collect();
+        Ok(ids.into_iter().map(|id| (id, puts.contains(&id))).collect())
     }
 }
 

@@ -64,6 +64,14 @@ pub enum Request {
         /// The ops, at most one per key.
         ops: Vec<WriteOp>,
     },
+    /// Writes ops like `Write`, only if each op's `supersedes` names exactly the current
+    /// versions of its key on this node (an empty one: only if the key has no value); otherwise
+    /// nothing is written and the answer is `Error` with `Conflict`. Every op must name its
+    /// context. Answered with `Written`.
+    WriteIf {
+        /// The ops, at most one per key, each with `supersedes`.
+        ops: Vec<WriteOp>,
+    },
     /// Reads the current versions of a key. Answered with `Versions`.
     Get {
         /// The key.
@@ -155,6 +163,7 @@ impl crate::frame::MessageKinds for Request {
     const KINDS: &'static [&'static str] = &[
         "Hello",
         "Write",
+        "WriteIf",
         "Get",
         "Scan",
         "History",
@@ -174,6 +183,7 @@ impl Request {
         matches!(
             self,
             Request::Write { .. }
+                | Request::WriteIf { .. }
                 | Request::PeerAdd { .. }
                 | Request::PeerRemove { .. }
                 | Request::Sync { receive: true, .. }
@@ -185,6 +195,7 @@ impl Request {
         match self {
             Request::Hello { .. } => "hello",
             Request::Write { .. } => "write",
+            Request::WriteIf { .. } => "write_if",
             Request::Get { .. } => "get",
             Request::Scan { .. } => "scan",
             Request::History { .. } => "history",
@@ -209,6 +220,7 @@ mod tests {
         let requests = [
             Request::Hello { token: "t".into() },
             Request::Write { ops: vec![] },
+            Request::WriteIf { ops: vec![] },
             Request::Get {
                 key: b"k".to_vec(),
                 min_lsn: 0,
@@ -255,6 +267,7 @@ mod tests {
             match r {
                 Request::Hello { .. }
                 | Request::Write { .. }
+                | Request::WriteIf { .. }
                 | Request::Get { .. }
                 | Request::Scan { .. }
                 | Request::History { .. }

@@ -153,6 +153,9 @@ pub enum ErrorCode {
     /// The secondary index asked for is still being built from the log; the message says how
     /// far it has come. Retry later, or ask the node to wait.
     IndexBuilding,
+    /// A conditional write found other current versions than it named: nothing was written.
+    /// Read the key again and decide.
+    Conflict,
 }
 
 impl ErrorCode {
@@ -171,6 +174,7 @@ impl ErrorCode {
         ErrorCode::ShuttingDown,
         ErrorCode::Internal,
         ErrorCode::IndexBuilding,
+        ErrorCode::Conflict,
     ];
 
     /// Whether sending the same request again later can succeed.
@@ -284,12 +288,13 @@ mod tests {
                 | ErrorCode::SlowConsumer
                 | ErrorCode::ShuttingDown
                 | ErrorCode::Internal
-                | ErrorCode::IndexBuilding => {}
+                | ErrorCode::IndexBuilding
+                | ErrorCode::Conflict => {}
             }
         }
         let distinct: std::collections::BTreeSet<String> =
             ErrorCode::ALL.iter().map(|c| format!("{c:?}")).collect();
-        assert_eq!(distinct.len(), 13, "each code once");
+        assert_eq!(distinct.len(), 14, "each code once");
     }
 
     #[test]

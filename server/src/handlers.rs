@@ -49,7 +49,8 @@ pub async fn handle(node: &Node, request: Request, role: Role) -> Reply {
         );
     }
     match request {
-        Request::Write { ops } => write(node, ops).await,
+        Request::Write { ops } => write(node, ops, false).await,
+        Request::WriteIf { ops } => write(node, ops, true).await,
         Request::Get { key, min_lsn } => {
             if key.len() > MAX_KEY_BYTES {
                 return key_too_large(key.len());
@@ -203,11 +204,16 @@ fn key_too_large(len: usize) -> Reply {
 
 /// A local write. The writer checks the ops against the entry format (`Entry::validate`), so
 /// the limits live in one place; its typed error picks the wire code.
-async fn write(node: &Node, ops: Vec<WriteOp>) -> Reply {
+async fn write(node: &Node, ops: Vec<WriteOp>, conditional: bool) -> Reply {
     if let Some(why) = node.bootstrap.writes_held() {
         return error(ErrorCode::Unavailable, why);
     }
-    match node.writer.write(ops).await {
+    let written = if conditional {
+        node.writer.write_if(ops).await
+    } else {
+        node.writer.write(ops).await
+    };
+    match written {
         Ok(w) => Reply::One(Response::Written {
             lsn: w.lsn,
             id: w.id,
@@ -225,7 +231,8 @@ fn write_error(e: &WriteError) -> Reply {
             | InvalidEntry::TooManyOps { .. }
             | InvalidEntry::TooLarge { .. },
         ) => ErrorCode::TooLarge,
-        WriteError::Invalid(_) => ErrorCode::BadRequest,
+        WriteError::Invalid(_) | WriteError::NoContext { .. } => ErrorCode::BadRequest,
+        WriteError::Conflict { .. } => ErrorCode::Conflict,
         WriteError::ShuttingDown => ErrorCode::ShuttingDown,
         _ => ErrorCode::Unavailable,
     };

@@ -189,6 +189,8 @@ pub fn outcome(code: ErrorCode) -> &'static str {
         ErrorCode::SlowConsumer => "slow_consumer",
         ErrorCode::ShuttingDown => "shutting_down",
         ErrorCode::Internal => "internal",
+        ErrorCode::IndexBuilding => "index_building",
+        ErrorCode::Conflict => "conflict",
         _ => "other",
     }
 }

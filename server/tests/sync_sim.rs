@@ -306,6 +306,7 @@ impl Node {
             .map(|cmd| match cmd {
                 Command::Local(ops) => BatchCommand::Local {
                     ops: ops.into_iter().map(LocalOp::into_write).collect(),
+                    conditional: false,
                     reply: (),
                 },
                 Command::Remote { entries, tag } => BatchCommand::Remote {

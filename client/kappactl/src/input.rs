@@ -56,10 +56,10 @@ pub(crate) fn resolve_ticket(
     })
 }
 
-pub(crate) fn parse_context(text: &str) -> Result<Context, Failure> {
+pub(crate) fn parse_context(flag: &str, text: &str) -> Result<Context, Failure> {
     text.parse().map_err(|e| {
         Failure::usage(format!(
-            "bad --supersedes: {e}; pass the `context` that `kappactl get` printed"
+            "bad {flag}: {e}; pass the `context` that `kappactl get` printed"
         ))
     })
 }
@@ -343,9 +343,18 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
 
         let ctx = Context(vec![EntryId([2; 32]), EntryId([1; 32])]).normalized();
-        assert_eq!(parse_context(&ctx.to_string()).unwrap(), ctx);
-        assert_eq!(parse_context("").unwrap(), Context::default());
-        assert_eq!(parse_context("zz").unwrap_err().code, ExitCode::Usage);
+        assert_eq!(
+            parse_context("--supersedes", &ctx.to_string()).unwrap(),
+            ctx
+        );
+        assert_eq!(
+            parse_context("--supersedes", "").unwrap(),
+            Context::default()
+        );
+        assert_eq!(
+            parse_context("--supersedes", "zz").unwrap_err().code,
+            ExitCode::Usage
+        );
 
         assert_eq!(
             parse_peer(&format!("{id}@10.0.0.1:7700")).unwrap(),

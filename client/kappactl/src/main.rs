@@ -25,7 +25,8 @@ Exit status:
   2  usage: bad arguments, ticket, context or batch file
   3  cannot reach the node: no ticket, no answer, connection lost
   4  the node refused us: unknown token, a read-only token for a write, or a different node
-  5  the node answered with an error (bad request, busy, unavailable, too large, ...)";
+  5  the node answered with an error (bad request, busy, unavailable, too large, ...)
+  6  conflict: a write with --if-context found other current versions; nothing was written";
 
 /// The command-line client of kappakv.
 ///
@@ -66,8 +67,14 @@ enum Command {
         value: String,
         /// Supersede exactly these versions: the `context` that `get` printed. Without it, the
         /// put supersedes every version current on the node.
-        #[arg(long, value_name = "CTX")]
+        #[arg(long, value_name = "CTX", conflicts_with = "if_context")]
         supersedes: Option<String>,
+        /// Put only if the key's current versions on the node are exactly CTX (the `context`
+        /// that `get` printed; "" for a key with no value); otherwise nothing is written and
+        /// kappactl exits with status 6. Writes made on other nodes that have not arrived yet
+        /// still become siblings.
+        #[arg(long, value_name = "CTX")]
+        if_context: Option<String>,
         /// Print {"id", "lsn"}.
         #[arg(long)]
         json: bool,
@@ -87,8 +94,12 @@ enum Command {
     Del {
         key: String,
         /// Delete exactly these versions (a concurrent put survives).
-        #[arg(long, value_name = "CTX")]
+        #[arg(long, value_name = "CTX", conflicts_with = "if_context")]
         supersedes: Option<String>,
+        /// Delete only if the key's current versions on the node are exactly CTX; otherwise
+        /// nothing is written and kappactl exits with status 6.
+        #[arg(long, value_name = "CTX")]
+        if_context: Option<String>,
         /// Print {"id", "lsn"}.
         #[arg(long)]
         json: bool,
@@ -229,6 +240,7 @@ pub(crate) enum ExitCode {
     Connect = 3,
     Refused = 4,
     Server = 5,
+    Conflict = 6,
 }
 
 /// A failure kappactl itself detects, with its exit status.
@@ -285,6 +297,10 @@ fn classify(err: &anyhow::Error) -> (ExitCode, String) {
                     code: ErrorCode::Unauthorized | ErrorCode::Forbidden,
                     ..
                 } => ExitCode::Refused,
+                RequestError::Server {
+                    code: ErrorCode::Conflict,
+                    ..
+                } => ExitCode::Conflict,
                 RequestError::Server { .. } => ExitCode::Server,
                 RequestError::ConnectionLost { .. } | RequestError::Timeout { .. } => {
                     ExitCode::Connect
@@ -384,7 +400,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         | Command::Del {
             supersedes: Some(c),
             ..
-        } => Some(input::parse_context(c)?),
+        } => Some(input::parse_context("--supersedes", c)?),
+        Command::Put {
+            if_context: Some(c),
+            ..
+        }
+        | Command::Del {
+            if_context: Some(c),
+            ..
+        } => Some(input::parse_context("--if-context", c)?),
         _ => None,
     };
     let batch = match &command {
@@ -407,16 +431,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = builder(ticket).connect().await?;
     let mut out = std::io::stdout();
     match command {
-        Command::Put { key, json, .. } => {
+        Command::Put {
+            key,
+            json,
+            if_context,
+            ..
+        } => {
             let value = value.expect("read above");
             let w = match &context {
+                Some(ctx) if if_context.is_some() => client.put_if(key, value, ctx).await?,
                 Some(ctx) => client.put_with(key, value, ctx).await?,
                 None => client.put(key, value).await?,
             };
             print_written(&mut out, w, json)?;
         }
-        Command::Del { key, json, .. } => {
+        Command::Del {
+            key,
+            json,
+            if_context,
+            ..
+        } => {
             let w = match &context {
+                Some(ctx) if if_context.is_some() => client.delete_if(key, ctx).await?,
                 Some(ctx) => client.delete_with(key, ctx).await?,
                 None => client.delete(key).await?,
             };

@@ -37,6 +37,8 @@ pub enum BatchCommand<L, R> {
     Local {
         /// The ops.
         ops: Vec<WriteOp>,
+        /// Only if each op's `supersedes` is its key's current versions.
+        conditional: bool,
         /// Who to answer.
         reply: L,
     },
@@ -182,30 +184,32 @@ impl Chains {
         let mut open_local: Option<(usize, usize)> = None;
         for cmd in commands {
             match cmd {
-                BatchCommand::Local { ops, reply } => {
-                    match self.build_local(ops, resolver, wall_ms) {
-                        Ok((entry, canonical_len)) => {
-                            let bytes = canonical_len + UNSIGNED_PAYLOAD_OVERHEAD;
-                            let mut run_bytes = bytes;
-                            if let Some((i, open)) = open_local {
-                                if open + bytes > MAX_UNSIGNED_RUN_BYTES {
-                                    self.sign(i);
-                                } else {
-                                    run_bytes += open;
-                                }
+                BatchCommand::Local {
+                    ops,
+                    conditional,
+                    reply,
+                } => match self.build_local(ops, conditional, resolver, wall_ms) {
+                    Ok((entry, canonical_len)) => {
+                        let bytes = canonical_len + UNSIGNED_PAYLOAD_OVERHEAD;
+                        let mut run_bytes = bytes;
+                        if let Some((i, open)) = open_local {
+                            if open + bytes > MAX_UNSIGNED_RUN_BYTES {
+                                self.sign(i);
+                            } else {
+                                run_bytes += open;
                             }
-                            let lsn = self.push(base, entry, resolver);
-                            let i = self.entries.len() - 1;
-                            open_local = Some((i, run_bytes));
-                            built.push(Built::Local {
-                                reply,
-                                lsn,
-                                id: self.entries[i].id,
-                            });
                         }
-                        Err(error) => built.push(Built::LocalRefused { reply, error }),
+                        let lsn = self.push(base, entry, resolver);
+                        let i = self.entries.len() - 1;
+                        open_local = Some((i, run_bytes));
+                        built.push(Built::Local {
+                            reply,
+                            lsn,
+                            id: self.entries[i].id,
+                        });
                     }
-                }
+                    Err(error) => built.push(Built::LocalRefused { reply, error }),
+                },
                 BatchCommand::Remote { entries, reply } => match self.check_remote(&entries) {
                     Ok(()) => {
                         // Only one author's run is ever open at a point of the log: a receiver
@@ -272,6 +276,7 @@ impl Chains {
     fn build_local(
         &mut self,
         writes: Vec<WriteOp>,
+        conditional: bool,
         resolver: &mut dyn SupersedeResolver,
         wall_ms: u64,
     ) -> Result<(SignedEntry, usize), WriteError> {
@@ -293,7 +298,9 @@ impl Chains {
         let mut ops = Vec::with_capacity(writes.len());
         for w in writes {
             let mut supersedes = match w.supersedes {
+                Some(ids) if conditional => condition_holds(resolver, &w.key, ids)?,
                 Some(ids) => ids,
+                None if conditional => return Err(WriteError::NoContext { key: w.key }),
                 None => resolver.current(&w.key).map_err(WriteError::Unresolved)?,
             };
             supersedes.sort_unstable();
@@ -377,5 +384,30 @@ impl Chains {
 fn observe_bounded(clock: &mut HlcClock, seen: Timestamp, wall_ms: u64) {
     if seen.millis() <= wall_ms.saturating_add(CLOCK_SKEW_MAX_MS) {
         clock.observe(seen);
+    }
+}
+
+/// The versions a conditional op on `key` supersedes, if `expected` names exactly the key's
+/// current versions (tombstones included), or is empty and the key has no value: then exactly
+/// those current versions. Otherwise [`WriteError::Conflict`].
+fn condition_holds(
+    resolver: &mut dyn SupersedeResolver,
+    key: &[u8],
+    mut expected: Vec<EntryId>,
+) -> Result<Vec<EntryId>, WriteError> {
+    let current = resolver
+        .current_versions(key)
+        .map_err(WriteError::Unresolved)?;
+    expected.sort_unstable();
+    expected.dedup();
+    let ids: Vec<EntryId> = current.iter().map(|(id, _)| *id).collect();
+    let no_value = current.iter().all(|(_, value)| !value);
+    if ids == expected || (expected.is_empty() && no_value) {
+        Ok(ids)
+    } else {
+        Err(WriteError::Conflict {
+            key: key.to_vec(),
+            current: ids,
+        })
     }
 }

@@ -69,17 +69,35 @@ impl KvResolver {
         }
         self.snapshot.as_ref().map(|(_, s)| s)
     }
-}
 
-impl SupersedeResolver for KvResolver {
-    fn current(&mut self, key: &[u8]) -> Result<Vec<EntryId>, String> {
+    /// Reads the view through the overlay with `read`, on a fresh enough snapshot; a failure
+    /// to `purpose` is logged, and the write refused.
+    fn read_view<T>(
+        &mut self,
+        purpose: &str,
+        read: impl FnOnce(&KvOverlay, &Snapshot) -> Result<T, kappakv_indexes::ReadError>,
+    ) -> Result<T, String> {
         self.snapshot();
         let Some((_, snap)) = self.snapshot.as_ref() else {
             return Err("no snapshot of the view could be taken".to_string());
         };
-        self.overlay.current(key, snap).map_err(|e| {
-            tracing::error!(error = %e, "cannot read the kv view to resolve a write; it is refused");
+        read(&self.overlay, snap).map_err(|e| {
+            tracing::error!(error = %e, "cannot read the kv view to {purpose}; it is refused");
             e.to_string()
+        })
+    }
+}
+
+impl SupersedeResolver for KvResolver {
+    fn current(&mut self, key: &[u8]) -> Result<Vec<EntryId>, String> {
+        self.read_view("resolve a write", |overlay, snap| {
+            overlay.current(key, snap)
+        })
+    }
+
+    fn current_versions(&mut self, key: &[u8]) -> Result<Vec<(EntryId, bool)>, String> {
+        self.read_view("check a conditional write", |overlay, snap| {
+            overlay.current_versions(key, snap)
         })
     }
 

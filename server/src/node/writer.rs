@@ -176,6 +176,28 @@ pub enum WriteError {
     /// The writer is shutting down or has shut down.
     #[error("the writer is shutting down")]
     ShuttingDown,
+    /// An op of a conditional write names no context.
+    #[error(
+        "the conditional write's op on key {} names no context: every op of a conditional write says which versions it expects",
+        String::from_utf8_lossy(key)
+    )]
+    NoContext {
+        /// The key.
+        key: Vec<u8>,
+    },
+    /// A conditional write named other versions than its key's current ones: nothing of it
+    /// was written.
+    #[error(
+        "conflict: the current versions of key {} are {}, not the context given; nothing was written (read the key again)",
+        String::from_utf8_lossy(key),
+        if current.is_empty() { "none".to_string() } else { kappakv_protocol::Context(current.clone()).to_string() }
+    )]
+    Conflict {
+        /// The key.
+        key: Vec<u8>,
+        /// Its current versions, tombstones included: the context to retry with.
+        current: Vec<EntryId>,
+    },
 }
 
 /// How the writer fills in `supersedes` for a write that does not give it.
@@ -184,6 +206,17 @@ pub trait SupersedeResolver: Send + 'static {
     /// included), or why they cannot be read; the write is then refused, never taken as
     /// replacing nothing.
     fn current(&mut self, key: &[u8]) -> Result<Vec<EntryId>, String>;
+
+    /// Like [`current`](Self::current), each id with whether its version holds a value
+    /// (`false`: a tombstone), for conditional writes. Without a way to tell, every version
+    /// counts as a value.
+    fn current_versions(&mut self, key: &[u8]) -> Result<Vec<(EntryId, bool)>, String> {
+        Ok(self
+            .current(key)?
+            .into_iter()
+            .map(|id| (id, true))
+            .collect())
+    }
 
     /// Called before every batch is built: may block until the views have caught up enough
     /// that what the resolver keeps of entries they have not applied stays bounded. The
@@ -240,6 +273,8 @@ impl SupersedeResolver for NoResolver {
 enum Command {
     Local {
         ops: Vec<WriteOp>,
+        /// Only if each op's `supersedes` is its key's current versions (`Request::WriteIf`).
+        conditional: bool,
         reply: oneshot::Sender<Result<Written, WriteError>>,
     },
     Remote {
@@ -419,9 +454,29 @@ impl WriterHandle {
 
     /// Writes one local entry holding `ops`, and returns its LSN and id once it is durable.
     pub async fn write(&self, ops: Vec<WriteOp>) -> Result<Written, WriteError> {
+        self.write_local(ops, false).await
+    }
+
+    /// Writes `ops` like [`write`](Self::write), only if each op's `supersedes` names exactly
+    /// its key's current versions as of the write's place in the log (an empty one: only if
+    /// the key has no value); otherwise nothing is written and the error is
+    /// [`WriteError::Conflict`].
+    pub async fn write_if(&self, ops: Vec<WriteOp>) -> Result<Written, WriteError> {
+        self.write_local(ops, true).await
+    }
+
+    async fn write_local(
+        &self,
+        ops: Vec<WriteOp>,
+        conditional: bool,
+    ) -> Result<Written, WriteError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Local { ops, reply })
+            .send(Command::Local {
+                ops,
+                conditional,
+                reply,
+            })
             .await
             .map_err(|_| self.gone())?;
         rx.await.map_err(|_| self.gone())?
@@ -605,7 +660,15 @@ impl Writer {
         }
         let base = self.store.last_lsn();
         let commands = commands.drain(..).filter_map(|cmd| match cmd {
-            Command::Local { ops, reply } => Some(BatchCommand::Local { ops, reply }),
+            Command::Local {
+                ops,
+                conditional,
+                reply,
+            } => Some(BatchCommand::Local {
+                ops,
+                conditional,
+                reply,
+            }),
             Command::Remote { entries, reply } => Some(BatchCommand::Remote { entries, reply }),
             Command::Shutdown => None,
         });
