@@ -8,7 +8,8 @@ use kappakv_protocol::limits::{
     MAX_HISTORY_LIMIT, MAX_KEY_BYTES, MAX_OPS_PER_ENTRY, MAX_SUPERSEDES, MAX_VALUE_BYTES,
 };
 use kappakv_protocol::{
-    Context, EntryId, Lsn, NodeId, PeerStatus, Request, Response, Status, Ticket, Version, WriteOp,
+    Context, EntryId, Lsn, NodeId, PeerStatus, Request, RequestId, Response, Status, Ticket,
+    Version, WriteOp,
 };
 use quinn::{RecvStream, SendStream};
 
@@ -373,7 +374,11 @@ impl Client {
         if let Some(index) = ops.iter().position(|op| op.supersedes.is_none()) {
             return Err(InvalidRequest::NoContext { index }.into());
         }
-        self.written(Request::WriteIf { ops }).await
+        self.written(Request::WriteIf {
+            ops,
+            request_id: Some(new_request_id()),
+        })
+        .await
     }
 
     /// Writes several ops atomically, as one entry (at most one op per key).
@@ -387,17 +392,28 @@ impl Client {
     pub async fn batch(&self, ops: impl Into<Vec<WriteOp>>) -> Result<Written> {
         let ops = ops.into();
         validate(&ops)?;
-        self.written(Request::Write { ops }).await
+        self.written(Request::Write {
+            ops,
+            request_id: Some(new_request_id()),
+        })
+        .await
     }
 
-    /// Sends a write and takes its `Written` answer.
+    /// Sends a write and takes its `Written` answer. The request carries an id, so it is sent
+    /// once more on a new connection if the first connection broke after it was sent: a node
+    /// that wrote it answers with that write. If that fails too, or no answer comes in time,
+    /// the write may or may not have been made: [`RequestError::OutcomeUnknown`].
     async fn written(&self, request: Request) -> Result<Written> {
-        match self.unary(&request, false).await? {
-            Response::Written { lsn, id } => {
+        match self.unary(&request, true).await {
+            Ok(Response::Written { lsn, id }) => {
                 self.observe_lsn(lsn);
                 Ok(Written { lsn, id })
             }
-            other => Err(unexpected("write", &other)),
+            Ok(other) => Err(unexpected("write", &other)),
+            Err(Unanswered::MaybeSent(error)) => Err(RequestError::OutcomeUnknown {
+                source: Box::new(error),
+            }),
+            Err(Unanswered::Failed(error)) => Err(error),
         }
     }
 
@@ -412,7 +428,11 @@ impl Client {
             key: key.to_vec(),
             min_lsn: self.written_lsn(),
         };
-        match self.unary(&request, true).await? {
+        match self
+            .unary(&request, true)
+            .await
+            .map_err(Unanswered::into_error)?
+        {
             Response::Versions(kv) => Ok(GetResult::from(kv)),
             other => Err(unexpected("get", &other)),
         }
@@ -446,7 +466,11 @@ impl Client {
             limit: limit.min(MAX_HISTORY_LIMIT),
             min_lsn: self.written_lsn(),
         };
-        match self.unary(&request, true).await? {
+        match self
+            .unary(&request, true)
+            .await
+            .map_err(Unanswered::into_error)?
+        {
             Response::History { versions } => Ok(versions),
             other => Err(unexpected("history", &other)),
         }
@@ -474,7 +498,11 @@ impl Client {
 
     /// The node's state: LSNs, version vector, peers.
     pub async fn status(&self) -> Result<Status> {
-        match self.unary(&Request::Status, true).await? {
+        match self
+            .unary(&Request::Status, true)
+            .await
+            .map_err(Unanswered::into_error)?
+        {
             Response::Status(status) => Ok(*status),
             other => Err(unexpected("status", &other)),
         }
@@ -488,7 +516,11 @@ impl Client {
             node_id,
             addr: addr.into(),
         };
-        match self.unary(&request, true).await? {
+        match self
+            .unary(&request, true)
+            .await
+            .map_err(Unanswered::into_error)?
+        {
             Response::Ok => Ok(()),
             other => Err(unexpected("peer_add", &other)),
         }
@@ -496,7 +528,11 @@ impl Client {
 
     /// Removes a peer.
     pub async fn peer_remove(&self, node_id: NodeId) -> Result<()> {
-        match self.unary(&Request::PeerRemove { node_id }, true).await? {
+        match self
+            .unary(&Request::PeerRemove { node_id }, true)
+            .await
+            .map_err(Unanswered::into_error)?
+        {
             Response::Ok => Ok(()),
             other => Err(unexpected("peer_remove", &other)),
         }
@@ -504,7 +540,11 @@ impl Client {
 
     /// The node's peers and their replication state.
     pub async fn peer_list(&self) -> Result<Vec<PeerStatus>> {
-        match self.unary(&Request::PeerList, true).await? {
+        match self
+            .unary(&Request::PeerList, true)
+            .await
+            .map_err(Unanswered::into_error)?
+        {
             Response::Status(status) => Ok(status.peers),
             other => Err(unexpected("peer_list", &other)),
         }
@@ -591,27 +631,45 @@ impl Client {
 
     /// Sends a request and reads its one-frame answer. An idempotent request whose connection
     /// breaks before the answer is sent once more on a new connection.
-    async fn unary(&self, request: &Request, idempotent: bool) -> Result<Response> {
+    /// Sends `request` on a stream of its own and reads its one answer. A request whose
+    /// connection broke after it was sent is sent once more on a new connection when it is
+    /// `repeatable` (a read, or a write with a request id). Errors say whether the request may
+    /// have reached the node.
+    async fn unary(
+        &self,
+        request: &Request,
+        repeatable: bool,
+    ) -> std::result::Result<Response, Unanswered> {
         let after = self.request_timeout();
         let mut retried = false;
+        let mut sent = false;
         loop {
             let Ok(result) = tokio::time::timeout(after, self.attempt(request)).await else {
-                return Err(RequestError::Timeout { after });
+                // The request may be on its way, or done.
+                return Err(Unanswered::MaybeSent(RequestError::Timeout { after }));
             };
             match result {
                 Ok(Response::Error { code, message }) => {
-                    return Err(RequestError::Server { code, message });
+                    return Err(Unanswered::Failed(RequestError::Server { code, message }));
                 }
                 Ok(response) => return Ok(response),
                 Err(Attempt {
                     error,
                     sent_on: Some(generation),
-                }) if idempotent && !retried && error.is_connection_lost() => {
-                    tracing::debug!(kind = request.kind(), %error, "connection lost, retrying once");
+                }) if repeatable && !retried && error.is_connection_lost() => {
+                    tracing::debug!(kind = request.kind(), %error, "connection lost, sending again once");
                     retried = true;
-                    self.redial(generation).await?;
+                    sent = true;
+                    if let Err(e) = self.redial(generation).await {
+                        return Err(Unanswered::MaybeSent(e.into()));
+                    }
                 }
-                Err(Attempt { error, .. }) => return Err(error),
+                Err(Attempt {
+                    error,
+                    sent_on: Some(_),
+                }) => return Err(Unanswered::MaybeSent(error)),
+                Err(Attempt { error, .. }) if sent => return Err(Unanswered::MaybeSent(error)),
+                Err(Attempt { error, .. }) => return Err(Unanswered::Failed(error)),
             }
         }
     }
@@ -639,6 +697,29 @@ impl Client {
             }),
         }
     }
+}
+
+/// A request that got no answer, and whether it may have reached the node.
+enum Unanswered {
+    /// It was sent (or may have been) and its answer was lost.
+    MaybeSent(RequestError),
+    /// It certainly had no effect, or the node answered with an error.
+    Failed(RequestError),
+}
+
+impl Unanswered {
+    fn into_error(self) -> RequestError {
+        match self {
+            Unanswered::MaybeSent(e) | Unanswered::Failed(e) => e,
+        }
+    }
+}
+
+/// A fresh id for a write request, so that sending it again is safe.
+fn new_request_id() -> RequestId {
+    let mut bytes = [0u8; RequestId::LEN];
+    getrandom::fill(&mut bytes).expect("the operating system's random numbers");
+    RequestId(bytes)
 }
 
 /// A failed attempt, and the connection generation it was sent on if the answer was lost.

@@ -212,6 +212,15 @@ pub enum RequestError {
         /// What ended the connection.
         source: TransportError,
     },
+    /// A write was sent, and no answer came: the connection broke again after the write was
+    /// sent a second time, or no answer came within the request timeout. It may or may not
+    /// have been made. Sending it again without a context can make a second version; read the
+    /// key to find out, or write with the context you read before.
+    #[error("the write may or may not have been made: {source}")]
+    OutcomeUnknown {
+        /// Why no answer came.
+        source: Box<RequestError>,
+    },
     /// The node reset the request's stream.
     #[error("the node reset the `{request}` stream (code {code})")]
     StreamReset {
@@ -243,8 +252,17 @@ impl RequestError {
             RequestError::ConnectionLost { .. }
             | RequestError::StreamReset { .. }
             | RequestError::Timeout { .. } => true,
-            RequestError::Protocol(_) | RequestError::Invalid(_) | RequestError::Value(_) => false,
+            RequestError::OutcomeUnknown { .. }
+            | RequestError::Protocol(_)
+            | RequestError::Invalid(_)
+            | RequestError::Value(_) => false,
         }
+    }
+
+    /// Whether a write may have been made although it failed: its answer was lost
+    /// ([`RequestError::OutcomeUnknown`]). Not retryable: read the key first.
+    pub fn is_maybe_committed(&self) -> bool {
+        matches!(self, RequestError::OutcomeUnknown { .. })
     }
 
     /// Whether a conditional write found other current versions than its context named:

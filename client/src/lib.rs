@@ -39,10 +39,13 @@
 //!
 //! - It talks to one node. It does not fail over to another node, balance load, or merge
 //!   siblings for you: it hands back every sibling and the context to supersede them.
-//! - It retries on its own only what is safe: a read whose connection broke (once), and a
-//!   write the node certainly never received. A write whose answer was lost may or may not
-//!   have happened; the error says so ([`RequestError::is_retryable`]) and the caller decides.
-//!   Errors such as `Busy` are returned, not retried.
+//! - It retries on its own only what is safe: a read whose connection broke (once), a write
+//!   the node certainly never received, and a write whose connection broke after it was sent
+//!   (once, on a new connection, with the same request id: a node that made the write answers
+//!   with it instead of writing again). A write that still gets no answer may or may not have
+//!   happened: [`RequestError::OutcomeUnknown`] ([`RequestError::is_maybe_committed`]), which is
+//!   not [`is_retryable`](RequestError::is_retryable). Errors such as `Busy` are returned, not
+//!   retried.
 //! - It installs no tracing subscriber; it only emits events (lengths, never values).
 
 #![warn(missing_docs, unreachable_pub)]

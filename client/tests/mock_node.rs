@@ -157,12 +157,31 @@ async fn reads_survive_a_lost_connection_and_writes_say_so() {
         "a get on a lost connection dials again and retries once"
     );
 
+    // A write whose connection broke after it was sent goes again on a new connection, with
+    // the same request id, so that a node that made it answers instead of writing again.
     node.state().kill_next = Some("write");
-    let err = client.put("k", "w").await.unwrap_err();
-    assert!(matches!(err, RequestError::ConnectionLost { .. }), "{err}");
-    assert!(err.is_retryable());
     client.put("k", "w").await.unwrap();
     assert_eq!(node.state().hellos, 3);
+    let ids: Vec<_> = node
+        .state()
+        .requests
+        .iter()
+        .filter_map(|r| match r {
+            Request::Write { request_id, .. } => Some(*request_id),
+            _ => None,
+        })
+        .collect();
+    let [.., first, again] = ids.as_slice() else {
+        panic!("two sends of the write: {ids:?}")
+    };
+    assert!(first.is_some() && first == again, "{ids:?}");
+
+    // Broken again: the outcome is unknown, and not a plain retry.
+    node.state().kill_next = Some("write");
+    node.state().kill_after = Some("write");
+    let err = client.put("k", "x").await.unwrap_err();
+    assert!(err.is_maybe_committed(), "{err}");
+    assert!(!err.is_retryable(), "{err}");
 }
 
 #[tokio::test]

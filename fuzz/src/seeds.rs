@@ -130,6 +130,7 @@ pub fn for_target(target: &str) -> Vec<(String, Vec<u8>)> {
                                 supersedes: Some(vec![EntryId([9; 32])]),
                             },
                         ],
+                        request_id: None,
                     }),
                 ),
                 (

@@ -131,6 +131,14 @@ fixed_bytes!(
     "state root"
 );
 fixed_bytes!(
+    /// A write request, chosen at random by the client: a node that has already written a
+    /// request with this id answers a repeat of it with the first one's result instead of
+    /// writing again.
+    RequestId,
+    16,
+    "request id"
+);
+fixed_bytes!(
     /// An ed25519 signature of an [`EntryId`], vouching for the author's chain up to that entry.
     Signature,
     64,

@@ -36,7 +36,7 @@ pub mod verify;
 
 pub use entry::{Entry, HlcClock, Op, SignedEntry, Timestamp};
 pub use error::{DecodeError, FramingError, InvalidEntry, ParseIdError, VerifyError};
-pub use ids::{Context, EntryId, NodeId, Signature, StateRoot};
+pub use ids::{Context, EntryId, NodeId, RequestId, Signature, StateRoot};
 pub use index::{IndexQuery, IndexStatus, IndexValue};
 pub use request::{KeyRange, Lsn, Request, WriteOp};
 pub use response::{

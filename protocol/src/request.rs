@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{EntryId, NodeId};
+use crate::ids::{EntryId, NodeId, RequestId};
 use crate::index::IndexQuery;
 
 /// A log sequence number: the 1-based position of a record in a node's log. `0` means "none".
@@ -63,6 +63,10 @@ pub enum Request {
     Write {
         /// The ops, at most one per key.
         ops: Vec<WriteOp>,
+        /// Makes a repeat of the request safe: a node that has written a request with this id
+        /// (within its memory of recent writes) answers with that write instead of writing again.
+        #[serde(default)]
+        request_id: Option<RequestId>,
     },
     /// Writes ops like `Write`, only if each op's `supersedes` names exactly the current
     /// versions of its key on this node (an empty one: only if the key has no value); otherwise
@@ -71,6 +75,9 @@ pub enum Request {
     WriteIf {
         /// The ops, at most one per key, each with `supersedes`.
         ops: Vec<WriteOp>,
+        /// As for `Write`.
+        #[serde(default)]
+        request_id: Option<RequestId>,
     },
     /// Reads the current versions of a key. Answered with `Versions`.
     Get {
@@ -219,8 +226,14 @@ mod tests {
     fn every_kind_is_listed_and_an_unknown_one_is_told_apart() {
         let requests = [
             Request::Hello { token: "t".into() },
-            Request::Write { ops: vec![] },
-            Request::WriteIf { ops: vec![] },
+            Request::Write {
+                ops: vec![],
+                request_id: None,
+            },
+            Request::WriteIf {
+                ops: vec![],
+                request_id: Some(RequestId([7; 16])),
+            },
             Request::Get {
                 key: b"k".to_vec(),
                 min_lsn: 0,
@@ -303,5 +316,25 @@ mod tests {
         }
         let frame = encode_frame(&Wrong::Get { key: true });
         assert!(decode_message::<Request>(&frame[FRAME_HEADER_LEN..]).is_err());
+    }
+
+    #[test]
+    fn a_write_from_a_client_without_request_ids_still_decodes() {
+        #[derive(serde::Serialize)]
+        enum Older {
+            Write { ops: Vec<WriteOp> },
+        }
+        let op = WriteOp {
+            key: b"k".to_vec(),
+            value: Some(b"v".to_vec()),
+            supersedes: None,
+        };
+        let frame = encode_frame(&Older::Write {
+            ops: vec![op.clone()],
+        });
+        assert!(matches!(
+            decode_message::<Request>(&frame[FRAME_HEADER_LEN..]),
+            Ok(Decoded::Message(Request::Write { ops, request_id: None })) if ops == [op]
+        ));
     }
 }

@@ -6,12 +6,14 @@ use std::time::Duration;
 use kappakv_indexes::{QueryError, SecondaryIndexView, View as _};
 use kappakv_protocol::limits::{MAX_HISTORY_LIMIT, MAX_KEY_BYTES, MAX_QUERY_LIMIT, MAX_SCAN_LIMIT};
 use kappakv_protocol::{
-    ErrorCode, IndexQuery, IndexStatus, KeyVersions, Lsn, Request, Response, Status, WriteOp,
+    ErrorCode, IndexQuery, IndexStatus, KeyVersions, Lsn, Request, RequestId, Response, Status,
+    WriteOp,
 };
 use serde_bytes::ByteBuf;
 
 use crate::auth::Role;
 use crate::node::Node;
+use crate::node::recent_writes::Outcome;
 use crate::node::writer::WriteError;
 
 /// What a request produced.
@@ -49,8 +51,8 @@ pub async fn handle(node: &Node, request: Request, role: Role) -> Reply {
         );
     }
     match request {
-        Request::Write { ops } => write(node, ops, false).await,
-        Request::WriteIf { ops } => write(node, ops, true).await,
+        Request::Write { ops, request_id } => write(node, ops, false, request_id).await,
+        Request::WriteIf { ops, request_id } => write(node, ops, true, request_id).await,
         Request::Get { key, min_lsn } => {
             if key.len() > MAX_KEY_BYTES {
                 return key_too_large(key.len());
@@ -204,14 +206,33 @@ fn key_too_large(len: usize) -> Reply {
 
 /// A local write. The writer checks the ops against the entry format (`Entry::validate`), so
 /// the limits live in one place; its typed error picks the wire code.
-async fn write(node: &Node, ops: Vec<WriteOp>, conditional: bool) -> Reply {
+async fn write(
+    node: &Node,
+    ops: Vec<WriteOp>,
+    conditional: bool,
+    request_id: Option<RequestId>,
+) -> Reply {
     if let Some(why) = node.bootstrap.writes_held() {
         return error(ErrorCode::Unavailable, why);
     }
-    let written = if conditional {
-        node.writer.write_if(ops).await
-    } else {
-        node.writer.write(ops).await
+    let writer = node.writer.clone();
+    let write = async move {
+        if conditional {
+            writer.write_if(ops).await
+        } else {
+            writer.write(ops).await
+        }
+    };
+    let written = match request_id {
+        None => write.await,
+        Some(id) => match node.recent_writes.once(id, write).await {
+            Ok(Outcome::Made(w)) => Ok(w),
+            Ok(Outcome::Repeated(w)) => {
+                crate::telemetry::write_repeated();
+                Ok(w)
+            }
+            Err(e) => Err(e),
+        },
     };
     match written {
         Ok(w) => Reply::One(Response::Written {

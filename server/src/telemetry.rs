@@ -23,6 +23,9 @@ pub const REQUEST_SECONDS: &str = "kappakv_request_duration_seconds";
 pub const REQUESTS_SHED: &str = "kappakv_requests_shed_total";
 /// Local writes made durable and acknowledged.
 pub const WRITES_ACKNOWLEDGED: &str = "kappakv_writes_acknowledged_total";
+/// Writes answered with an earlier write of the same request id (a client's repeat after a
+/// lost answer), instead of being written again.
+pub const WRITES_REPEATED: &str = "kappakv_writes_repeated_total";
 /// Entries appended to the log, by `origin` (`local` or `remote`).
 pub const ENTRIES_APPENDED: &str = "kappakv_log_entries_appended_total";
 /// Entries per group commit.
@@ -113,6 +116,10 @@ pub fn describe() {
     );
     describe_counter!(REQUESTS_SHED, "Requests answered Busy at capacity");
     describe_counter!(WRITES_ACKNOWLEDGED, "Local writes durable and acknowledged");
+    describe_counter!(
+        WRITES_REPEATED,
+        "Repeated writes answered with the earlier write of their request id"
+    );
     describe_counter!(ENTRIES_APPENDED, "Log entries appended, by origin");
     describe_histogram!(GROUP_COMMIT_ENTRIES, "Entries per group commit");
     describe_histogram!(
@@ -210,6 +217,11 @@ pub fn group_commit(local: u64, remote: u64) {
     counter!(ENTRIES_APPENDED, "origin" => "local").increment(local);
     counter!(ENTRIES_APPENDED, "origin" => "remote").increment(remote);
     histogram!(GROUP_COMMIT_ENTRIES).record((local + remote) as f64);
+}
+
+/// A repeated write was answered with the earlier write of its request id.
+pub fn write_repeated() {
+    counter!(WRITES_REPEATED).increment(1);
 }
 
 /// The log refused a batch: `kind` is `disk_full` or `fatal`.

@@ -147,6 +147,7 @@ fn every_request() -> Vec<Request> {
                 value: Some(b"stolen".to_vec()),
                 supersedes: None,
             }],
+            request_id: None,
         },
         Request::Scan {
             range: KeyRange::default(),

@@ -49,6 +49,7 @@ async fn hostile_frames_get_typed_errors_and_honest_clients_are_served() -> anyh
             value: Some(vec![7; MAX_VALUE_BYTES + 1]),
             supersedes: None,
         }],
+        request_id: None,
     };
     assert_eq!(
         code(&exchange(&conn, &encode_frame(&big)).await?),

@@ -302,9 +302,9 @@ fn classify(err: &anyhow::Error) -> (ExitCode, String) {
                     ..
                 } => ExitCode::Conflict,
                 RequestError::Server { .. } => ExitCode::Server,
-                RequestError::ConnectionLost { .. } | RequestError::Timeout { .. } => {
-                    ExitCode::Connect
-                }
+                RequestError::ConnectionLost { .. }
+                | RequestError::Timeout { .. }
+                | RequestError::OutcomeUnknown { .. } => ExitCode::Connect,
                 RequestError::Invalid(_) => ExitCode::Usage,
                 _ => ExitCode::Other,
             };
@@ -314,7 +314,7 @@ fn classify(err: &anyhow::Error) -> (ExitCode, String) {
                     ..
                 } => "; this ticket's token is read-only: use the read-write ticket",
                 RequestError::Server { code, .. } if code.retryable() => "; try again shortly",
-                RequestError::ConnectionLost { .. } => {
+                RequestError::ConnectionLost { .. } | RequestError::OutcomeUnknown { .. } => {
                     "; a write may or may not have happened: check with `get` before retrying"
                 }
                 _ => "",

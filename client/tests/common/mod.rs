@@ -24,6 +24,8 @@ pub struct State {
     pub requests: Vec<Request>,
     /// Close the connection instead of answering the next request of this kind.
     pub kill_next: Option<&'static str>,
+    /// Then again for the one after it.
+    pub kill_after: Option<&'static str>,
     /// Every connection accepted, to drop them all at once.
     pub conns: Vec<quinn::Connection>,
 }
@@ -137,7 +139,7 @@ async fn serve_connection(conn: quinn::Connection, node_id: NodeId, state: Arc<M
             let mut st = state.lock().unwrap();
             st.requests.push(request.clone());
             if st.kill_next == Some(request.kind()) {
-                st.kill_next = None;
+                st.kill_next = st.kill_after.take();
                 conn.close(0u32.into(), b"killed");
                 return;
             }
@@ -175,7 +177,7 @@ async fn answer(
     let frames: Vec<Response> = {
         let mut st = state.lock().unwrap();
         match request {
-            Request::Write { ops } => {
+            Request::Write { ops, .. } => {
                 st.lsn += 1;
                 let lsn = st.lsn;
                 let id = EntryId(entry_id_of_lsn(lsn));

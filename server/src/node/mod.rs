@@ -8,6 +8,7 @@ pub mod bootstrap;
 pub mod chains;
 pub mod indexer;
 pub mod own_chain;
+pub mod recent_writes;
 pub mod replication;
 pub mod resolver;
 pub mod writer;
@@ -138,6 +139,8 @@ pub struct Node {
     pub own_chain: Arc<OwnChainGuard>,
     /// Where a node that starts from a peer's snapshot stands.
     pub bootstrap: Arc<bootstrap::Bootstrap>,
+    /// Request ids of recent writes, so that a repeated write is not written twice.
+    pub recent_writes: Arc<recent_writes::RecentWrites>,
 }
 
 /// What replication needs of a node: narrow handles, so that replication, which the node
@@ -350,6 +353,7 @@ impl Node {
             indexer: Arc::new(indexer),
             own_chain,
             bootstrap,
+            recent_writes: Arc::default(),
         }))
     }
 

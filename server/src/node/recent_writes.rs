@@ -1,0 +1,201 @@
+//! Recent writes by request id. A client whose connection broke after it sent a write does not
+//! know whether the write happened; it sends the same request, with the same id, again. The
+//! node answers a repeat of a write it has made with that write's result instead of writing a
+//! second entry (which would make a sibling of the first).
+//!
+//! Ids are kept in memory, at most [`REMEMBERED_MAX`] of them and for at most
+//! [`REMEMBERED_FOR`]: a repeat after that, or after the node restarted, writes again. A
+//! write that failed is forgotten at once (nothing was written), so its repeat writes.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kappakv_protocol::RequestId;
+use tokio::sync::Notify;
+
+use super::writer::{WriteError, Written};
+
+/// Most request ids remembered: about 100 bytes each.
+pub const REMEMBERED_MAX: usize = 262_144;
+
+/// Longest a request id is remembered.
+pub const REMEMBERED_FOR: Duration = Duration::from_secs(600);
+
+enum State {
+    /// The first request with this id is being written; repeats wait for it.
+    Writing(Arc<Notify>),
+    /// Written.
+    Written(Written),
+}
+
+#[derive(Default)]
+struct Inner {
+    states: HashMap<RequestId, State>,
+    /// Ids in the order they were first seen, with when.
+    order: VecDeque<(Instant, RequestId)>,
+}
+
+impl Inner {
+    /// Forgets ids over the age limit, and the oldest while there are too many.
+    fn forget_old(&mut self, now: Instant) {
+        while let Some(&(at, id)) = self.order.front()
+            && (now.duration_since(at) >= REMEMBERED_FOR || self.order.len() >= REMEMBERED_MAX)
+        {
+            self.order.pop_front();
+            self.states.remove(&id);
+        }
+    }
+}
+
+/// Whether a write was made now or found made before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// This request made it.
+    Made(Written),
+    /// An earlier request with the same id made it.
+    Repeated(Written),
+}
+
+impl Outcome {
+    /// The write.
+    pub fn written(self) -> Written {
+        match self {
+            Outcome::Made(w) | Outcome::Repeated(w) => w,
+        }
+    }
+}
+
+/// The request ids of recent writes and what they became.
+#[derive(Default)]
+pub struct RecentWrites {
+    inner: Mutex<Inner>,
+}
+
+impl RecentWrites {
+    /// Runs `write` for the request `id`, unless a request with that id was written: then
+    /// that write. A repeat that arrives while the first is being written waits for it. The
+    /// write runs on a task of its own, so it is recorded even if the caller goes away.
+    pub async fn once<F>(self: &Arc<Self>, id: RequestId, write: F) -> Result<Outcome, WriteError>
+    where
+        F: Future<Output = Result<Written, WriteError>> + Send + 'static,
+    {
+        let notify = loop {
+            let waiting = {
+                let mut inner = self.inner.lock().expect("recent writes lock");
+                let now = Instant::now();
+                inner.forget_old(now);
+                match inner.states.get(&id) {
+                    Some(State::Written(w)) => return Ok(Outcome::Repeated(*w)),
+                    // Created under the lock: it sees the first request's wake-up even if that
+                    // comes before it is polled.
+                    Some(State::Writing(n)) => n.clone().notified_owned(),
+                    None => {
+                        let notify = Arc::new(Notify::new());
+                        inner.states.insert(id, State::Writing(notify.clone()));
+                        inner.order.push_back((now, id));
+                        break notify;
+                    }
+                }
+            };
+            waiting.await;
+        };
+        let this = self.clone();
+        let task = tokio::spawn(async move {
+            let result = write.await;
+            let mut inner = this.inner.lock().expect("recent writes lock");
+            match &result {
+                // Unless it was forgotten meanwhile (too many newer ids).
+                Ok(w) => {
+                    if let Some(state) = inner.states.get_mut(&id) {
+                        *state = State::Written(*w);
+                    }
+                }
+                Err(_) => {
+                    inner.states.remove(&id);
+                }
+            }
+            notify.notify_waiters();
+            result
+        });
+        match task.await {
+            Ok(result) => result.map(Outcome::Made),
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    /// Request ids remembered.
+    pub fn len(&self) -> usize {
+        self.inner.lock().expect("recent writes lock").states.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kappakv_protocol::EntryId;
+
+    use super::*;
+
+    fn written(lsn: u64) -> Written {
+        Written {
+            lsn,
+            id: EntryId([lsn as u8; 32]),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_repeat_gets_the_first_write_and_a_failed_one_is_forgotten() {
+        let recent = Arc::new(RecentWrites::default());
+        let id = RequestId([1; 16]);
+        let first = recent.once(id, async { Ok(written(1)) }).await.unwrap();
+        assert_eq!(first, Outcome::Made(written(1)));
+        let again = recent.once(id, async { Ok(written(2)) }).await.unwrap();
+        assert_eq!(again, Outcome::Repeated(written(1)));
+
+        let other = RequestId([2; 16]);
+        let failed = recent
+            .once(other, async { Err(WriteError::ShuttingDown) })
+            .await;
+        assert!(failed.is_err());
+        let retried = recent.once(other, async { Ok(written(3)) }).await.unwrap();
+        assert_eq!(retried, Outcome::Made(written(3)));
+    }
+
+    #[tokio::test]
+    async fn a_repeat_during_the_first_write_waits_for_it() {
+        let recent = Arc::new(RecentWrites::default());
+        let id = RequestId([3; 16]);
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let first = tokio::spawn({
+            let recent = recent.clone();
+            async move {
+                recent
+                    .once(id, async move {
+                        released.await.unwrap();
+                        Ok(written(7))
+                    })
+                    .await
+            }
+        });
+        // The first is under way once its id is recorded.
+        while recent.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let repeat = tokio::spawn({
+            let recent = recent.clone();
+            async move { recent.once(id, async { Ok(written(8)) }).await }
+        });
+        release.send(()).unwrap();
+        assert_eq!(first.await.unwrap().unwrap(), Outcome::Made(written(7)));
+        assert_eq!(
+            repeat.await.unwrap().unwrap(),
+            Outcome::Repeated(written(7))
+        );
+    }
+}
