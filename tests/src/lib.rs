@@ -70,9 +70,29 @@ impl TestNode {
 /// The path of a workspace binary (`kappakv`, `kappactl`), built (or brought up to date) with
 /// `cargo build` the first time a test process asks for it, so tests never run a stale binary.
 pub fn binary(name: &str) -> Result<PathBuf> {
+    let package = if name == "kappactl" {
+        "kappactl"
+    } else {
+        "kappakv-server"
+    };
+    built(&["-p", package, "--bin", name], Path::new(name))
+}
+
+/// The path of an example of the client library (`client/examples/NAME.rs`), built like
+/// [`binary`].
+pub fn example(name: &str) -> Result<PathBuf> {
+    built(
+        &["-p", "kappakv-client", "--example", name],
+        &Path::new("examples").join(name),
+    )
+}
+
+/// Runs `cargo build ARGS` the first time a test process asks for these args, and returns
+/// `path` under the profile's target dir.
+fn built(args: &[&str], path: &Path) -> Result<PathBuf> {
     static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test-binary> or target/<profile>/<bin> → target/<profile>/<name>
+    // target/<profile>/deps/<test-binary> or target/<profile>/<bin> → target/<profile>
     let profile_dir = exe
         .parent()
         .and_then(|dir| {
@@ -83,18 +103,13 @@ pub fn binary(name: &str) -> Result<PathBuf> {
             }
         })
         .context("test binary has no target dir")?;
-    let path = profile_dir.join(name);
+    let key = args.join(" ");
     let mut built = BUILT
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if !built.iter().any(|b| b == name) {
-        let package = if name == "kappactl" {
-            "kappactl"
-        } else {
-            "kappakv-server"
-        };
+    if !built.contains(&key) {
         let mut cargo = Command::new(env!("CARGO"));
-        cargo.args(["build", "--locked", "-p", package, "--bin", name]);
+        cargo.args(["build", "--locked"]).args(args);
         // `cargo test` runs this process with the variables it gives build scripts
         // (`CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME`, `OUT_DIR`…). Some build scripts (ring's)
         // rerun when those differ, so passing them on would rebuild half the dependency tree
@@ -124,11 +139,11 @@ pub fn binary(name: &str) -> Result<PathBuf> {
             cargo.arg("--release");
         }
         if !cargo.status()?.success() {
-            bail!("building {name} failed");
+            bail!("`cargo build {key}` failed");
         }
-        built.push(name.to_string());
+        built.push(key);
     }
-    Ok(path)
+    Ok(profile_dir.join(path))
 }
 
 /// A [`Command`] for a workspace binary that inherits no `KAPPAKV_*` variable from the test's
