@@ -516,7 +516,15 @@ fn export(data_dir: &Path, out: Option<&Path>, since: Option<&Path>) -> Result<E
 }
 
 fn import(config: &Config, files: &[PathBuf]) -> ExitCode {
-    match kappakv_server::commands::import::run(&config.data_dir, files, config.writer_ids()) {
+    let result = progress::observed("import", "bytes", |p| {
+        kappakv_server::commands::import::run_observed(
+            &config.data_dir,
+            files,
+            config.writer_ids(),
+            p,
+        )
+    });
+    match result {
         Ok(summary) => {
             println!("{summary}");
             for rejection in &summary.rejected {

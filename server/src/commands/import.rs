@@ -242,11 +242,35 @@ pub fn run(
     paths: &[PathBuf],
     writers: Option<HashSet<NodeId>>,
 ) -> Result<ImportSummary, ImportError> {
+    run_observed(data_dir, paths, writers, &mut |_, _| {})
+}
+
+/// Imports like [`run`], telling `progress` the bytes of the files decoded so far out of their
+/// total (standard input counts once it is read).
+#[allow(clippy::implicit_hasher)]
+pub fn run_observed(
+    data_dir: &Path,
+    paths: &[PathBuf],
+    writers: Option<HashSet<NodeId>>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ImportSummary, ImportError> {
     let mut importer = Importer::open(data_dir, writers)?;
+    let mut total: u64 = paths
+        .iter()
+        .filter(|p| p.as_os_str() != "-")
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    let mut done = 0;
     for path in paths {
         let source = ImportSource::read(path)?;
-        importer.add(&source);
+        if path.as_os_str() == "-" {
+            total += source.bytes.len() as u64;
+        }
+        importer.add(&source, &mut |at| progress(done + at, total));
+        done += source.bytes.len() as u64;
     }
+    progress(done, total.max(done));
     importer.finish()
 }
 
@@ -259,7 +283,7 @@ pub fn run_sources(
 ) -> Result<ImportSummary, ImportError> {
     let mut importer = Importer::open(data_dir, writers)?;
     for source in sources {
-        importer.add(source);
+        importer.add(source, &mut |_| {});
     }
     importer.finish()
 }
@@ -292,11 +316,17 @@ impl Importer {
         })
     }
 
-    /// Decodes every record of `source`.
-    fn add(&mut self, source: &ImportSource) {
+    /// Decodes every record of `source`, telling `progress` the bytes decoded now and then.
+    fn add(&mut self, source: &ImportSource, progress: &mut dyn FnMut(u64)) {
+        const PROGRESS_BYTES: usize = 4 * 1024 * 1024;
         let bytes = &source.bytes[..];
         let mut at = 0;
+        let mut told = 0;
         while at < bytes.len() {
+            if at >= told + PROGRESS_BYTES {
+                told = at;
+                progress(at as u64);
+            }
             let reject = |reason: String| Rejection::Record {
                 file: source.name.clone(),
                 offset: at as u64,
