@@ -46,6 +46,10 @@ struct Inner {
     written_lsn: AtomicU64,
     /// Whether the node's last hello said the token is read-only.
     read_only: AtomicBool,
+    /// The first half of every request id this client makes, random; the second half counts.
+    request_ids: [u8; 8],
+    /// Request ids made.
+    requests: AtomicU64,
 }
 
 #[derive(Clone, Debug)]
@@ -248,6 +252,8 @@ impl Client {
                 redial: tokio::sync::Mutex::new(1),
                 written_lsn: AtomicU64::new(0),
                 read_only: AtomicBool::new(hello.read_only),
+                request_ids: random_bytes(),
+                requests: AtomicU64::new(0),
             }),
         })
     }
@@ -376,7 +382,7 @@ impl Client {
         }
         self.written(Request::WriteIf {
             ops,
-            request_id: Some(new_request_id()),
+            request_id: Some(self.new_request_id()),
         })
         .await
     }
@@ -394,9 +400,19 @@ impl Client {
         validate(&ops)?;
         self.written(Request::Write {
             ops,
-            request_id: Some(new_request_id()),
+            request_id: Some(self.new_request_id()),
         })
         .await
+    }
+
+    /// A fresh id for a write request, so that sending it again is safe: this client's random
+    /// prefix and a count, unique without a system call per write.
+    fn new_request_id(&self) -> RequestId {
+        let n = self.inner.requests.fetch_add(1, Ordering::Relaxed);
+        let mut id = [0u8; RequestId::LEN];
+        id[..8].copy_from_slice(&self.inner.request_ids);
+        id[8..].copy_from_slice(&n.to_be_bytes());
+        RequestId(id)
     }
 
     /// Sends a write and takes its `Written` answer. The request carries an id, so it is sent
@@ -715,11 +731,10 @@ impl Unanswered {
     }
 }
 
-/// A fresh id for a write request, so that sending it again is safe.
-fn new_request_id() -> RequestId {
-    let mut bytes = [0u8; RequestId::LEN];
+fn random_bytes() -> [u8; 8] {
+    let mut bytes = [0u8; 8];
     getrandom::fill(&mut bytes).expect("the operating system's random numbers");
-    RequestId(bytes)
+    bytes
 }
 
 /// A failed attempt, and the connection generation it was sent on if the answer was lost.
