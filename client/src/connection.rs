@@ -1,14 +1,16 @@
 //! One QUIC connection to a node: dialling with the node id pinned, the hello, and the
 //! request/response exchange on a bidirectional stream (`u32 LE length | MessagePack` frames).
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
 use kappakv_protocol::frame::{FRAME_HEADER_LEN, decode_body, encode_frame, frame_len};
 use kappakv_protocol::limits::MAX_FRAME_BYTES;
 use kappakv_protocol::tls::{self, PinnedServerVerifier, node_id_of_cert};
-use kappakv_protocol::{ALPN_CLIENT, NodeId, Request, Response, Ticket};
+use kappakv_protocol::{ALPN_CLIENT, NodeAddr, NodeId, Request, Response, Ticket};
 use quinn::{RecvStream, SendStream};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -24,17 +26,54 @@ pub(crate) struct Hello {
     pub(crate) read_only: bool,
 }
 
-/// Opens a local UDP endpoint able to reach every address of the ticket.
+/// Opens a local UDP endpoint able to reach every address of the ticket: IPv4 when they are
+/// all IPv4 addresses, else dual-stack IPv6 (IPv4 where the machine has no IPv6).
 pub(crate) fn open_endpoint(ticket: &Ticket) -> Result<quinn::Endpoint, ConnectError> {
-    let bind: SocketAddr = if ticket.addrs.iter().all(SocketAddr::is_ipv4) {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    quinn::Endpoint::client(bind).map_err(|source| ConnectError::Bind { source })
+    let v4_only = ticket
+        .addrs
+        .iter()
+        .all(|a| a.ip().is_some_and(|ip| ip.is_ipv4()));
+    if !v4_only && let Ok(endpoint) = quinn::Endpoint::client((Ipv6Addr::UNSPECIFIED, 0).into()) {
+        return Ok(endpoint);
+    }
+    quinn::Endpoint::client((Ipv4Addr::UNSPECIFIED, 0).into())
+        .map_err(|source| ConnectError::Bind { source })
 }
 
-/// Dials the ticket's addresses in order and returns the first authenticated connection.
+/// The socket addresses of the ticket, names resolved now, that `endpoint` can reach.
+async fn resolve(
+    endpoint: &quinn::Endpoint,
+    ticket: &Ticket,
+) -> (Vec<SocketAddr>, Option<ConnectError>) {
+    let v6 = endpoint.local_addr().is_ok_and(|a| a.is_ipv6());
+    let mut addrs = Vec::new();
+    let mut failed = None;
+    for addr in &ticket.addrs {
+        match addr {
+            NodeAddr::Ip(a) => addrs.push(*a),
+            NodeAddr::Name { host, port } => {
+                match tokio::net::lookup_host((host.as_str(), *port)).await {
+                    Ok(found) => addrs.extend(found),
+                    Err(source) => {
+                        tracing::debug!(%host, error = %source, "cannot resolve");
+                        failed = Some(ConnectError::Resolve {
+                            host: host.clone(),
+                            source,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    addrs.retain(|a| v6 || a.is_ipv4());
+    let mut seen = std::collections::HashSet::new();
+    addrs.retain(|a| seen.insert(*a));
+    (addrs, failed)
+}
+
+/// Dials every address of the ticket at once (names resolved at each dial) and returns the
+/// first connection authenticated with the ticket's node key and token; the other attempts
+/// are dropped.
 ///
 /// A refused token ends the search at once: every address is the same node.
 pub(crate) async fn dial(
@@ -42,9 +81,14 @@ pub(crate) async fn dial(
     ticket: &Ticket,
     options: &ClientOptions,
 ) -> Result<(quinn::Connection, Hello), ConnectError> {
-    let mut last = ConnectError::NoAddress;
-    for &addr in &ticket.addrs {
-        match dial_one(endpoint, ticket, options, addr).await {
+    let (addrs, failed) = resolve(endpoint, ticket).await;
+    let mut last = failed.unwrap_or(ConnectError::NoAddress);
+    let mut attempts: FuturesUnordered<_> = addrs
+        .into_iter()
+        .map(|addr| async move { (addr, dial_one(endpoint, ticket, options, addr).await) })
+        .collect();
+    while let Some((addr, result)) = attempts.next().await {
+        match result {
             Ok(ok) => return Ok(ok),
             Err(e @ (ConnectError::Unauthorized { .. } | ConnectError::Refused { .. })) => {
                 return Err(e);

@@ -35,6 +35,14 @@ pub enum ConnectError {
         /// The node id the certificate carried, if it was readable.
         found: Option<NodeId>,
     },
+    /// A name of the ticket could not be resolved.
+    #[error("cannot resolve {host}: {source}")]
+    Resolve {
+        /// The name.
+        host: String,
+        /// What the resolver said.
+        source: std::io::Error,
+    },
     /// The address could not be dialled at all.
     #[error("cannot dial {addr}: {source}")]
     Dial {
@@ -89,6 +97,7 @@ impl ConnectError {
         match self {
             ConnectError::Dial { .. }
             | ConnectError::Handshake { .. }
+            | ConnectError::Resolve { .. }
             | ConnectError::Timeout { .. } => true,
             ConnectError::Refused { code, .. } => code.retryable(),
             ConnectError::Hello { source, .. } => source.is_retryable(),

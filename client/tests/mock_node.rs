@@ -212,7 +212,7 @@ async fn connect_errors_are_precise() {
 
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut nobody = node.ticket();
-    nobody.addrs = vec![silent.local_addr().unwrap()];
+    nobody.addrs = vec![silent.local_addr().unwrap().into()];
     let err = Client::builder(nobody)
         .connect_timeout(Duration::from_millis(200))
         .connect()

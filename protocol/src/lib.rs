@@ -43,7 +43,7 @@ pub use response::{
     BootstrapStatus, Change, ErrorCode, KeyVersions, PeerStatus, Response, Status, Version,
 };
 pub use sign::Keypair;
-pub use ticket::{Ticket, TicketError};
+pub use ticket::{NodeAddr, NodeAddrError, Ticket, TicketError};
 
 /// ALPN protocol name of client connections.
 pub const ALPN_CLIENT: &[u8] = b"kappakv-client/1";

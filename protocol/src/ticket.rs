@@ -10,13 +10,96 @@ use crate::ids::NodeId;
 
 const SCHEME: &str = "kappakv://";
 
+/// Where to dial a node: an IP address and port, or a DNS name and port, which the dialler
+/// resolves at each dial (so a node whose address changes is found again).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum NodeAddr {
+    /// An IP address (v4, or v6 in brackets in text) and port.
+    Ip(SocketAddr),
+    /// A DNS name and port.
+    Name {
+        /// The name, such as `db1.example.com` or `localhost`.
+        host: String,
+        /// The UDP port.
+        port: u16,
+    },
+}
+
+impl NodeAddr {
+    /// The port.
+    pub fn port(&self) -> u16 {
+        match self {
+            NodeAddr::Ip(a) => a.port(),
+            NodeAddr::Name { port, .. } => *port,
+        }
+    }
+
+    /// The IP address and port, if this is not a name.
+    pub fn ip(&self) -> Option<SocketAddr> {
+        match self {
+            NodeAddr::Ip(a) => Some(*a),
+            NodeAddr::Name { .. } => None,
+        }
+    }
+}
+
+impl From<SocketAddr> for NodeAddr {
+    fn from(a: SocketAddr) -> Self {
+        NodeAddr::Ip(a)
+    }
+}
+
+/// Text that is not `IP:PORT` or `NAME:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not IP:PORT or NAME:PORT (IPv6 in brackets: [::1]:7700)")]
+pub struct NodeAddrError(pub String);
+
+impl FromStr for NodeAddr {
+    type Err = NodeAddrError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(NodeAddr::Ip(a));
+        }
+        let bad = || NodeAddrError(s.to_string());
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port = port.parse().map_err(|_| bad())?;
+        // A DNS name: labels of letters, digits and `-`, separated by dots.
+        let name_like = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !name_like {
+            return Err(bad());
+        }
+        Ok(NodeAddr::Name {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for NodeAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NodeAddr::Ip(a) => write!(f, "{a}"),
+            NodeAddr::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
 /// Where a node is and how to authenticate to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ticket {
     /// The node's id; its TLS certificate must carry this key.
     pub node_id: NodeId,
-    /// Addresses to dial, in order of preference.
-    pub addrs: Vec<SocketAddr>,
+    /// Addresses to dial: a client tries them all and keeps the first that answers with the
+    /// node's key.
+    pub addrs: Vec<NodeAddr>,
     /// The client token.
     pub token: String,
 }
@@ -35,7 +118,7 @@ pub enum TicketError {
     #[error("ticket node id: {0}")]
     NodeId(#[from] ParseIdError),
     /// An address part.
-    #[error("ticket address `{addr}` is not IP:PORT")]
+    #[error("ticket address `{addr}` is not IP:PORT or NAME:PORT")]
     Address {
         /// The text that failed.
         addr: String,
@@ -59,7 +142,7 @@ impl FromStr for Ticket {
                     addr: a.to_string(),
                 })
             })
-            .collect::<Result<Vec<SocketAddr>, _>>()?;
+            .collect::<Result<Vec<NodeAddr>, _>>()?;
         if token.is_empty()
             || !token
                 .bytes()
@@ -99,11 +182,30 @@ mod tests {
             addrs: vec![
                 "127.0.0.1:7700".parse().unwrap(),
                 "[::1]:7700".parse().unwrap(),
+                "db-1.example.com:7710".parse().unwrap(),
             ],
             token: "rw_abc-123".into(),
         };
         assert_eq!(t.to_string().parse::<Ticket>().unwrap(), t);
         assert_eq!("http://x".parse::<Ticket>(), Err(TicketError::Scheme));
+        let named = format!("kappakv://{}@LocalHost:7700/tok", NodeId([1; 32]));
+        assert_eq!(
+            named.parse::<Ticket>().unwrap().addrs,
+            [NodeAddr::Name {
+                host: "localhost".into(),
+                port: 7700
+            }]
+        );
+        for bad in [
+            "localhost",
+            "under_score:1",
+            "a..b:1",
+            ":7700",
+            "x:99999",
+            "[::1:7700",
+        ] {
+            assert!(bad.parse::<NodeAddr>().is_err(), "{bad}");
+        }
         let bad_addr = format!("kappakv://{}@localhost/tok", NodeId([1; 32]));
         assert!(matches!(
             bad_addr.parse::<Ticket>(),

@@ -133,7 +133,12 @@ impl Tokens {
     }
 
     /// The ticket for `role`.
-    pub fn ticket(&self, node_id: NodeId, addrs: Vec<std::net::SocketAddr>, role: Role) -> Ticket {
+    pub fn ticket(
+        &self,
+        node_id: NodeId,
+        addrs: Vec<kappakv_protocol::NodeAddr>,
+        role: Role,
+    ) -> Ticket {
         let token = match role {
             Role::ReadWrite => &self.read_write,
             Role::ReadOnly => &self.read_only,

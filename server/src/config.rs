@@ -67,6 +67,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// The QUIC address to listen on. Loopback by default: exposing a node is a deliberate choice.
     pub listen: SocketAddr,
+    /// The addresses others should dial, `HOST:PORT` (DNS names or IP addresses), written into
+    /// tickets and the peer address. Empty: the listen address, or for a wildcard one the
+    /// machine's interface addresses, loopback last.
+    pub advertise: Vec<String>,
     /// Peers to replicate with, `NODEID@HOST:PORT`.
     pub peers: Vec<String>,
     /// When not empty, only entries written by these node ids are accepted from peers.
@@ -168,6 +172,7 @@ impl Default for Config {
         Self {
             data_dir: PathBuf::from("kappakv.data"),
             listen: SocketAddr::from(([127, 0, 0, 1], kappakv_protocol::DEFAULT_PORT)),
+            advertise: Vec::new(),
             peers: Vec::new(),
             writers: Vec::new(),
             accept_chain_loss: false,
@@ -461,6 +466,15 @@ impl Config {
                 value: self.admin_listen.clone(),
                 allowed: "IP:PORT (such as 127.0.0.1:7701) or `off`",
             });
+        }
+        for a in &self.advertise {
+            if a.parse::<kappakv_protocol::NodeAddr>().is_err() {
+                return Err(ConfigError::Invalid {
+                    setting: "advertise",
+                    value: a.clone(),
+                    allowed: "HOST:PORT, a DNS name or an IP address (IPv6 in brackets)",
+                });
+            }
         }
         for p in &self.peers {
             if crate::net::peer_spec(p).is_none() {

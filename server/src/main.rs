@@ -35,6 +35,12 @@ struct ServeArgs {
     /// QUIC address to listen on [default: 127.0.0.1:7700; env KAPPAKV_LISTEN]
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// An address others should dial, HOST:PORT: a DNS name or an IP address (repeatable),
+    /// written into tickets and the peer address. Without it: the listen address, or for
+    /// 0.0.0.0 or [::] the machine's interface addresses, loopback last
+    /// [env KAPPAKV_ADVERTISE, comma-separated]
+    #[arg(long = "advertise", value_name = "HOST:PORT")]
+    advertise: Vec<String>,
     /// A peer to replicate with, NODEID@HOST:PORT (repeatable) [env KAPPAKV_PEERS, comma-separated]
     #[arg(long = "peer", value_name = "NODEID@ADDR")]
     peers: Vec<String>,
@@ -199,6 +205,18 @@ fn layered(args: &ServeArgs) -> Result<Layered> {
     if let Some(l) = args.listen {
         flags.push(("listen", toml::Value::String(l.to_string())));
     }
+    if !args.advertise.is_empty() {
+        flags.push((
+            "advertise",
+            toml::Value::Array(
+                args.advertise
+                    .iter()
+                    .cloned()
+                    .map(toml::Value::String)
+                    .collect(),
+            ),
+        ));
+    }
     if !args.peers.is_empty() {
         flags.push((
             "peers",
@@ -250,6 +268,7 @@ fn serve_args(arg: &DataDirArg) -> ServeArgs {
     ServeArgs {
         data_dir: arg.clone(),
         listen: None,
+        advertise: vec![],
         peers: vec![],
         config: None,
         log_format: None,
@@ -471,7 +490,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(l) = listen {
                 config.listen = l;
             }
-            print_id(&config)?;
+            print_id(&config, listen.is_some())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Completions { shell } => {
@@ -543,25 +562,39 @@ fn import(config: &Config, files: &[PathBuf]) -> ExitCode {
     }
 }
 
-fn print_id(config: &Config) -> Result<()> {
+fn print_id(config: &Config, listen_given: bool) -> Result<()> {
+    use kappakv_server::auth::Role;
     let dir: &Path = &config.data_dir;
     let keypair = kappakv_server::identity::load_or_create(dir)
         .with_context(|| format!("reading the identity in {}", dir.display()))?;
     let tokens = kappakv_server::auth::Tokens::load_or_create(dir)?;
-    let mut addr = config.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
+    // What the node serves: the addresses of the ticket it wrote when it last started, whether
+    // or not it runs now; `--listen`, or a node never started, gives the settings' addresses.
+    let served = std::fs::read_to_string(dir.join(kappakv_server::auth::TICKET_FILE))
+        .ok()
+        .and_then(|t| t.parse::<kappakv_protocol::Ticket>().ok())
+        .map(|t| t.addrs)
+        .filter(|a| !listen_given && !a.is_empty());
+    let addrs =
+        served.unwrap_or_else(|| kappakv_server::net::advertised(config.listen, &config.advertise));
     let id = keypair.node_id();
-    println!("node id:          {id}");
-    println!("peer address:     {id}@{addr}");
+    let list = addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    println!("node id:           {id}");
+    println!("addresses:         {list}");
+    if let Some(first) = addrs.first() {
+        println!("peer address:      {id}@{first}");
+    }
     println!(
         "read-write ticket: {}",
-        tokens.ticket(id, vec![addr], kappakv_server::auth::Role::ReadWrite)
+        tokens.ticket(id, addrs.clone(), Role::ReadWrite)
     );
     println!(
         "read-only ticket:  {}",
-        tokens.ticket(id, vec![addr], kappakv_server::auth::Role::ReadOnly)
+        tokens.ticket(id, addrs, Role::ReadOnly)
     );
     Ok(())
 }

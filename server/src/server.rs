@@ -111,13 +111,10 @@ impl Server {
         &self.node
     }
 
-    /// A ticket for this server. An unspecified listen address is given as loopback.
+    /// A ticket for this server, with the addresses it advertises ([`crate::net::advertised`]).
     pub fn ticket(&self, role: Role) -> Ticket {
-        let mut addr = self.addr;
-        if addr.ip().is_unspecified() {
-            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-        }
-        self.node.tokens.ticket(self.node.node_id, vec![addr], role)
+        let addrs = crate::net::advertised(self.addr, &self.node.config.advertise);
+        self.node.tokens.ticket(self.node.node_id, addrs, role)
     }
 
     /// Stops gracefully.

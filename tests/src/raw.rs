@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use kappakv_protocol::frame::{FrameDecode, decode_body, decode_frame, encode_frame};
 use kappakv_protocol::limits::MAX_FRAME_BYTES;
 use kappakv_protocol::{ALPN_CLIENT, ErrorCode, Request, Response, Ticket};
@@ -33,7 +33,12 @@ pub fn endpoint_with(
 /// A new connection from `endpoint` to `ticket`'s node, not yet authenticated.
 pub async fn dial(endpoint: &quinn::Endpoint, ticket: &Ticket) -> Result<quinn::Connection> {
     Ok(endpoint
-        .connect(ticket.addrs[0], kappakv_protocol::tls::SERVER_NAME)?
+        .connect(
+            ticket.addrs[0]
+                .ip()
+                .context("an IP address in the ticket")?,
+            kappakv_protocol::tls::SERVER_NAME,
+        )?
         .await?)
 }
 

@@ -547,7 +547,8 @@ async fn a_connection_flood_does_not_lock_out_new_clients() -> Result<()> {
     for _ in 0..2 * MAX_CONNECTIONS {
         let initial = raw::initial_packet(&target.ticket).await?;
         let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
-        socket.send_to(&initial, target.ticket.addrs[0]).await?;
+        let to = target.ticket.addrs[0].ip().context("an IP address")?;
+        socket.send_to(&initial, to).await?;
         sockets.push(socket);
     }
     let late = Client::connect(&target.ticket)

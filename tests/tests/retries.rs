@@ -85,7 +85,7 @@ impl Drop for Relay {
 /// A client of `node` through `relay` that notices a dead connection within a second.
 async fn client_through(node: &ProcessNode, relay: &Relay) -> anyhow::Result<Client> {
     let mut ticket: Ticket = node.ticket()?;
-    ticket.addrs = vec![relay.addr];
+    ticket.addrs = vec![relay.addr.into()];
     Ok(Client::builder(ticket)
         .idle_timeout(Duration::from_secs(1))
         .keep_alive(Some(Duration::from_millis(200)))

@@ -185,7 +185,7 @@ async fn exit_statuses() {
 
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut nowhere = node.ticket();
-    nowhere.addrs = vec![silent.local_addr().unwrap()];
+    nowhere.addrs = vec![silent.local_addr().unwrap().into()];
     let o = run(&nowhere.to_string(), &["get", "k"]).await;
     assert_eq!(o.status.code(), Some(3));
 

@@ -81,7 +81,7 @@ impl MockNode {
     pub fn ticket(&self) -> Ticket {
         Ticket {
             node_id: self.node_id,
-            addrs: vec![self.addr],
+            addrs: vec![self.addr.into()],
             token: "rw_secret".into(),
         }
     }

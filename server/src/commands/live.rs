@@ -32,7 +32,9 @@ use kappakv_protocol::frame::{
     FRAME_HEADER_LEN, FrameDecode, decode_body, decode_frame, encode_frame,
 };
 use kappakv_protocol::limits::MAX_FRAME_BYTES;
-use kappakv_protocol::{ALPN_CLIENT, ErrorCode, Lsn, NodeId, Request, Response, Status, Ticket};
+use kappakv_protocol::{
+    ALPN_CLIENT, ErrorCode, Lsn, NodeAddr, NodeId, Request, Response, Status, Ticket,
+};
 
 use crate::log::OpenLogError;
 use crate::log::file::{FsLogDir, LogDir, OpenMode};
@@ -316,11 +318,21 @@ fn ask_on_own_runtime(ticket: &Ticket) -> Result<Status, Failure> {
     })
 }
 
-/// Tries the ticket's addresses in order; a refusal ends the search (every address is the same
+/// Tries the ticket's addresses, loopback first (the node runs on this machine), then its other
+/// IP addresses, then its names resolved; a refusal ends the search (every address is the same
 /// node).
 async fn ask(ticket: &Ticket) -> Result<Status, Failure> {
     let mut last = Failure::Unreachable("the ticket has no address".into());
-    for &addr in &ticket.addrs {
+    let mut addrs: Vec<SocketAddr> = ticket.addrs.iter().filter_map(NodeAddr::ip).collect();
+    addrs.sort_by_key(|a| !a.ip().is_loopback());
+    for addr in &ticket.addrs {
+        if let NodeAddr::Name { host, port } = addr
+            && let Ok(found) = tokio::net::lookup_host((host.as_str(), *port)).await
+        {
+            addrs.extend(found);
+        }
+    }
+    for addr in addrs {
         match ask_at(ticket, addr).await {
             Ok(status) => return Ok(status),
             Err(e @ Failure::Refused { .. }) => return Err(e),

@@ -11,7 +11,9 @@ pub mod endpoint;
 pub mod tls;
 pub mod watch;
 
-use kappakv_protocol::NodeId;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use kappakv_protocol::{NodeAddr, NodeId};
 
 /// Parses `NODEID@HOST:PORT`.
 pub fn peer_spec(s: &str) -> Option<(NodeId, String)> {
@@ -22,6 +24,40 @@ pub fn peer_spec(s: &str) -> Option<(NodeId, String)> {
         return None;
     }
     Some((id, addr.to_string()))
+}
+
+/// The addresses this node's tickets and peer address give, for a node bound to `bound`:
+/// `advertise` when given (names or IP addresses, as others should dial them); else, for a
+/// wildcard address, the machine's interface addresses of that family with the bound port,
+/// loopback last; else `bound` itself.
+pub fn advertised(bound: SocketAddr, advertise: &[String]) -> Vec<NodeAddr> {
+    let given: Vec<NodeAddr> = advertise.iter().filter_map(|a| a.parse().ok()).collect();
+    if !given.is_empty() {
+        return given;
+    }
+    if !bound.ip().is_unspecified() {
+        return vec![bound.into()];
+    }
+    let v6 = bound.is_ipv6();
+    let mut addrs: Vec<SocketAddr> = if_addrs::get_if_addrs()
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot list the machine's addresses; tickets give loopback only: set --advertise");
+            Vec::new()
+        })
+        .into_iter()
+        .map(|i| i.ip())
+        // A socket bound to [::] takes IPv4 too; one bound to 0.0.0.0 takes only IPv4.
+        .filter(|ip| !ip.is_loopback() && (v6 || ip.is_ipv4()))
+        .filter(|ip| match ip {
+            IpAddr::V6(v6) => !v6.is_unicast_link_local(),
+            IpAddr::V4(v4) => !v4.is_link_local(),
+        })
+        .map(|ip| SocketAddr::new(ip, bound.port()))
+        .collect();
+    addrs.sort_by_key(|a| (a.is_ipv6(), *a));
+    addrs.dedup();
+    addrs.push(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), bound.port()));
+    addrs.into_iter().map(NodeAddr::from).collect()
 }
 
 /// Application close codes.
