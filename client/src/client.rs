@@ -526,6 +526,37 @@ impl Client {
 
     // ---- peers --------------------------------------------------------------------------
 
+    /// Makes an invite: a string that makes the node given it this node's peer, once, within
+    /// `expires` (`kappakv serve --join`, or [`Client::peer_join`] on that node).
+    pub async fn peer_invite(&self, expires: std::time::Duration) -> Result<String> {
+        let request = Request::PeerInvite {
+            expires_secs: expires.as_secs().max(1),
+        };
+        match self
+            .unary(&request, false)
+            .await
+            .map_err(Unanswered::into_error)?
+        {
+            Response::Invite { invite } => Ok(invite),
+            other => Err(unexpected("peer_invite", &other)),
+        }
+    }
+
+    /// Joins this node to the node that made `invite`: both add each other as peers.
+    pub async fn peer_join(&self, invite: &str) -> Result<()> {
+        let request = Request::PeerJoin {
+            invite: invite.trim().to_string(),
+        };
+        match self
+            .unary(&request, false)
+            .await
+            .map_err(Unanswered::into_error)?
+        {
+            Response::Ok => Ok(()),
+            other => Err(unexpected("peer_join", &other)),
+        }
+    }
+
     /// Adds a peer at run time; `addr` is `HOST:PORT`.
     pub async fn peer_add(&self, node_id: NodeId, addr: impl Into<String>) -> Result<()> {
         let request = Request::PeerAdd {

@@ -69,8 +69,8 @@ pub use error::{
 pub use kappakv_protocol::limits;
 pub use kappakv_protocol::{
     BootstrapStatus, Change, Context, EntryId, ErrorCode, IndexQuery, IndexStatus, IndexValue,
-    KeyRange, KeyVersions, Lsn, NodeAddr, NodeId, PeerStatus, StateRoot, Status, Ticket, Timestamp,
-    Version, WriteOp,
+    KeyRange, KeyVersions, Lsn, NodeAddr, NodeId, PeerOrigin, PeerStatus, StateRoot, Status,
+    Ticket, Timestamp, Version, WriteOp,
 };
 pub use query::{QueryCursor, QueryOptions, QueryPage};
 pub use scan::{Scan, ScanOptions};

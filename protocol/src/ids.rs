@@ -139,6 +139,13 @@ fixed_bytes!(
     "request id"
 );
 fixed_bytes!(
+    /// The secret of an invite: whoever shows it (once, before it expires) joins the node that
+    /// made it as a peer.
+    InviteSecret,
+    32,
+    "invite secret"
+);
+fixed_bytes!(
     /// An ed25519 signature of an [`EntryId`], vouching for the author's chain up to that entry.
     Signature,
     64,

@@ -36,14 +36,15 @@ pub mod verify;
 
 pub use entry::{Entry, HlcClock, Op, SignedEntry, Timestamp};
 pub use error::{DecodeError, FramingError, InvalidEntry, ParseIdError, VerifyError};
-pub use ids::{Context, EntryId, NodeId, RequestId, Signature, StateRoot};
+pub use ids::{Context, EntryId, InviteSecret, NodeId, RequestId, Signature, StateRoot};
 pub use index::{IndexQuery, IndexStatus, IndexValue};
 pub use request::{KeyRange, Lsn, Request, WriteOp};
 pub use response::{
-    BootstrapStatus, Change, ErrorCode, KeyVersions, PeerStatus, Response, Status, Version,
+    BootstrapStatus, Change, ErrorCode, KeyVersions, PeerOrigin, PeerStatus, Response, Status,
+    Version,
 };
 pub use sign::Keypair;
-pub use ticket::{NodeAddr, NodeAddrError, Ticket, TicketError};
+pub use ticket::{Invite, NodeAddr, NodeAddrError, Ticket, TicketError};
 
 /// ALPN protocol name of client connections.
 pub const ALPN_CLIENT: &[u8] = b"kappakv-client/1";

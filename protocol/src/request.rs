@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{EntryId, NodeId, RequestId};
+use crate::ids::{EntryId, InviteSecret, NodeId, RequestId, Signature};
 use crate::index::IndexQuery;
 
 /// A log sequence number: the 1-based position of a record in a node's log. `0` means "none".
@@ -132,6 +132,32 @@ pub enum Request {
     },
     /// Lists peers. Answered with `Status` (its peer list).
     PeerList,
+    /// Makes an invite: a secret that makes its holder this node's peer once, within
+    /// `expires_secs`. Answered with `Invite`.
+    PeerInvite {
+        /// Its lifetime, in seconds.
+        expires_secs: u64,
+    },
+    /// Joins this node to the one that made `invite`: this node asks it with `Join`, and each
+    /// adds the other to its peer list. Answered with `Ok` once both have.
+    PeerJoin {
+        /// The invite, as `PeerInvite` made it.
+        invite: String,
+    },
+    /// A node shows an invite's secret to the node that made it, to become its peer; allowed
+    /// before `Hello`, since the secret is the credential. Answered with `Joined`, or `Error`
+    /// with `Unauthorized` for a used, expired or unknown secret or a bad proof.
+    Join {
+        /// The joining node.
+        node_id: NodeId,
+        /// Where it can be dialled, `HOST:PORT`, in order of preference.
+        addrs: Vec<String>,
+        /// The invite's secret.
+        secret: InviteSecret,
+        /// The joining node's signature of `Invite::proof(inviter, node_id, secret)`: it holds
+        /// the key of `node_id`.
+        proof: Signature,
+    },
     /// Reads a declared secondary index: the keys whose current values match `query`, each
     /// with its current versions, in index order. Answered with a stream of `Versions` frames,
     /// then `QueryEnd`; or `Error` with `IndexBuilding` while the index is being built.
@@ -179,6 +205,9 @@ impl crate::frame::MessageKinds for Request {
         "PeerAdd",
         "PeerRemove",
         "PeerList",
+        "PeerInvite",
+        "PeerJoin",
+        "Join",
         "Query",
         "Sync",
     ];
@@ -192,6 +221,8 @@ impl Request {
             Request::Write { .. }
                 | Request::WriteIf { .. }
                 | Request::PeerAdd { .. }
+                | Request::PeerInvite { .. }
+                | Request::PeerJoin { .. }
                 | Request::PeerRemove { .. }
                 | Request::Sync { receive: true, .. }
         )
@@ -211,6 +242,9 @@ impl Request {
             Request::PeerAdd { .. } => "peer_add",
             Request::PeerRemove { .. } => "peer_remove",
             Request::PeerList => "peer_list",
+            Request::PeerInvite { .. } => "peer_invite",
+            Request::PeerJoin { .. } => "peer_join",
+            Request::Join { .. } => "join",
             Request::Query { .. } => "query",
             Request::Sync { .. } => "sync",
         }
@@ -261,6 +295,16 @@ mod tests {
                 node_id: NodeId([1; 32]),
             },
             Request::PeerList,
+            Request::PeerInvite { expires_secs: 60 },
+            Request::PeerJoin {
+                invite: String::new(),
+            },
+            Request::Join {
+                node_id: NodeId([1; 32]),
+                addrs: vec![],
+                secret: InviteSecret([2; 32]),
+                proof: Signature([3; 64]),
+            },
             Request::Query {
                 index: "i".into(),
                 query: IndexQuery::Exact(vec![]),
@@ -289,6 +333,9 @@ mod tests {
                 | Request::PeerAdd { .. }
                 | Request::PeerRemove { .. }
                 | Request::PeerList
+                | Request::PeerInvite { .. }
+                | Request::PeerJoin { .. }
+                | Request::Join { .. }
                 | Request::Query { .. }
                 | Request::Sync { .. } => {}
             }

@@ -67,6 +67,47 @@ pub struct PeerStatus {
     pub they_lack: u64,
     /// Entries this node lacks that it has, as far as this node knows.
     pub we_lack: u64,
+    /// How it came to be a peer.
+    #[serde(default)]
+    pub origin: PeerOrigin,
+}
+
+/// How a peer came to be on a node's peer list.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerOrigin {
+    /// Given by `--peer`, `KAPPAKV_PEERS` or the config file.
+    Configured,
+    /// Added at run time (`kappactl peer add`).
+    #[default]
+    Added,
+    /// Joined with an invite, either way (`serve --join`, `kappactl peer join`, or the node
+    /// that made the invite).
+    Joined,
+}
+
+impl PeerOrigin {
+    /// Its name in lower case, as `peer list` shows it and the peers file keeps it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerOrigin::Configured => "configured",
+            PeerOrigin::Added => "added",
+            PeerOrigin::Joined => "joined",
+        }
+    }
+}
+
+impl std::str::FromStr for PeerOrigin {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        [
+            PeerOrigin::Configured,
+            PeerOrigin::Added,
+            PeerOrigin::Joined,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == s)
+        .ok_or(())
+    }
 }
 
 /// The node's state.
@@ -240,6 +281,18 @@ pub enum Response {
     SyncStarted,
     /// Done, nothing to return.
     Ok,
+    /// An invite (`PeerInvite`), to give to the node that should join.
+    Invite {
+        /// `kappakv-invite://NODEID@ADDR[,ADDR…]/SECRET`.
+        invite: String,
+    },
+    /// A `Join` was taken: the joining node is on this node's peer list.
+    Joined {
+        /// This node.
+        node_id: NodeId,
+        /// Where it can be dialled, `HOST:PORT`.
+        addrs: Vec<String>,
+    },
     /// The request failed.
     Error {
         /// What kind of failure.
@@ -262,6 +315,8 @@ impl crate::frame::MessageKinds for Response {
         "Status",
         "SyncStarted",
         "Ok",
+        "Invite",
+        "Joined",
         "Error",
     ];
 }
@@ -332,6 +387,13 @@ mod tests {
             Response::Status(Box::default()),
             Response::SyncStarted,
             Response::Ok,
+            Response::Invite {
+                invite: String::new(),
+            },
+            Response::Joined {
+                node_id: NodeId([1; 32]),
+                addrs: vec![],
+            },
             Response::Error {
                 code: ErrorCode::Busy,
                 message: String::new(),
@@ -350,6 +412,8 @@ mod tests {
                 | Response::Status(_)
                 | Response::SyncStarted
                 | Response::Ok
+                | Response::Invite { .. }
+                | Response::Joined { .. }
                 | Response::Error { .. } => {}
             }
             let frame = encode_frame(r);

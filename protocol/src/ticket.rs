@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 
 use crate::error::ParseIdError;
-use crate::ids::NodeId;
+use crate::ids::{EntryId, InviteSecret, NodeId};
 
 const SCHEME: &str = "kappakv://";
 
@@ -126,23 +126,45 @@ pub enum TicketError {
     /// The token part is empty or has characters outside `[A-Za-z0-9_-]`.
     #[error("ticket token must be non-empty letters, digits, `-` or `_`")]
     Token,
+    /// An invite's secret is not 64 hex digits.
+    #[error("the invite's secret is not 64 hex digits: copy the whole invite again")]
+    Secret,
+}
+
+/// `SCHEME` `NODEID@ADDR[,ADDR…]/REST`: the node id, its addresses and the rest.
+fn split<'a>(
+    s: &'a str,
+    scheme: &'static str,
+) -> Result<(NodeId, Vec<NodeAddr>, &'a str), TicketError> {
+    let rest = s.trim().strip_prefix(scheme).ok_or(TicketError::Scheme)?;
+    let (node, rest) = rest.split_once('@').ok_or(TicketError::Shape)?;
+    let (addrs, tail) = rest.rsplit_once('/').ok_or(TicketError::Shape)?;
+    let node_id = node.parse()?;
+    let addrs = addrs
+        .split(',')
+        .map(|a| {
+            a.parse().map_err(|_| TicketError::Address {
+                addr: a.to_string(),
+            })
+        })
+        .collect::<Result<Vec<NodeAddr>, _>>()?;
+    Ok((node_id, addrs, tail))
+}
+
+fn write_addrs(f: &mut fmt::Formatter<'_>, addrs: &[NodeAddr]) -> fmt::Result {
+    for (i, a) in addrs.iter().enumerate() {
+        if i > 0 {
+            f.write_str(",")?;
+        }
+        write!(f, "{a}")?;
+    }
+    Ok(())
 }
 
 impl FromStr for Ticket {
     type Err = TicketError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let rest = s.trim().strip_prefix(SCHEME).ok_or(TicketError::Scheme)?;
-        let (node, rest) = rest.split_once('@').ok_or(TicketError::Shape)?;
-        let (addrs, token) = rest.rsplit_once('/').ok_or(TicketError::Shape)?;
-        let node_id = node.parse()?;
-        let addrs = addrs
-            .split(',')
-            .map(|a| {
-                a.parse().map_err(|_| TicketError::Address {
-                    addr: a.to_string(),
-                })
-            })
-            .collect::<Result<Vec<NodeAddr>, _>>()?;
+        let (node_id, addrs, token) = split(s, SCHEME)?;
         if token.is_empty()
             || !token
                 .bytes()
@@ -161,13 +183,56 @@ impl FromStr for Ticket {
 impl fmt::Display for Ticket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{SCHEME}{}@", self.node_id)?;
-        for (i, a) in self.addrs.iter().enumerate() {
-            if i > 0 {
-                f.write_str(",")?;
-            }
-            write!(f, "{a}")?;
-        }
+        write_addrs(f, &self.addrs)?;
         write!(f, "/{}", self.token)
+    }
+}
+
+const INVITE_SCHEME: &str = "kappakv-invite://";
+
+/// An invite: a node, where it is, and a secret that makes the holder its peer once, before
+/// the secret expires: `kappakv-invite://NODEID@ADDR[,ADDR…]/SECRET`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invite {
+    /// The inviting node; its certificate must carry this key.
+    pub node_id: NodeId,
+    /// Its addresses.
+    pub addrs: Vec<NodeAddr>,
+    /// The secret, 64 hex digits.
+    pub secret: InviteSecret,
+}
+
+impl Invite {
+    /// What a joining node signs with its key to show the inviting node it holds that key:
+    /// the inviter, the joiner and the secret, hashed with a context of their own (no entry's
+    /// canonical bytes hash to it).
+    pub fn proof(inviter: &NodeId, joiner: &NodeId, secret: &InviteSecret) -> EntryId {
+        let mut hasher = blake3::Hasher::new_derive_key("kappakv 2026 join proof v1");
+        hasher.update(inviter.as_bytes());
+        hasher.update(joiner.as_bytes());
+        hasher.update(secret.as_bytes());
+        EntryId(*hasher.finalize().as_bytes())
+    }
+}
+
+impl FromStr for Invite {
+    type Err = TicketError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (node_id, addrs, secret) = split(s, INVITE_SCHEME)?;
+        let secret = secret.parse().map_err(|_| TicketError::Secret)?;
+        Ok(Invite {
+            node_id,
+            addrs,
+            secret,
+        })
+    }
+}
+
+impl fmt::Display for Invite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{INVITE_SCHEME}{}@", self.node_id)?;
+        write_addrs(f, &self.addrs)?;
+        write!(f, "/{}", self.secret)
     }
 }
 
@@ -218,5 +283,30 @@ mod tests {
         ));
         let bad_tok = format!("kappakv://{}@127.0.0.1:1/", NodeId([1; 32]));
         assert_eq!(bad_tok.parse::<Ticket>(), Err(TicketError::Token));
+    }
+
+    #[test]
+    fn invites_round_trip_and_a_cut_secret_is_refused() {
+        let invite = Invite {
+            node_id: NodeId([3; 32]),
+            addrs: vec!["db1.example.com:7700".parse().unwrap()],
+            secret: InviteSecret([9; 32]),
+        };
+        let text = invite.to_string();
+        assert!(text.starts_with("kappakv-invite://"));
+        assert_eq!(text.parse::<Invite>().unwrap(), invite);
+        assert_eq!(
+            text[..text.len() - 1].parse::<Invite>(),
+            Err(TicketError::Secret)
+        );
+        assert_eq!(
+            text.replace("kappakv-invite", "kappakv").parse::<Invite>(),
+            Err(TicketError::Scheme)
+        );
+        let proof = Invite::proof(&NodeId([1; 32]), &NodeId([2; 32]), &invite.secret);
+        assert_ne!(
+            proof,
+            Invite::proof(&NodeId([2; 32]), &NodeId([1; 32]), &invite.secret)
+        );
     }
 }

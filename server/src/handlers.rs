@@ -6,8 +6,8 @@ use std::time::Duration;
 use kappakv_indexes::{QueryError, SecondaryIndexView, View as _};
 use kappakv_protocol::limits::{MAX_HISTORY_LIMIT, MAX_KEY_BYTES, MAX_QUERY_LIMIT, MAX_SCAN_LIMIT};
 use kappakv_protocol::{
-    ErrorCode, IndexQuery, IndexStatus, KeyVersions, Lsn, Request, RequestId, Response, Status,
-    WriteOp,
+    ErrorCode, IndexQuery, IndexStatus, KeyVersions, Lsn, PeerOrigin, Request, RequestId, Response,
+    Status, WriteOp,
 };
 use serde_bytes::ByteBuf;
 
@@ -142,7 +142,10 @@ pub async fn handle(node: &Node, request: Request, role: Role) -> Reply {
                     format!("peer address `{addr}` is not HOST:PORT"),
                 );
             }
-            match node.replication().map(|r| r.add_peer(node_id, addr)) {
+            match node
+                .replication()
+                .map(|r| r.add_peer(node_id, addr, PeerOrigin::Added))
+            {
                 Some(Ok(())) => Reply::One(Response::Ok),
                 Some(Err(e)) => error(ErrorCode::BadRequest, e.to_string()),
                 None => error(ErrorCode::Unavailable, "replication is not running"),
@@ -159,6 +162,9 @@ pub async fn handle(node: &Node, request: Request, role: Role) -> Reply {
                 None => error(ErrorCode::Unavailable, "replication is not running"),
             }
         }
+        Request::PeerInvite { expires_secs } => invite(node, expires_secs),
+        Request::PeerJoin { invite } => peer_join(node, &invite).await,
+        Request::Join { .. } => join(node, request),
         Request::Hello { .. } => error(
             ErrorCode::BadRequest,
             "hello is only valid as the first request",
@@ -202,6 +208,114 @@ fn key_too_large(len: usize) -> Reply {
         ErrorCode::TooLarge,
         format!("key of {len} bytes is over the limit of {MAX_KEY_BYTES}"),
     )
+}
+
+/// Where peers and clients should dial this node, as its tickets give it.
+fn own_addrs(node: &Node) -> Vec<String> {
+    let bound = node
+        .replication()
+        .and_then(|r| r.local_addr())
+        .unwrap_or(node.config.listen);
+    crate::net::advertised(bound, &node.config.advertise)
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+/// `PeerInvite`: an invite with this node's addresses and a new secret.
+fn invite(node: &Node, expires_secs: u64) -> Reply {
+    let lifetime = std::time::Duration::from_secs(expires_secs);
+    match node.invites.create(lifetime) {
+        Ok(secret) => {
+            let invite = kappakv_protocol::Invite {
+                node_id: node.node_id,
+                addrs: own_addrs(node)
+                    .iter()
+                    .filter_map(|a| a.parse().ok())
+                    .collect(),
+                secret,
+            };
+            tracing::info!(expires_secs, "invite made");
+            Reply::One(Response::Invite {
+                invite: invite.to_string(),
+            })
+        }
+        Err(e) => error(ErrorCode::Internal, e.to_string()),
+    }
+}
+
+/// `Join`, allowed before `Hello`: a node shows an invite's secret and proves it holds its key;
+/// it becomes a peer.
+pub fn join(node: &Node, request: Request) -> Reply {
+    let Request::Join {
+        node_id,
+        addrs,
+        secret,
+        proof,
+    } = request
+    else {
+        return error(ErrorCode::BadRequest, "not a join");
+    };
+    let digest = kappakv_protocol::Invite::proof(&node.node_id, &node_id, &secret);
+    if let Err(e) = kappakv_protocol::sign::verify_signature(&node_id, 0, &digest, &proof) {
+        tracing::warn!(peer = %node_id, error = %e, "refused a join: its proof does not verify");
+        return error(
+            ErrorCode::Unauthorized,
+            "the join's proof does not verify against its node id",
+        );
+    }
+    let Some(addr) = addrs
+        .iter()
+        .find(|a| a.parse::<kappakv_protocol::NodeAddr>().is_ok())
+    else {
+        return error(
+            ErrorCode::BadRequest,
+            "a join names at least one HOST:PORT to dial the joining node at",
+        );
+    };
+    let Some(replication) = node.replication() else {
+        return error(ErrorCode::Unavailable, "replication is not running");
+    };
+    if let Err(e) = node.invites.take(&secret) {
+        tracing::warn!(peer = %node_id, error = %e, "refused a join");
+        return error(ErrorCode::Unauthorized, e.to_string());
+    }
+    match replication.add_peer(node_id, addr.clone(), PeerOrigin::Joined) {
+        Ok(()) => {
+            tracing::info!(peer = %node_id, %addr, "a node joined with an invite: added to the peers");
+            Reply::One(Response::Joined {
+                node_id: node.node_id,
+                addrs: own_addrs(node),
+            })
+        }
+        Err(e) => error(ErrorCode::Internal, e.to_string()),
+    }
+}
+
+/// `PeerJoin`: joins this node to the node that made `invite`, and adds that node.
+async fn peer_join(node: &Node, invite: &str) -> Reply {
+    let invite: kappakv_protocol::Invite = match invite.parse() {
+        Ok(i) => i,
+        Err(e) => return error(ErrorCode::BadRequest, format!("bad invite: {e}")),
+    };
+    let Some(replication) = node.replication() else {
+        return error(ErrorCode::Unavailable, "replication is not running");
+    };
+    match crate::commands::join::join(&node.keypair, own_addrs(node), &invite).await {
+        Ok((peer, addrs)) => {
+            let Some(addr) = addrs.into_iter().next() else {
+                return error(ErrorCode::Internal, "the inviting node gave no address");
+            };
+            match replication.add_peer(peer, addr, PeerOrigin::Joined) {
+                Ok(()) => Reply::One(Response::Ok),
+                Err(e) => error(ErrorCode::Internal, e.to_string()),
+            }
+        }
+        Err(e @ crate::commands::join::JoinError::Unreachable { .. }) => {
+            error(ErrorCode::Unavailable, e.to_string())
+        }
+        Err(e) => error(ErrorCode::BadRequest, e.to_string()),
+    }
 }
 
 /// A local write. The writer checks the ops against the entry format (`Entry::validate`), so

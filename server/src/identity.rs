@@ -71,11 +71,9 @@ pub enum IdentityError {
 
 /// Loads the node key from `data_dir`, creating the dir and a new random key if there is none.
 pub fn load_or_create(data_dir: &Path) -> Result<Keypair, IdentityError> {
-    let path = data_dir.join(IDENTITY_FILE);
-    match fs::symlink_metadata(&path) {
-        Ok(_) => load(&path),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => create(data_dir, &path),
-        Err(source) => Err(IdentityError::Read { path, source }),
+    match load_or_generate(data_dir)? {
+        Ok(keypair) => Ok(keypair),
+        Err(new) => new.save(data_dir),
     }
 }
 
@@ -110,18 +108,54 @@ pub fn load(path: &Path) -> Result<Keypair, IdentityError> {
     Ok(Keypair::from_secret(secret))
 }
 
-fn create(data_dir: &Path, path: &Path) -> Result<Keypair, IdentityError> {
+/// A node key not yet written anywhere: `serve --join` proves it to the inviting node first,
+/// and [`NewIdentity::save`] keeps it only once the join was taken.
+pub struct NewIdentity {
+    secret: [u8; IDENTITY_FILE_LEN as usize],
+}
+
+impl NewIdentity {
+    /// A new random key.
+    pub fn generate() -> Result<Self, IdentityError> {
+        let mut secret = [0u8; IDENTITY_FILE_LEN as usize];
+        getrandom::fill(&mut secret).map_err(|e| IdentityError::Create {
+            path: PathBuf::from(IDENTITY_FILE),
+            source: io::Error::other(e.to_string()),
+        })?;
+        Ok(Self { secret })
+    }
+
+    /// Its key pair.
+    pub fn keypair(&self) -> Keypair {
+        Keypair::from_secret(self.secret)
+    }
+
+    /// Writes it into `data_dir`, creating the dir.
+    pub fn save(self, data_dir: &Path) -> Result<Keypair, IdentityError> {
+        store(data_dir, &data_dir.join(IDENTITY_FILE), self.secret)
+    }
+}
+
+/// The node key of `data_dir` if it has one, else a new one not yet written.
+pub fn load_or_generate(data_dir: &Path) -> Result<Result<Keypair, NewIdentity>, IdentityError> {
+    let path = data_dir.join(IDENTITY_FILE);
+    match fs::symlink_metadata(&path) {
+        Ok(_) => load(&path).map(Ok),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => NewIdentity::generate().map(Err),
+        Err(source) => Err(IdentityError::Read { path, source }),
+    }
+}
+
+fn store(
+    data_dir: &Path,
+    path: &Path,
+    secret: [u8; IDENTITY_FILE_LEN as usize],
+) -> Result<Keypair, IdentityError> {
     let create_err = |p: &Path| {
         let p = p.to_path_buf();
         move |source| IdentityError::Create { path: p, source }
     };
     fs::create_dir_all(data_dir).map_err(create_err(data_dir))?;
-    let mut secret = [0u8; IDENTITY_FILE_LEN as usize];
-    getrandom::fill(&mut secret).map_err(|e| IdentityError::Create {
-        path: path.to_path_buf(),
-        source: io::Error::other(e.to_string()),
-    })?;
-
     let tmp = data_dir.join(format!("{IDENTITY_FILE}.tmp"));
     // A leftover from a crashed creation may have any mode; start afresh.
     match fs::remove_file(&tmp) {

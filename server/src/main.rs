@@ -44,6 +44,11 @@ struct ServeArgs {
     /// A peer to replicate with, NODEID@HOST:PORT (repeatable) [env KAPPAKV_PEERS, comma-separated]
     #[arg(long = "peer", value_name = "NODEID@ADDR")]
     peers: Vec<String>,
+    /// Before serving, join the node that made INVITE (`kappactl peer invite` prints one): both
+    /// nodes add each other to their peer lists, kept across restarts. A used, expired or
+    /// forged invite is refused: kappakv exits with status 2 and adds no peer
+    #[arg(long, value_name = "INVITE")]
+    join: Option<String>,
     /// A TOML file of settings; see `kappakv config show` for every setting
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -270,6 +275,7 @@ fn serve_args(arg: &DataDirArg) -> ServeArgs {
         listen: None,
         advertise: vec![],
         peers: vec![],
+        join: None,
         config: None,
         log_format: None,
         admin_listen: None,
@@ -381,6 +387,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
+            if let Some(invite) = &args.join
+                && let Err(e) = runtime.block_on(join_before_serving(&layered.config, invite))
+            {
+                eprintln!("kappakv: {}", one_line(&e));
+                return Ok(ExitCode::from(exit::USAGE));
+            }
             match runtime.block_on(serve(layered)) {
                 Ok(code) => Ok(code),
                 Err(e) => {
@@ -640,6 +652,38 @@ mod exit {
         }
         RUNTIME
     }
+}
+
+/// `serve --join`: asks the node that made `invite` to take this one as a peer, then adds it
+/// to this node's peers (`DATA_DIR/peers`).
+async fn join_before_serving(config: &Config, invite: &str) -> Result<()> {
+    let invite: kappakv_protocol::Invite = invite.parse().context("bad invite")?;
+    // A new node's key is written only once the join was taken: a refused join writes nothing.
+    let identity = kappakv_server::identity::load_or_generate(&config.data_dir)
+        .with_context(|| format!("reading the identity in {}", config.data_dir.display()))?;
+    let keypair = match &identity {
+        Ok(keypair) => keypair.clone(),
+        Err(new) => new.keypair(),
+    };
+    let own = kappakv_server::net::advertised(config.listen, &config.advertise)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let (peer, addrs) = kappakv_server::commands::join::join(&keypair, own, &invite).await?;
+    let addr = addrs
+        .into_iter()
+        .next()
+        .context("the inviting node gave no address")?;
+    if let Err(new) = identity {
+        new.save(&config.data_dir)?;
+    }
+    kappakv_server::node::replication::peers::PeerList::load(&config.data_dir, &[])?.add(
+        peer,
+        addr.clone(),
+        kappakv_protocol::PeerOrigin::Joined,
+    )?;
+    tracing::info!(%peer, %addr, "joined: the inviting node is a peer now");
+    Ok(())
 }
 
 async fn serve(layered: Layered) -> Result<ExitCode> {

@@ -413,7 +413,7 @@ pub fn mib(bytes: u64) -> f64 {
 
 /// `kappakv serve --data-dir DATA_DIR --listen ADDR`, without the admin HTTP listener (its
 /// default address is one fixed port for the whole machine).
-fn serve_command(data_dir: &Path, addr: SocketAddr) -> Result<Command> {
+pub fn serve_command(data_dir: &Path, addr: SocketAddr) -> Result<Command> {
     let mut cmd = command("kappakv")?;
     cmd.args(["serve", "--data-dir"])
         .arg(data_dir)

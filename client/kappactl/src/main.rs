@@ -230,6 +230,35 @@ enum PeerCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print an invite, alone on its line: given to `kappakv serve --join` (or `kappactl peer
+    /// join`) on another node, it makes the two nodes peers of each other, once.
+    Invite {
+        /// How long the invite is valid: 90s, 30m, 1h, 7d
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        expires: std::time::Duration,
+    },
+    /// Join the node that made INVITE: both nodes add each other to their peer lists.
+    Join { invite: String },
+}
+
+/// `90s`, `30m`, `1h`, `7d`, or a number of seconds.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration such as 90s, 30m, 1h or 7d"))?;
+    let seconds = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("`{text}`: the unit is s, m, h or d")),
+    };
+    Ok(std::time::Duration::from_secs(seconds))
 }
 
 /// Exit statuses, listed in `--help`.
@@ -607,6 +636,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 out.write_all(output::peers_human(&peers).as_bytes())?;
             }
+        }
+        Command::Peer(PeerCommand::Invite { expires }) => {
+            writeln!(out, "{}", client.peer_invite(expires).await?)?;
+        }
+        Command::Peer(PeerCommand::Join { invite }) => {
+            client.peer_join(&invite).await?;
+            eprintln!("joined: the two nodes are peers of each other");
         }
         Command::Bench(_) | Command::Completions { .. } => unreachable!("handled above"),
     }

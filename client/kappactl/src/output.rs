@@ -75,6 +75,7 @@ fn peer_json(p: &PeerStatus) -> Value {
         "received": p.received,
         "they_lack": p.they_lack,
         "we_lack": p.we_lack,
+        "origin": p.origin.as_str(),
     })
 }
 
@@ -271,9 +272,10 @@ pub(crate) fn peers_human(peers: &[PeerStatus]) -> String {
     for p in peers {
         let _ = writeln!(
             out,
-            "{}  {}  {}  sent {}  received {}  they lack {}  we lack {}",
+            "{}  {}  {}  {}  sent {}  received {}  they lack {}  we lack {}",
             p.node_id,
             p.addr.as_deref().unwrap_or("-"),
+            p.origin.as_str(),
             if p.connected {
                 "connected"
             } else {
@@ -357,7 +359,7 @@ pub(crate) fn status_human(s: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kappakv_client::{EntryId, NodeId};
+    use kappakv_client::{EntryId, NodeId, PeerOrigin};
 
     fn version(id: u8, value: Option<&[u8]>) -> Version {
         Version {
@@ -422,6 +424,7 @@ mod tests {
                 received: 3,
                 they_lack: 0,
                 we_lack: 0,
+                origin: PeerOrigin::Joined,
             }],
             ..Status::default()
         };
@@ -429,6 +432,7 @@ mod tests {
         assert_eq!(v["version_vector"][NodeId([1; 32]).to_hex()], json!(3));
         assert_eq!(v["peers"][0]["connected"], json!(true));
         assert_eq!(v["peers"][0]["sent"], json!(2));
+        assert_eq!(v["peers"][0]["origin"], json!("joined"));
         assert_eq!(v["log_lsn"], json!(5));
         assert_eq!(v["indexed_lsn"], json!(4));
     }

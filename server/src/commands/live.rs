@@ -257,12 +257,7 @@ fn ask_node(data_dir: &Path) -> Result<Bound, BoundError> {
     });
     let unreachable = |reason: String| BoundError::Unreachable {
         data_dir: data_dir.to_path_buf(),
-        addrs: ticket
-            .addrs
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(","),
+        addrs: addrs_text(&ticket.addrs),
         reason,
     };
     match status {
@@ -342,14 +337,19 @@ async fn ask(ticket: &Ticket) -> Result<Status, Failure> {
     Err(last)
 }
 
-async fn ask_at(ticket: &Ticket, addr: SocketAddr) -> Result<Status, Failure> {
+/// A client connection to the node `node_id` at `addr`, its key pinned, on an endpoint of its
+/// own (close the connection and wait for the endpoint when done).
+pub(crate) async fn connect(
+    node_id: NodeId,
+    addr: SocketAddr,
+) -> Result<(quinn::Endpoint, quinn::Connection), String> {
     let bind: SocketAddr = if addr.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
         (Ipv6Addr::UNSPECIFIED, 0).into()
     };
     let endpoint = quinn::Endpoint::client(bind).map_err(|e| format!("opening a socket: {e}"))?;
-    let tls = kappakv_protocol::tls::client_config(ticket.node_id, ALPN_CLIENT, None)
+    let tls = kappakv_protocol::tls::client_config(node_id, ALPN_CLIENT, None)
         .map_err(|e| format!("TLS: {e}"))?;
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| format!("TLS: {e}"))?;
@@ -359,6 +359,11 @@ async fn ask_at(ticket: &Ticket, addr: SocketAddr) -> Result<Status, Failure> {
         .map_err(|e| format!("{addr}: {e}"))?
         .await
         .map_err(|e| format!("{addr}: {e}"))?;
+    Ok((endpoint, conn))
+}
+
+async fn ask_at(ticket: &Ticket, addr: SocketAddr) -> Result<Status, Failure> {
+    let (endpoint, conn) = connect(ticket.node_id, addr).await?;
     let result = status_on(&conn, ticket, addr).await;
     conn.close(0u32.into(), b"done");
     endpoint.wait_idle().await;
@@ -410,7 +415,10 @@ async fn status_on(
 }
 
 /// Sends `request` on a new stream and reads its one-frame answer.
-async fn exchange(conn: &quinn::Connection, request: &Request) -> Result<Response, String> {
+pub(crate) async fn exchange(
+    conn: &quinn::Connection,
+    request: &Request,
+) -> Result<Response, String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     send.write_all(&encode_frame(request))
         .await
@@ -427,4 +435,13 @@ async fn exchange(conn: &quinn::Connection, request: &Request) -> Result<Respons
         FrameDecode::Frame { .. } => Err("more than one frame in the answer".into()),
         FrameDecode::NeedMore { .. } => Err("the answer ends inside its frame".into()),
     }
+}
+
+/// `addrs` as a ticket writes them: comma-separated.
+pub(crate) fn addrs_text(addrs: &[kappakv_protocol::NodeAddr]) -> String {
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }

@@ -5,6 +5,7 @@
 pub mod backup;
 pub mod export;
 pub mod import;
+pub mod join;
 pub mod live;
 pub mod progress;
 pub mod rebuild_indexes;

@@ -325,6 +325,8 @@ async fn serve_stream(
                 })
             }
         }
+        // The invite's secret is the credential: no token before it.
+        request @ Request::Join { .. } => crate::handlers::join(node, request),
         request => match role.get() {
             None => Reply::One(Response::Error {
                 code: ErrorCode::Unauthorized,

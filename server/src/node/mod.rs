@@ -7,6 +7,7 @@
 pub mod bootstrap;
 pub mod chains;
 pub mod indexer;
+pub mod invites;
 pub mod own_chain;
 pub mod recent_writes;
 pub mod replication;
@@ -141,6 +142,8 @@ pub struct Node {
     pub bootstrap: Arc<bootstrap::Bootstrap>,
     /// Request ids of recent writes, so that a repeated write is not written twice.
     pub recent_writes: Arc<recent_writes::RecentWrites>,
+    /// Invites this node made and has not seen used.
+    pub invites: invites::Invites,
 }
 
 /// What replication needs of a node: narrow handles, so that replication, which the node
@@ -337,6 +340,7 @@ impl Node {
             bootstrap.clone(),
         )?;
         let indexed = indexer.indexed();
+        let invites = invites::Invites::load(data_dir.path());
         Ok(Arc::new(Self {
             node_id,
             keypair,
@@ -354,6 +358,7 @@ impl Node {
             own_chain,
             bootstrap,
             recent_writes: Arc::default(),
+            invites,
         }))
     }
 

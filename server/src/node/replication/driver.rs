@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use kappakv_protocol::limits::MAX_UNSIGNED_RUN_BYTES;
 use kappakv_protocol::record::encode_record;
 use kappakv_protocol::verify::ChainHead;
-use kappakv_protocol::{Lsn, NodeId, PeerStatus, SignedEntry};
+use kappakv_protocol::{Lsn, NodeId, PeerOrigin, PeerStatus, SignedEntry};
 use quinn::crypto::rustls::QuicClientConfig;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -138,7 +138,7 @@ impl Replication {
     ) -> Result<Arc<Self>, StartError> {
         let list = PeerList::load(node.data_dir.path(), &node.config.peers)
             .map_err(|e| StartError::Replication(format!("reading the peer list: {e}")))?;
-        let peers: Vec<NodeId> = list.iter().map(|(id, _)| *id).collect();
+        let peers: Vec<NodeId> = list.iter().map(|(id, _, _)| *id).collect();
         let this = Self::new(node, Some(endpoint), list, cancel, tracker)?;
         for peer in peers {
             this.spawn_dialer(peer);
@@ -658,16 +658,29 @@ impl Replication {
     }
 
     /// Adds a peer at run time and starts dialling it.
-    pub fn add_peer(self: &Arc<Self>, id: NodeId, addr: String) -> Result<(), PeerError> {
+    pub fn add_peer(
+        self: &Arc<Self>,
+        id: NodeId,
+        addr: String,
+        origin: PeerOrigin,
+    ) -> Result<(), PeerError> {
         if id == self.node.node_id {
             return Err(PeerError::Itself);
         }
         let known = self.list.lock().expect("peer list lock").get(&id).is_some();
-        self.list.lock().expect("peer list lock").add(id, addr)?;
+        self.list
+            .lock()
+            .expect("peer list lock")
+            .add(id, addr, origin)?;
         if !known {
             self.spawn_dialer(id);
         }
         Ok(())
+    }
+
+    /// The address peers are served on, unless replication is detached.
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.endpoint.as_ref().and_then(|e| e.local_addr().ok())
     }
 
     /// Removes a peer and closes its connection.
@@ -688,7 +701,7 @@ impl Replication {
         let list = self.list.lock().expect("peer list lock").clone();
         let state = self.state.lock().expect("peer state lock");
         list.iter()
-            .map(|(id, addr)| {
+            .map(|(id, addr, origin)| {
                 let s = state.get(id);
                 let theirs = s.map(|s| &s.theirs);
                 let lack = |a: &HashMap<NodeId, u64>, b: &HashMap<NodeId, u64>| -> u64 {
@@ -707,6 +720,7 @@ impl Replication {
                     received: s.map_or(0, |s| s.received),
                     they_lack: lack(&ours, theirs),
                     we_lack: lack(theirs, &ours),
+                    origin,
                 }
             })
             .collect()
