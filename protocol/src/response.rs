@@ -83,6 +83,9 @@ pub enum PeerOrigin {
     /// Joined with an invite, either way (`serve --join`, `kappactl peer join`, or the node
     /// that made the invite).
     Joined,
+    /// Found on the local network (`discovery = "local"`), sharing this node's swarm secret;
+    /// dropped when it stays gone.
+    Discovered,
 }
 
 impl PeerOrigin {
@@ -92,6 +95,7 @@ impl PeerOrigin {
             PeerOrigin::Configured => "configured",
             PeerOrigin::Added => "added",
             PeerOrigin::Joined => "joined",
+            PeerOrigin::Discovered => "discovered",
         }
     }
 }

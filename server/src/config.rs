@@ -46,6 +46,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// Whether a node looks for peers by itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryMode {
+    /// Only the peers it is given or that join it.
+    #[default]
+    Off,
+    /// Also the nodes on the local network that share its `swarm` secret (`net::discovery`).
+    Local,
+}
+
 /// How a node with an empty log and peers gets its state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -85,6 +96,17 @@ pub struct Config {
     /// second from a peer's snapshot of its key/value state and verifies it by replaying the
     /// log behind it (writes wait until then); `replay` answers nothing before its own replay.
     pub bootstrap: BootstrapMode,
+    /// `local`: announce this node on the local network (UDP multicast, IPv4) to the nodes that
+    /// share `swarm`, and replicate with those it hears; they are listed as `discovered` and
+    /// dropped when they stay gone. `off` by default.
+    pub discovery: DiscoveryMode,
+    /// The secret shared by the nodes that should find each other with `discovery = "local"`,
+    /// at least 16 characters. Announcements are encrypted and authenticated with it: a node
+    /// without it learns nothing from them. Never shown by `config show`.
+    pub swarm: String,
+    /// How often a node with `discovery = "local"` announces itself; a discovered peer not
+    /// heard for 15 times this long, and not connected, is dropped.
+    pub discovery_interval_ms: u64,
     /// Log format.
     pub log_format: LogFormat,
     /// Most simultaneous QUIC connections; more are refused, once none is left that has not
@@ -177,6 +199,9 @@ impl Default for Config {
             writers: Vec::new(),
             accept_chain_loss: false,
             bootstrap: BootstrapMode::Snapshot,
+            discovery: DiscoveryMode::Off,
+            swarm: String::new(),
+            discovery_interval_ms: 2_000,
             log_format: LogFormat::Text,
             max_connections: 256,
             max_streams_per_connection: 64,
@@ -329,6 +354,12 @@ impl Layered {
         let mut out = String::new();
         for (k, v) in table {
             let source = self.sources.get(&k).copied().unwrap_or(Source::Default);
+            let v = match v {
+                toml::Value::String(secret) if k == "swarm" && !secret.is_empty() => {
+                    toml::Value::String("(hidden)".into())
+                }
+                v => v,
+            };
             let _ = writeln!(out, "{k} = {v}  # {source}");
         }
         out
@@ -460,6 +491,20 @@ impl Config {
             10,
             "at least 10 ms",
         )?;
+        at_least(
+            "discovery_interval_ms",
+            self.discovery_interval_ms,
+            10,
+            "at least 10 ms",
+        )?;
+        if self.discovery == DiscoveryMode::Local && self.swarm.chars().count() < 16 {
+            return Err(ConfigError::Invalid {
+                setting: "swarm",
+                value: "(hidden)".into(),
+                allowed: "with discovery = \"local\", a secret of at least 16 characters shared \
+                          by the nodes that should find each other (`openssl rand -hex 16` makes one)",
+            });
+        }
         if self.admin_listen != ADMIN_OFF && self.admin_listen.parse::<SocketAddr>().is_err() {
             return Err(ConfigError::Invalid {
                 setting: "admin_listen",
@@ -642,5 +687,24 @@ mod tests {
             vec!["KAPPAKV_MAX_CONECTIONS".to_string()]
         );
         assert_eq!(layered.config.max_connections, 20);
+    }
+
+    #[test]
+    fn local_discovery_needs_a_swarm_secret_that_config_show_hides() {
+        let env = |secret: &str| {
+            vec![
+                ("KAPPAKV_DISCOVERY".to_string(), "local".to_string()),
+                ("KAPPAKV_SWARM".to_string(), secret.to_string()),
+            ]
+        };
+        let err = Layered::load(None, env("short"), vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("swarm") && !err.contains("short"), "{err}");
+        let l = Layered::load(None, env("a secret of the swarm, long enough"), vec![]).unwrap();
+        assert_eq!(l.config.discovery, DiscoveryMode::Local);
+        let shown = l.show();
+        assert!(shown.contains("swarm = \"(hidden)\"  # env"), "{shown}");
+        assert!(!shown.contains("long enough"), "{shown}");
     }
 }

@@ -34,3 +34,10 @@ pub mod telemetry;
 
 pub use config::Config;
 pub use server::Server;
+
+/// The wall clock in Unix milliseconds (0 before 1970).
+pub(crate) fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

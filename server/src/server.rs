@@ -75,6 +75,17 @@ impl Server {
             cancel.clone(),
             tracker.clone(),
         )?;
+        if node.config.discovery == crate::config::DiscoveryMode::Local {
+            crate::net::discovery::spawn(
+                &node.config.swarm,
+                node.node_id,
+                addr.port(),
+                Duration::from_millis(node.config.discovery_interval_ms),
+                replication.clone(),
+                cancel.clone(),
+                &tracker,
+            );
+        }
         node.set_replication(replication);
         let server = Self {
             accept: tokio::spawn(accept_loop(

@@ -6,6 +6,9 @@
 //! - a one-way cut: one node hears the others but is not heard,
 //! - 10% random loss on every link.
 //!
+//! The same network carries the local discovery test: nodes that share a swarm secret find
+//! each other by multicast on the bridge; a node with another secret joins none of them.
+//!
 //! During each fault, clients on every side write: unique keys, the same keys from both sides of
 //! the cut, and values that a later write supersedes. After the heal, within 10 s, the three
 //! nodes hold the same log entries and the same kv view, every acknowledged write is there,
@@ -35,7 +38,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail, ensure};
 use futures_util::StreamExt as _;
 use kappakv_client::{Client, ScanOptions};
-use kappakv_protocol::{Context, EntryId, KeyVersions, NodeId, Status, Ticket};
+use kappakv_protocol::{
+    Context, EntryId, KeyVersions, NodeId, PeerOrigin, PeerStatus, Status, Ticket,
+};
 use kappakv_server::log::LogReader;
 use kappakv_tests::binary;
 
@@ -147,6 +152,22 @@ impl Net {
         must(
             "ip",
             &["-n", &hub, "link", "add", "br0", "type", "bridge"],
+            None,
+        )?;
+        // Multicast (local discovery) floods the bridge, whatever IGMP says.
+        must(
+            "ip",
+            &[
+                "-n",
+                &hub,
+                "link",
+                "set",
+                "br0",
+                "type",
+                "bridge",
+                "mcast_snooping",
+                "0",
+            ],
             None,
         )?;
         must("ip", &["-n", &hub, "link", "set", "br0", "up"], None)?;
@@ -304,6 +325,11 @@ struct NsNode {
 
 impl NsNode {
     async fn start(i: usize, ns: &str, dir: &Path) -> Result<Self> {
+        Self::start_with(i, ns, dir, &[]).await
+    }
+
+    /// [`start`](Self::start) with settings in `env` (`KAPPAKV_*`).
+    async fn start_with(i: usize, ns: &str, dir: &Path, env: &[(&str, &str)]) -> Result<Self> {
         let name = NAMES[i];
         let data_dir = dir.join(name);
         let log = dir.join(format!("{name}.log"));
@@ -320,6 +346,7 @@ impl NsNode {
                 cmd.env_remove(key);
             }
         }
+        cmd.envs(env.iter().copied());
         // `ip netns exec` execs the program in place, so the child's pid is the node's.
         let mut process = Proc(Some(
             cmd.env("KAPPAKV_ADMIN_LISTEN", "off")
@@ -955,4 +982,113 @@ async fn ten_percent_loss_on_every_link_converges() -> Result<()> {
         cut_off: Vec::new(),
     })
     .await
+}
+
+/// Each node's peers, read from inside its namespace.
+async fn peer_lists(nodes: &[NsNode]) -> Result<Vec<Vec<PeerStatus>>> {
+    let mut lists = Vec::new();
+    for node in nodes {
+        lists.push(
+            node.client(|c| async move { Ok(c.peer_list().await?) })
+                .await?,
+        );
+    }
+    Ok(lists)
+}
+
+/// Polls `check` every 100 ms until it holds, for at most `within`.
+async fn wait_for<F, Fut>(what: &str, within: Duration, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn local_discovery_joins_the_nodes_of_one_swarm_only() -> Result<()> {
+    let _one_at_a_time = SERIAL.lock().await;
+    let net = match Net::create("discovery")? {
+        Ok(net) => net,
+        Err(Skip(why)) => {
+            say(&format!("netns test discovery skipped: {why}"));
+            return Ok(());
+        }
+    };
+    let dir = tempfile::tempdir()?;
+    // A and B share a swarm; C has one of its own.
+    let secrets = [
+        "the swarm of a and b, 1",
+        "the swarm of a and b, 1",
+        "the swarm of c alone, 2",
+    ];
+    let mut nodes = Vec::new();
+    for (i, secret) in secrets.iter().enumerate() {
+        let env = [
+            ("KAPPAKV_DISCOVERY", "local"),
+            ("KAPPAKV_SWARM", *secret),
+            ("KAPPAKV_DISCOVERY_INTERVAL_MS", "200"),
+        ];
+        nodes.push(NsNode::start_with(i, &net.nodes[i], dir.path(), &env).await?);
+    }
+    let ids: Vec<NodeId> = nodes.iter().map(NsNode::node_id).collect();
+    let logs = |nodes: &[NsNode]| {
+        nodes
+            .iter()
+            .map(|n| format!("--- node {}:\n{}", n.name, n.log_text()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let found = wait_for(
+        "a and b find each other",
+        Duration::from_secs(20),
+        || async {
+            let lists = peer_lists(&nodes[..2]).await?;
+            Ok((0..2).all(|i| {
+                matches!(&lists[i][..], [p] if p.node_id == ids[1 - i]
+                && p.origin == PeerOrigin::Discovered
+                && p.connected
+                && p.addr.as_deref() == Some(&nodes[1 - i].addr.to_string()))
+            }))
+        },
+    )
+    .await;
+    found.with_context(|| logs(&nodes))?;
+
+    nodes[0]
+        .client(|c| async move { Ok(c.put("found", "by multicast").await?) })
+        .await?;
+    wait_for("b holds a's write", Duration::from_secs(10), || async {
+        nodes[1]
+            .client(|c| async move { Ok(c.get("found").await?.value().is_some()) })
+            .await
+    })
+    .await?;
+
+    // Ten announcements later, C is on no list and has none.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let lists = peer_lists(&nodes).await?;
+    ensure!(lists[2].is_empty(), "c found peers: {:?}", lists[2]);
+    for list in &lists[..2] {
+        ensure!(
+            list.iter().all(|p| p.node_id != ids[2]),
+            "c was taken into another swarm: {list:?}"
+        );
+    }
+
+    // B stops; A drops it once it has stayed gone for 15 intervals.
+    nodes[1].stop().await?;
+    wait_for("a drops b", Duration::from_secs(20), || async {
+        Ok(peer_lists(&nodes[..1]).await?[0].is_empty())
+    })
+    .await
+    .with_context(|| logs(&nodes))?;
+    Ok(())
 }

@@ -7,6 +7,7 @@
 //! - [`watch`]: streaming a watch from the log.
 
 pub mod connection;
+pub mod discovery;
 pub mod endpoint;
 pub mod tls;
 pub mod watch;

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use kappakv_protocol::InviteSecret;
 
@@ -41,12 +41,6 @@ pub struct Invites {
     open: Mutex<Vec<([u8; 32], u64)>>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 impl Invites {
     /// The invites kept in `data_dir`; malformed lines are skipped.
     pub fn load(data_dir: &Path) -> Self {
@@ -70,7 +64,7 @@ impl Invites {
     pub fn create(&self, lifetime: Duration) -> Result<InviteSecret, InviteError> {
         let mut secret = [0u8; 32];
         getrandom::fill(&mut secret).expect("the operating system's random numbers");
-        let expires = now_ms() + lifetime.min(EXPIRES_MAX).as_millis() as u64;
+        let expires = crate::unix_now_ms() + lifetime.min(EXPIRES_MAX).as_millis() as u64;
         let mut open = self.open.lock().expect("invites lock");
         open.push((*blake3::hash(&secret).as_bytes(), expires));
         self.save(&mut open)?;
@@ -86,7 +80,7 @@ impl Invites {
         };
         let (_, expires) = open.remove(i);
         self.save(&mut open)?;
-        if expires < now_ms() {
+        if expires < crate::unix_now_ms() {
             return Err(InviteError::Expired);
         }
         Ok(())
@@ -94,7 +88,7 @@ impl Invites {
 
     /// Writes the open invites, forgetting expired ones.
     fn save(&self, open: &mut Vec<([u8; 32], u64)>) -> Result<(), InviteError> {
-        let now = now_ms();
+        let now = crate::unix_now_ms();
         open.retain(|(_, expires)| *expires >= now);
         let mut text = String::new();
         for (hash, expires) in open.iter() {

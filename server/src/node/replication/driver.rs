@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use kappakv_protocol::limits::MAX_UNSIGNED_RUN_BYTES;
 use kappakv_protocol::record::encode_record;
@@ -59,12 +59,6 @@ const PEER_KEEP_ALIVE: Duration = Duration::from_secs(1);
 const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 const _: () = assert!(PEER_KEEP_ALIVE.as_millis() * 4 <= PEER_IDLE_TIMEOUT.as_millis());
 const _: () = assert!(SIMULTANEOUS_DIAL.as_millis() < PEER_IDLE_TIMEOUT.as_millis());
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// What this node knows of one peer.
 #[derive(Default)]
@@ -354,7 +348,7 @@ impl Replication {
         }
         s.conn = Some((conn.clone(), dialer, Instant::now()));
         s.connected = true;
-        s.since_ms = now_ms();
+        s.since_ms = crate::unix_now_ms();
         crate::telemetry::peer_connected(&peer);
         true
     }
@@ -381,7 +375,7 @@ impl Replication {
         {
             s.conn = None;
             s.connected = false;
-            s.since_ms = now_ms();
+            s.since_ms = crate::unix_now_ms();
             s.ended.notify_waiters();
         }
     }
@@ -676,6 +670,15 @@ impl Replication {
             self.spawn_dialer(id);
         }
         Ok(())
+    }
+
+    /// The address of peer `id` and how it came to be a peer, if it is one.
+    pub fn peer(&self, id: &NodeId) -> Option<(String, PeerOrigin)> {
+        self.list
+            .lock()
+            .expect("peer list lock")
+            .entry(id)
+            .map(|(addr, origin)| (addr.clone(), origin))
     }
 
     /// The address peers are served on, unless replication is detached.

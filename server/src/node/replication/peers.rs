@@ -58,6 +58,11 @@ impl PeerList {
         self.peers.get(id).map(|(addr, _)| addr)
     }
 
+    /// The address of `id` and how it came to be a peer, if it is one.
+    pub fn entry(&self, id: &NodeId) -> Option<(&String, PeerOrigin)> {
+        self.peers.get(id).map(|(addr, origin)| (addr, *origin))
+    }
+
     /// Every peer, its address and how it came to be a peer.
     pub fn iter(&self) -> impl Iterator<Item = (&NodeId, &String, PeerOrigin)> {
         self.peers
