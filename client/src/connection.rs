@@ -383,6 +383,9 @@ pub(crate) fn response_kind(response: &Response) -> &'static str {
         Response::Status(_) => "status",
         Response::Ok => "ok",
         Response::SyncStarted => "sync_started",
+        Response::Nearby { .. } => "nearby",
+        Response::Invite { .. } => "invite",
+        Response::Joined { .. } => "joined",
         Response::Error { .. } => "error",
         _ => "unknown",
     }

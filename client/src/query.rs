@@ -53,6 +53,18 @@ impl QueryOptions {
         Self::new(IndexQuery::range(start, end))
     }
 
+    /// Of a `geo` index: keys with a point in the box `min_lat..=max_lat`,
+    /// `min_lon..=max_lon`, edges included (`min_lon > max_lon` crosses the antimeridian).
+    pub fn bbox(min_lat: f64, max_lat: f64, min_lon: f64, max_lon: f64) -> Self {
+        Self::new(IndexQuery::bbox(min_lat, max_lat, min_lon, max_lon))
+    }
+
+    /// Of a `geo` index: the keys nearest to (`lat`, `lon`) by great-circle distance, nearest
+    /// first; [`QueryPage::distances_m`] has their distances. The limit is how many.
+    pub fn near(lat: f64, lon: f64) -> Self {
+        Self::new(IndexQuery::near(lat, lon))
+    }
+
     /// At most `entries` per page, clamped to `1..=MAX_QUERY_LIMIT`.
     pub fn limit(mut self, entries: u32) -> Self {
         self.limit = entries.clamp(1, MAX_QUERY_LIMIT);
@@ -99,11 +111,14 @@ impl FromStr for QueryCursor {
 }
 
 /// One page of a query's answer.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct QueryPage {
     /// Matching keys with their current versions, in index order. A key of a multi-valued
-    /// index appears once per element in a range.
+    /// index appears once per element in a range; a key of a `geo` index appears once.
     pub items: Vec<GetResult>,
+    /// Of a `near` query: each item's great-circle distance from the point, in metres (to the
+    /// millimetre), nearest first. Empty for other queries.
+    pub distances_m: Vec<f64>,
     /// Where the next page starts, if the limit cut this one short.
     pub next: Option<QueryCursor>,
 }
@@ -142,13 +157,21 @@ impl Client {
 
     async fn query_page(&self, request: &Request) -> Result<QueryPage> {
         let (_send, mut recv, _) = self.open_stream(request, true).await?;
-        let mut items = Vec::new();
+        let (mut items, mut distances_m) = (Vec::new(), Vec::new());
         loop {
             match read_frame(&mut recv, "query").await? {
                 Some(Response::Versions(kv)) => items.push(GetResult::from(kv)),
+                Some(Response::Nearby {
+                    versions,
+                    distance_mm,
+                }) => {
+                    items.push(GetResult::from(versions));
+                    distances_m.push(distance_mm as f64 / 1000.0);
+                }
                 Some(Response::QueryEnd { resume_after }) => {
                     return Ok(QueryPage {
                         items,
+                        distances_m,
                         next: resume_after.map(|c| QueryCursor(c.into_vec())),
                     });
                 }

@@ -107,6 +107,31 @@ impl fmt::Display for IndexValue {
     }
 }
 
+/// A point on the globe, in degrees: latitude in ±90, longitude in ±180. Two points are equal
+/// when their coordinates are the same numbers, bit for bit.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct GeoPoint {
+    /// Latitude, degrees north.
+    pub lat: f64,
+    /// Longitude, degrees east.
+    pub lon: f64,
+}
+
+impl GeoPoint {
+    /// Whether both coordinates are numbers in range.
+    pub fn is_valid(&self) -> bool {
+        (-90.0..=90.0).contains(&self.lat) && (-180.0..=180.0).contains(&self.lon)
+    }
+}
+
+impl PartialEq for GeoPoint {
+    fn eq(&self, other: &Self) -> bool {
+        self.lat.to_bits() == other.lat.to_bits() && self.lon.to_bits() == other.lon.to_bits()
+    }
+}
+
+impl Eq for GeoPoint {}
+
 /// Which entries of an index a query reads. A value is a list of components, one per field
 /// of the index in declaration order; a shorter list matches every entry that starts with it
 /// (an index of one field takes one component).
@@ -124,12 +149,44 @@ pub enum IndexQuery {
         /// Whether entries equal to `end` are included.
         end_inclusive: bool,
     },
+    /// Of a `geo` index: the keys with a current point inside the box, edges included, in the
+    /// index's order. A box whose `min.lon` is greater than its `max.lon` crosses the
+    /// antimeridian.
+    BBox {
+        /// The south-west corner (lowest latitude, western longitude).
+        min: GeoPoint,
+        /// The north-east corner.
+        max: GeoPoint,
+    },
+    /// Of a `geo` index: the keys nearest to the point by great-circle distance, nearest
+    /// first, each answered with its distance (`Response::Nearby`).
+    Near(GeoPoint),
 }
 
 impl IndexQuery {
     /// Entries equal to one value.
     pub fn exact(value: impl Into<IndexValue>) -> Self {
         IndexQuery::Exact(vec![value.into()])
+    }
+
+    /// Keys with a point in the box `min_lat..=max_lat`, `min_lon..=max_lon` (the order of
+    /// `kappactl query --bbox`).
+    pub fn bbox(min_lat: f64, max_lat: f64, min_lon: f64, max_lon: f64) -> Self {
+        IndexQuery::BBox {
+            min: GeoPoint {
+                lat: min_lat,
+                lon: min_lon,
+            },
+            max: GeoPoint {
+                lat: max_lat,
+                lon: max_lon,
+            },
+        }
+    }
+
+    /// Keys nearest to (`lat`, `lon`), nearest first.
+    pub fn near(lat: f64, lon: f64) -> Self {
+        IndexQuery::Near(GeoPoint { lat, lon })
     }
 
     /// Entries in `start..end` (end exclusive); `None` leaves a side open.
@@ -147,7 +204,7 @@ impl IndexQuery {
 pub struct IndexStatus {
     /// The index's declared name.
     pub name: String,
-    /// Its kind: `exact`, `range`, `range desc` or `multi`.
+    /// Its kind: `exact`, `range`, `range desc`, `multi` or `geo`.
     pub kind: String,
     /// The LSN it has applied.
     pub applied_lsn: Lsn,
@@ -195,5 +252,12 @@ mod tests {
         };
         let bytes = rmp_serde::to_vec(&q).unwrap();
         assert_eq!(rmp_serde::from_slice::<IndexQuery>(&bytes).unwrap(), q);
+        for q in [
+            IndexQuery::bbox(61.0, 65.0, -148.0, -144.0),
+            IndexQuery::near(64.5, -147.6),
+        ] {
+            let bytes = rmp_serde::to_vec(&q).unwrap();
+            assert_eq!(rmp_serde::from_slice::<IndexQuery>(&bytes).unwrap(), q);
+        }
     }
 }

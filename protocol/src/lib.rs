@@ -37,7 +37,7 @@ pub mod verify;
 pub use entry::{Entry, HlcClock, Op, SignedEntry, Timestamp};
 pub use error::{DecodeError, FramingError, InvalidEntry, ParseIdError, VerifyError};
 pub use ids::{Context, EntryId, InviteSecret, NodeId, RequestId, Signature, StateRoot};
-pub use index::{IndexQuery, IndexStatus, IndexValue};
+pub use index::{GeoPoint, IndexQuery, IndexStatus, IndexValue};
 pub use request::{KeyRange, Lsn, Request, WriteOp};
 pub use response::{
     BootstrapStatus, Change, ErrorCode, KeyVersions, PeerOrigin, PeerStatus, Response, Status,

@@ -285,6 +285,14 @@ pub enum Response {
     SyncStarted,
     /// Done, nothing to return.
     Ok,
+    /// One key of a `Near` query, with its distance from the query's point: its current
+    /// versions and the great-circle distance of its nearest point, in millimetres.
+    Nearby {
+        /// The key and its current versions.
+        versions: KeyVersions,
+        /// Millimetres.
+        distance_mm: u64,
+    },
     /// An invite (`PeerInvite`), to give to the node that should join.
     Invite {
         /// `kappakv-invite://NODEID@ADDR[,ADDR…]/SECRET`.
@@ -319,6 +327,7 @@ impl crate::frame::MessageKinds for Response {
         "Status",
         "SyncStarted",
         "Ok",
+        "Nearby",
         "Invite",
         "Joined",
         "Error",
@@ -391,6 +400,14 @@ mod tests {
             Response::Status(Box::default()),
             Response::SyncStarted,
             Response::Ok,
+            Response::Nearby {
+                versions: KeyVersions {
+                    key: b"k".to_vec(),
+                    values: vec![],
+                    context: vec![],
+                },
+                distance_mm: 5,
+            },
             Response::Invite {
                 invite: String::new(),
             },
@@ -416,6 +433,7 @@ mod tests {
                 | Response::Status(_)
                 | Response::SyncStarted
                 | Response::Ok
+                | Response::Nearby { .. }
                 | Response::Invite { .. }
                 | Response::Joined { .. }
                 | Response::Error { .. } => {}

@@ -534,8 +534,18 @@ async fn query(
                 }
                 match snap.query(&v, &q, limit, after.as_deref()) {
                     Ok(page) => {
-                        let mut out: Vec<Response> =
-                            page.items.into_iter().map(Response::Versions).collect();
+                        let mut out: Vec<Response> = if page.distances_mm.is_empty() {
+                            page.items.into_iter().map(Response::Versions).collect()
+                        } else {
+                            page.items
+                                .into_iter()
+                                .zip(page.distances_mm)
+                                .map(|(versions, distance_mm)| Response::Nearby {
+                                    versions,
+                                    distance_mm,
+                                })
+                                .collect()
+                        };
                         out.push(Response::QueryEnd {
                             resume_after: page.resume_after.map(ByteBuf::from),
                         });

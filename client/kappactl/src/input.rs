@@ -129,6 +129,24 @@ pub(crate) fn parse_index_value(text: &str) -> Result<Vec<IndexValue>, Failure> 
     }
 }
 
+/// `N` numbers separated by commas, such as `61,65,-148,-144`, for `flag`.
+pub(crate) fn parse_coordinates<const N: usize>(
+    flag: &str,
+    text: &str,
+) -> Result<[f64; N], Failure> {
+    let numbers: Vec<f64> = text
+        .split(',')
+        .map(|n| n.trim().parse::<f64>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| Failure::usage(format!("{flag} {text}: {e}")))?;
+    <[f64; N]>::try_from(numbers).map_err(|got| {
+        Failure::usage(format!(
+            "{flag} {text}: expected {N} numbers separated by commas, got {}",
+            got.len()
+        ))
+    })
+}
+
 /// `A..B` (B excluded), `A..=B`, `A..`, `..B`: each side a query value.
 pub(crate) fn parse_range(text: &str) -> Result<IndexQuery, Failure> {
     let (start, end, end_inclusive) = if let Some((a, b)) = text.split_once("..=") {
@@ -234,6 +252,18 @@ mod tests {
     use super::*;
     use crate::ExitCode;
     use kappakv_client::EntryId;
+
+    #[test]
+    fn coordinates_are_numbers_separated_by_commas() {
+        assert_eq!(
+            parse_coordinates::<4>("--bbox", "61, 65,-148,-144")
+                .unwrap()
+                .map(f64::to_bits),
+            [61.0, 65.0, -148.0, -144.0f64].map(f64::to_bits)
+        );
+        assert!(parse_coordinates::<2>("--near", "1,2,3").is_err());
+        assert!(parse_coordinates::<2>("--near", "north,2").is_err());
+    }
 
     #[test]
     fn query_values_and_ranges() {

@@ -154,7 +154,10 @@ enum Command {
         /// The index's declared name.
         index: String,
         /// Keys whose indexed value equals VALUE.
-        #[arg(allow_hyphen_values = true, required_unless_present = "range")]
+        #[arg(
+            allow_hyphen_values = true,
+            required_unless_present_any = ["range", "bbox", "near"]
+        )]
         value: Option<String>,
         /// Keys whose indexed value is in A..B (B excluded) or A..=B; either side may be left
         /// out (`10..`, `..=20`).
@@ -165,6 +168,24 @@ enum Command {
             conflicts_with = "value"
         )]
         range: Option<String>,
+        /// Of a geo index: keys with a point in the box, edges included; a MIN_LON greater
+        /// than MAX_LON crosses the antimeridian
+        #[arg(
+            long,
+            value_name = "MIN_LAT,MAX_LAT,MIN_LON,MAX_LON",
+            allow_hyphen_values = true,
+            conflicts_with_all = ["value", "range", "near"]
+        )]
+        bbox: Option<String>,
+        /// Of a geo index: the keys nearest to the point (--limit of them), nearest first, with
+        /// their great-circle distance in metres
+        #[arg(
+            long,
+            value_name = "LAT,LON",
+            allow_hyphen_values = true,
+            conflicts_with_all = ["value", "range"]
+        )]
+        near: Option<String>,
         /// At most N keys.
         #[arg(long, default_value_t = 100, value_name = "N")]
         limit: u64,
@@ -563,17 +584,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             index,
             value,
             range,
+            bbox,
+            near,
             limit,
             after,
             wait,
             json,
         } => {
-            let query = match (value, range) {
-                (_, Some(range)) => input::parse_range(&range)?,
-                (Some(value), None) => {
+            let query = match (value, range, bbox, near) {
+                (_, _, Some(b), _) => {
+                    let [a, b, c, d] = input::parse_coordinates::<4>("--bbox", &b)?;
+                    kappakv_client::IndexQuery::bbox(a, b, c, d)
+                }
+                (_, _, _, Some(p)) => {
+                    let [lat, lon] = input::parse_coordinates::<2>("--near", &p)?;
+                    kappakv_client::IndexQuery::near(lat, lon)
+                }
+                (_, Some(range), _, _) => input::parse_range(&range)?,
+                (Some(value), None, None, None) => {
                     kappakv_client::IndexQuery::Exact(input::parse_index_value(&value)?)
                 }
-                (None, None) => return Err(Failure::usage("give a VALUE or --range A..B").into()),
+                (None, None, None, None) => {
+                    return Err(
+                        Failure::usage("give a VALUE, --range A..B, --bbox or --near").into(),
+                    );
+                }
             };
             let mut options = QueryOptions::new(query);
             if let Some(w) = wait {
@@ -595,11 +630,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 let page = client.query(&index, &page_options).await?;
                 left -= (page.items.len() as u64).min(left);
-                for item in &page.items {
+                for (i, item) in page.items.iter().enumerate() {
+                    let distance = page.distances_m.get(i).copied();
                     if json {
-                        writeln!(out, "{}", output::get_json(item))?;
+                        writeln!(out, "{}", output::query_json(item, distance))?;
                     } else {
-                        out.write_all(output::query_human(item).as_bytes())?;
+                        out.write_all(output::query_human(item, distance).as_bytes())?;
                     }
                 }
                 cursor = page.next;

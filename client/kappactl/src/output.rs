@@ -216,13 +216,31 @@ pub(crate) fn get_human(got: &GetResult) -> String {
     out
 }
 
-/// One key of a query for a human, as [`scan_human`] shows it.
-pub(crate) fn query_human(got: &GetResult) -> String {
-    scan_human(&KeyVersions {
+/// One key of a query for a human, as [`scan_human`] shows it; a near query's distance first,
+/// `DISTANCE m<TAB>`.
+pub(crate) fn query_human(got: &GetResult, distance_m: Option<f64>) -> String {
+    let shown = scan_human(&KeyVersions {
         key: got.key.clone(),
         values: got.values.clone(),
         context: got.context.0.clone(),
-    })
+    });
+    let Some(d) = distance_m else {
+        return shown;
+    };
+    let mut out = String::new();
+    for line in shown.lines() {
+        let _ = writeln!(out, "{d:.3} m\t{line}");
+    }
+    out
+}
+
+/// One key of a query as JSON: [`get_json`]'s object, with `"distance_m"` for a near query.
+pub(crate) fn query_json(got: &GetResult, distance_m: Option<f64>) -> Value {
+    let mut v = get_json(got);
+    if let (Some(d), Value::Object(map)) = (distance_m, &mut v) {
+        map.insert("distance_m".into(), json!(d));
+    }
+    v
 }
 
 /// One key of a scan for a human: `KEY<TAB>VALUE`, one line per sibling.
@@ -435,6 +453,17 @@ mod tests {
         assert_eq!(v["peers"][0]["origin"], json!("joined"));
         assert_eq!(v["log_lsn"], json!(5));
         assert_eq!(v["indexed_lsn"], json!(4));
+    }
+
+    #[test]
+    fn a_near_query_shows_each_distance() {
+        let got = GetResult::from(KeyVersions {
+            key: b"map/A".to_vec(),
+            values: vec![],
+            context: vec![],
+        });
+        assert_eq!(query_json(&got, Some(12.5))["distance_m"], json!(12.5));
+        assert!(query_json(&got, None).get("distance_m").is_none());
     }
 
     #[test]

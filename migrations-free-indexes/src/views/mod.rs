@@ -1,6 +1,7 @@
 //! The views. Each built-in view is a unit struct; its name, version and tables are constants
 //! in [`crate::tables`]. Declared secondary indexes ([`secondary`]) are configured at run time.
 
+pub mod geo;
 pub mod history;
 pub mod kv;
 pub mod log_lookup;

@@ -30,7 +30,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::ops::Bound;
 
-use kappakv_protocol::{IndexQuery, IndexValue, KeyVersions};
+use kappakv_protocol::{GeoPoint, IndexQuery, IndexValue, KeyVersions};
 use redb::{ReadableTable, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -45,6 +45,7 @@ use crate::tables::{
     KV_CURRENT, secondary_by_key, secondary_postings, secondary_stats, secondary_view_name,
 };
 use crate::view::{Batch, View};
+use crate::views::geo::{self, GeoBox};
 
 /// Most fields one index may combine.
 pub const MAX_INDEX_FIELDS: usize = 8;
@@ -72,6 +73,10 @@ pub enum IndexKind {
     },
     /// One entry per distinct element of the field, an array of scalars (tags).
     Multi,
+    /// One entry per document: its point on the globe, from two fields (latitude, longitude;
+    /// `lat` and `lon` unless `fields` says otherwise) or one GeoJSON `Point` field; queried
+    /// by box or by distance ([`super::geo`]).
+    Geo,
 }
 
 impl IndexKind {
@@ -82,6 +87,7 @@ impl IndexKind {
             IndexKind::Range { descending: false } => "range",
             IndexKind::Range { descending: true } => "range desc",
             IndexKind::Multi => "multi",
+            IndexKind::Geo => "geo",
         }
     }
 
@@ -99,9 +105,13 @@ impl IndexKind {
 /// name = "posts_by_tag"
 /// prefix = "posts/"
 /// field = "tags"            # or fields = ["author.name", "year"]
-/// kind = "multi"            # or "exact", "range"
+/// kind = "multi"            # or "exact", "range", "geo"
 /// # descending = true       # range only
 /// ```
+///
+/// A `geo` index takes its point from `lat` and `lon` by default, from two other fields with
+/// `fields = ["position.lat", "position.lon"]`, or from a GeoJSON `Point` with
+/// `field = "geometry"`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "RawIndexDef", into = "RawIndexDef")]
 pub struct IndexDef {
@@ -158,6 +168,16 @@ pub enum IndexDefError {
         /// The index.
         name: String,
     },
+    /// A `geo` index with other than one field (a GeoJSON point) or two (latitude, longitude).
+    #[error(
+        "index {name:?}: a geo index takes `fields = [\"lat\", \"lon\"]` (the default) or one GeoJSON Point `field`, not {count} fields"
+    )]
+    GeoFields {
+        /// The index.
+        name: String,
+        /// How many fields it has.
+        count: usize,
+    },
 }
 
 impl IndexDef {
@@ -176,6 +196,12 @@ impl IndexDef {
         }
         if self.fields.is_empty() || self.fields.len() > MAX_INDEX_FIELDS {
             return Err(IndexDefError::FieldCount {
+                name: self.name.clone(),
+                count: self.fields.len(),
+            });
+        }
+        if self.kind == IndexKind::Geo && self.fields.len() > 2 {
+            return Err(IndexDefError::GeoFields {
                 name: self.name.clone(),
                 count: self.fields.len(),
             });
@@ -236,6 +262,7 @@ enum RawKind {
     Exact,
     Range,
     Multi,
+    Geo,
 }
 
 impl TryFrom<RawIndexDef> for IndexDef {
@@ -246,6 +273,7 @@ impl TryFrom<RawIndexDef> for IndexDef {
             (Some(_), Some(_)) => return Err(IndexDefError::FieldAndFields { name: raw.name }),
             (Some(f), None) => vec![f],
             (None, Some(fs)) => fs,
+            (None, None) if matches!(raw.kind, RawKind::Geo) => vec!["lat".into(), "lon".into()],
             (None, None) => Vec::new(),
         };
         let kind = match (raw.kind, raw.descending) {
@@ -253,6 +281,7 @@ impl TryFrom<RawIndexDef> for IndexDef {
             (_, true) => return Err(IndexDefError::DescendingNotRange { name: raw.name }),
             (RawKind::Exact, false) => IndexKind::Exact,
             (RawKind::Multi, false) => IndexKind::Multi,
+            (RawKind::Geo, false) => IndexKind::Geo,
         };
         let def = IndexDef {
             name: raw.name,
@@ -275,6 +304,7 @@ impl From<IndexDef> for RawIndexDef {
             IndexKind::Exact => (RawKind::Exact, false),
             IndexKind::Range { descending } => (RawKind::Range, descending),
             IndexKind::Multi => (RawKind::Multi, false),
+            IndexKind::Geo => (RawKind::Geo, false),
         };
         RawIndexDef {
             name: def.name,
@@ -364,6 +394,13 @@ impl SecondaryIndexView {
     /// The encoded postings of one stored value, or why it has none.
     fn extract(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>, Skip> {
         let doc = decode_document(bytes).ok_or(Skip::NotDocument)?;
+        if self.def.kind == IndexKind::Geo {
+            return match geo::point_of(&doc, &self.paths) {
+                Ok(point) => Ok(vec![geo::encode(point).to_vec()]),
+                Err(geo::NoPoint::Missing) => Err(Skip::MissingField),
+                Err(geo::NoPoint::Invalid) => Err(Skip::WrongType),
+            };
+        }
         let mut tuples: Vec<Vec<u8>> = vec![Vec::new()];
         for path in &self.paths {
             let field = lookup(&doc, path).ok_or(Skip::MissingField)?;
@@ -401,6 +438,8 @@ impl SecondaryIndexView {
                 Some(v @ (IndexValue::Number(_) | IndexValue::String(_))) => Ok(vec![one(v)]),
                 _ => Err(Skip::WrongType),
             },
+            // Points are read whole by `extract`.
+            IndexKind::Geo => Err(Skip::WrongType),
             IndexKind::Multi => {
                 let items = field.as_array().ok_or(Skip::WrongType)?;
                 let set = items
@@ -544,6 +583,18 @@ impl View for SecondaryIndexView {
     }
 }
 
+/// The current versions of a key's kv row, unless it has none or only tombstones.
+fn live_versions<'a>(
+    row: Option<&'a redb::AccessGuard<'_, &'static [u8]>>,
+) -> Result<Option<Vec<CurrentVersion<'a>>>, CorruptRecord> {
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let mut set = Vec::new();
+    decode_current(row.value(), &mut set)?;
+    Ok(set.iter().any(|v| v.value.is_some()).then_some(set))
+}
+
 /// One page of a query.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct QueryPage {
@@ -552,6 +603,9 @@ pub struct QueryPage {
     pub items: Vec<KeyVersions>,
     /// Where the next page starts, when the limit cut this one short.
     pub resume_after: Option<Vec<u8>>,
+    /// Of a `Near` query: each item's distance from the query's point, in millimetres (the
+    /// distance of the key's nearest point). Empty for other queries.
+    pub distances_mm: Vec<u64>,
 }
 
 /// A position in an index: the posting `(encoded value, key)` last returned. Encoded as
@@ -621,6 +675,13 @@ impl SecondaryIndexView {
                 };
                 Ok((low, high))
             }
+            IndexQuery::BBox { .. } | IndexQuery::Near(_) => Err(QueryError::Invalid {
+                reason: format!(
+                    "index {} is a {} index; a box or a point queries a geo index",
+                    self.def.name,
+                    self.def.kind.label()
+                ),
+            }),
         }
     }
 }
@@ -641,6 +702,9 @@ impl Snapshot {
         limit: usize,
         start_after: Option<&[u8]>,
     ) -> Result<QueryPage, QueryError> {
+        if index.def.kind == IndexKind::Geo {
+            return self.query_geo(index, query, limit, start_after);
+        }
         let (low, high) = index.bounds(query)?;
         let cursor = start_after.map(decode_cursor).transpose()?;
         let mut page = QueryPage::default();
@@ -687,16 +751,12 @@ impl Snapshot {
         for row in rows {
             let (posting, _) = row?;
             let (value, key) = posting.value();
-            let Some(versions) = current.get(key)? else {
-                // Postings follow the key/value view; a missing key means the index is not
-                // exact at this snapshot (it is still being built).
+            // Postings follow the key/value view; a missing key means the index is not exact
+            // at this snapshot (it is still being built).
+            let row = current.get(key)?;
+            let Some(set) = live_versions(row.as_ref())? else {
                 continue;
             };
-            let mut set = Vec::new();
-            decode_current(versions.value(), &mut set)?;
-            if set.iter().all(|v| v.value.is_none()) {
-                continue;
-            }
             if page.items.len() == limit {
                 page.resume_after = last.map(|(v, k)| encode_cursor(&v, &k));
                 return Ok(page);
@@ -719,6 +779,241 @@ impl Snapshot {
             postings: get(STAT_POSTINGS)?,
             skipped: get(STAT_SKIPPED)?,
         })
+    }
+}
+
+/// The key ranges of the postings table that hold the cells `low..=high`.
+type PostingBounds<'a> = (Bound<(&'a [u8], &'a [u8])>, Bound<(&'a [u8], &'a [u8])>);
+
+/// A `Near` query's position: the distance (mm, BE) and key of the last item returned.
+fn encode_near_cursor(distance_mm: u64, key: &[u8]) -> Vec<u8> {
+    let mut out = distance_mm.to_be_bytes().to_vec();
+    out.extend_from_slice(key);
+    out
+}
+
+fn decode_near_cursor(cursor: &[u8]) -> Result<(u64, &[u8]), QueryError> {
+    let (d, key) = cursor
+        .split_first_chunk::<8>()
+        .ok_or_else(|| QueryError::Invalid {
+            reason: "the resume cursor is not one this node returned".into(),
+        })?;
+    Ok((u64::from_be_bytes(*d), key))
+}
+
+fn check_point(p: &GeoPoint, what: &str) -> Result<(), QueryError> {
+    if p.is_valid() {
+        return Ok(());
+    }
+    Err(QueryError::Invalid {
+        reason: format!(
+            "{what} ({}, {}) is not a point: latitude is in -90..=90, longitude in -180..=180",
+            p.lat, p.lon
+        ),
+    })
+}
+
+/// Where a `Near` query starts looking: a circle this wide, growing fourfold until it holds
+/// enough keys.
+const NEAR_FIRST_RADIUS_M: f64 = 1_000.0;
+
+impl Snapshot {
+    /// A query of a `geo` index.
+    fn query_geo(
+        &self,
+        index: &SecondaryIndexView,
+        query: &IndexQuery,
+        limit: usize,
+        start_after: Option<&[u8]>,
+    ) -> Result<QueryPage, QueryError> {
+        match query {
+            IndexQuery::BBox { min, max } => {
+                check_point(min, "the box's minimum")?;
+                check_point(max, "the box's maximum")?;
+                if min.lat > max.lat {
+                    return Err(QueryError::Invalid {
+                        reason: format!(
+                            "the box's minimum latitude {} is above its maximum {}",
+                            min.lat, max.lat
+                        ),
+                    });
+                }
+                let cursor = start_after.map(decode_cursor).transpose()?;
+                self.query_box(
+                    index,
+                    &GeoBox {
+                        min: *min,
+                        max: *max,
+                    },
+                    limit,
+                    cursor,
+                )
+            }
+            IndexQuery::Near(center) => {
+                check_point(center, "the point")?;
+                let cursor = start_after.map(decode_near_cursor).transpose()?;
+                self.query_near(index, *center, limit, cursor)
+            }
+            IndexQuery::Exact(_) | IndexQuery::Range { .. } => Err(QueryError::Invalid {
+                reason: format!(
+                    "index {} is a geo index: query it with a box (--bbox) or a point (--near)",
+                    index.def.name
+                ),
+            }),
+        }
+    }
+
+    /// Calls `each(posting value, key, current versions)` for every posting of `index` in the
+    /// cells that cover `b` whose point is inside `b`, past `after`, in index order, until it
+    /// returns false. Keys with no current value are left out.
+    fn scan_box(
+        &self,
+        index: &SecondaryIndexView,
+        b: &GeoBox,
+        after: Option<(&[u8], &[u8])>,
+        mut each: impl FnMut(&[u8], &[u8], &[CurrentVersion<'_>]) -> Result<bool, QueryError>,
+    ) -> Result<(), QueryError> {
+        let (Some(postings), Some(current)) = (
+            self.table(secondary_postings(&index.postings))?,
+            self.table(KV_CURRENT)?,
+        ) else {
+            return Ok(());
+        };
+        for (low, high) in geo::cover(b) {
+            let (low, next) = (low.to_be_bytes(), high.checked_add(1).map(u64::to_be_bytes));
+            let mut bounds: PostingBounds<'_> = (
+                Bound::Included((&low[..], &[][..])),
+                next.as_ref()
+                    .map_or(Bound::Unbounded, |n| Bound::Excluded((&n[..], &[][..]))),
+            );
+            if let Some(at) = after {
+                if let Bound::Excluded(end) = bounds.1
+                    && at >= end
+                {
+                    continue;
+                }
+                if at >= (&low[..], &[][..]) {
+                    bounds.0 = Bound::Excluded(at);
+                }
+            }
+            for row in postings.range::<(&[u8], &[u8])>(bounds)? {
+                let (posting, _) = row?;
+                let (value, key) = posting.value();
+                let point = geo::decode(value).ok_or_else(|| {
+                    QueryError::from(SecondaryIndexView::corrupt("a geo posting of a bad size"))
+                })?;
+                if !b.contains(point) {
+                    continue;
+                }
+                let row = current.get(key)?;
+                let Some(set) = live_versions(row.as_ref())? else {
+                    continue;
+                };
+                if !each(value, key, &set)? {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The keys with a point inside `b`, each once: at its first posting inside `b`.
+    fn query_box(
+        &self,
+        index: &SecondaryIndexView,
+        b: &GeoBox,
+        limit: usize,
+        after: Option<(&[u8], &[u8])>,
+    ) -> Result<QueryPage, QueryError> {
+        let mut page = QueryPage::default();
+        if limit == 0 {
+            return Ok(page);
+        }
+        let mut last: Option<(Vec<u8>, Vec<u8>)> = None;
+        self.scan_box(index, b, after, |value, key, set| {
+            let (points, _) = index.postings_of(set);
+            let earlier_inside = points
+                .iter()
+                .take_while(|p| p.as_slice() < value)
+                .any(|p| geo::decode(p).is_some_and(|p| b.contains(p)));
+            if earlier_inside {
+                return Ok(true);
+            }
+            if page.items.len() == limit {
+                page.resume_after = last.take().map(|(v, k)| encode_cursor(&v, &k));
+                return Ok(false);
+            }
+            page.items.push(key_versions(key, set));
+            last = Some((value.to_vec(), key.to_vec()));
+            Ok(true)
+        })?;
+        Ok(page)
+    }
+
+    /// The `limit` keys nearest to `center` past `after` (distance, key), nearest first, a
+    /// key's distance being that of its nearest point. Looks in a growing circle: once the
+    /// circle of radius r holds more than `limit` keys nearer than r, no key outside it can
+    /// be among them.
+    fn query_near(
+        &self,
+        index: &SecondaryIndexView,
+        center: GeoPoint,
+        limit: usize,
+        after: Option<(u64, &[u8])>,
+    ) -> Result<QueryPage, QueryError> {
+        let mut page = QueryPage::default();
+        if limit == 0 {
+            return Ok(page);
+        }
+        let after_m = after.map_or(0.0, |(d, _)| d as f64 / 1000.0);
+        let mut radius = NEAR_FIRST_RADIUS_M.max(2.0 * after_m);
+        let world = std::f64::consts::PI * geo::EARTH_RADIUS_M;
+        loop {
+            let whole = radius >= world;
+            let within_mm = if whole {
+                u64::MAX
+            } else {
+                (radius * 1000.0).floor() as u64
+            };
+            let mut seen = BTreeSet::new();
+            let mut found: Vec<(u64, Vec<u8>, KeyVersions)> = Vec::new();
+            let b = if whole {
+                GeoBox::WORLD
+            } else {
+                GeoBox::around(center, radius)
+            };
+            self.scan_box(index, &b, None, |_, key, set| {
+                if !seen.insert(key.to_vec()) {
+                    return Ok(true);
+                }
+                let (points, _) = index.postings_of(set);
+                let Some(d) = points
+                    .iter()
+                    .filter_map(|p| geo::decode(p))
+                    .map(|p| geo::to_mm(geo::distance_m(center, p)))
+                    .min()
+                else {
+                    return Ok(true);
+                };
+                if d < within_mm && after.is_none_or(|(ad, ak)| (d, key) > (ad, ak)) {
+                    found.push((d, key.to_vec(), key_versions(key, set)));
+                }
+                Ok(true)
+            })?;
+            if found.len() > limit || whole {
+                found.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+                if found.len() > limit {
+                    found.truncate(limit);
+                    page.resume_after = found.last().map(|(d, k, _)| encode_near_cursor(*d, k));
+                }
+                for (d, _, versions) in found {
+                    page.distances_mm.push(d);
+                    page.items.push(versions);
+                }
+                return Ok(page);
+            }
+            radius *= 4.0;
+        }
     }
 }
 
@@ -1285,5 +1580,223 @@ mod tests {
         .map(IndexDef::version)
         .collect();
         assert_eq!(versions.len(), 5);
+    }
+
+    /// Every page of `q`: the keys, and the distances of a near query.
+    fn all_pages(
+        indexes: &Indexes,
+        view: &SecondaryIndexView,
+        q: &IndexQuery,
+        limit: usize,
+    ) -> (Vec<String>, Vec<u64>) {
+        let snapshot = indexes.snapshot().unwrap();
+        let (mut keys_seen, mut distances, mut after) = (Vec::new(), Vec::new(), None);
+        loop {
+            let page = snapshot.query(view, q, limit, after.as_deref()).unwrap();
+            keys_seen.extend(keys(&page));
+            distances.extend(page.distances_mm);
+            match page.resume_after {
+                Some(next) => after = Some(next),
+                None => return (keys_seen, distances),
+            }
+        }
+    }
+
+    #[test]
+    fn the_seeds_map_demo_finds_the_points_in_its_box() {
+        let geo = def("map", "", &["lat", "lon"], IndexKind::Geo);
+        let (indexes, views) = open(std::slice::from_ref(&geo));
+        let mut log = Log::default();
+        log.put("A", &json!({"id": "A", "lat": 64.5, "lon": -147.6}));
+        log.put("B", &json!({"id": "B", "lat": 63.9, "lon": -147.6}));
+        log.put("C", &json!({"id": "C", "lat": 64.2, "lon": -146.5}));
+        log.put("far", &json!({"lat": -33.9, "lon": 151.2}));
+        log.put("nowhere", &json!({"lat": 91.0, "lon": 0.0}));
+        log.put("not-a-point", &json!({"lat": "north", "lon": 0.0}));
+        log.sync(&indexes);
+        let in_box = IndexQuery::bbox(61.0, 65.0, -148.0, -144.0);
+        let mut found = query(&indexes, &views[0], &in_box);
+        found.sort();
+        assert_eq!(found, ["A", "B", "C"]);
+        let (near, distances) = all_pages(&indexes, &views[0], &IndexQuery::near(64.5, -147.6), 2);
+        assert_eq!(near, ["A", "C", "B", "far"]);
+        assert_eq!(distances[0], 0);
+        assert!(distances.windows(2).all(|w| w[0] <= w[1]), "{distances:?}");
+        assert_eq!(stats(&indexes, &views[0]).skipped, 2);
+        // A point moved leaves its box; a deleted key leaves the index.
+        log.put("A", &json!({"lat": 10.0, "lon": 10.0}));
+        log.delete("B");
+        log.sync(&indexes);
+        assert_eq!(query(&indexes, &views[0], &in_box), ["C"]);
+        // The wrong kind of query is refused.
+        let err = indexes
+            .snapshot()
+            .unwrap()
+            .query(&views[0], &exact(1i64), 10, None)
+            .unwrap_err();
+        assert!(err.to_string().contains("geo index"), "{err}");
+        let bad = IndexQuery::bbox(65.0, 61.0, 0.0, 1.0);
+        assert!(
+            indexes
+                .snapshot()
+                .unwrap()
+                .query(&views[0], &bad, 10, None)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn geo_definitions_default_to_lat_and_lon_and_take_a_geojson_field() {
+        let parsed: IndexDef = serde_json::from_value(json!({
+            "name": "map", "prefix": "", "kind": "geo"
+        }))
+        .unwrap();
+        assert_eq!(parsed.fields, ["lat", "lon"]);
+        let geojson: IndexDef = serde_json::from_value(json!({
+            "name": "map", "prefix": "", "field": "geometry", "kind": "geo"
+        }))
+        .unwrap();
+        let (indexes, views) = open(std::slice::from_ref(&geojson));
+        let mut log = Log::default();
+        log.put(
+            "p",
+            &json!({"geometry": {"type": "Point", "coordinates": [-147.6, 64.5]}}),
+        );
+        log.sync(&indexes);
+        assert_eq!(
+            query(
+                &indexes,
+                &views[0],
+                &IndexQuery::bbox(64.0, 65.0, -148.0, -147.0)
+            ),
+            ["p"]
+        );
+        assert!(
+            serde_json::from_value::<IndexDef>(json!({
+                "name": "map", "prefix": "", "fields": ["a", "b", "c"], "kind": "geo"
+            }))
+            .is_err()
+        );
+    }
+
+    mod geo_against_brute_force {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::views::geo::{GeoBox, distance_m, to_mm};
+
+        fn lat() -> impl Strategy<Value = f64> {
+            prop_oneof![
+                6 => -90.0..=90.0f64,
+                1 => Just(90.0),
+                1 => Just(-90.0),
+                1 => 89.0..=90.0f64,
+            ]
+        }
+
+        fn lon() -> impl Strategy<Value = f64> {
+            prop_oneof![
+                6 => -180.0..=180.0f64,
+                1 => Just(180.0),
+                1 => Just(-180.0),
+                1 => 179.0..=180.0f64,
+                1 => -180.0..=-179.0f64,
+            ]
+        }
+
+        #[derive(Debug, Clone)]
+        enum Step {
+            Put(usize, f64, f64),
+            Sibling(usize, f64, f64),
+            Delete(usize),
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            prop_oneof![
+                6 => (0..24usize, lat(), lon()).prop_map(|(k, a, o)| Step::Put(k, a, o)),
+                2 => (0..24usize, lat(), lon()).prop_map(|(k, a, o)| Step::Sibling(k, a, o)),
+                1 => (0..24usize).prop_map(Step::Delete),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            #[test]
+            fn boxes_and_nearest_equal_a_scan(
+                steps in prop::collection::vec(step(), 1..60),
+                boxes in prop::collection::vec((lat(), lat(), lon(), lon()), 4),
+                centers in prop::collection::vec((lat(), lon(), 1..8usize), 3),
+                page in 1..6usize,
+            ) {
+                let geo = def("map", "", &["lat", "lon"], IndexKind::Geo);
+                let (indexes, views) = open(std::slice::from_ref(&geo));
+                let mut log = Log::default();
+                let mut model: HashMap<String, Vec<GeoPoint>> = HashMap::new();
+                for s in &steps {
+                    match *s {
+                        Step::Put(k, lat, lon) => {
+                            let key = format!("k{k}");
+                            log.put(&key, &json!({"lat": lat, "lon": lon}));
+                            model.insert(key, vec![GeoPoint { lat, lon }]);
+                        }
+                        Step::Sibling(k, lat, lon) => {
+                            let key = format!("k{k}");
+                            log.sibling(&key, &json!({"lat": lat, "lon": lon}));
+                            model.entry(key).or_default().push(GeoPoint { lat, lon });
+                        }
+                        Step::Delete(k) => {
+                            let key = format!("k{k}");
+                            log.delete(&key);
+                            model.remove(&key);
+                        }
+                    }
+                }
+                log.sync(&indexes);
+                for &(a, b, min_lon, max_lon) in &boxes {
+                    let (min_lat, max_lat) = (a.min(b), a.max(b));
+                    let q = IndexQuery::bbox(min_lat, max_lat, min_lon, max_lon);
+                    let gb = GeoBox {
+                        min: GeoPoint { lat: min_lat, lon: min_lon },
+                        max: GeoPoint { lat: max_lat, lon: max_lon },
+                    };
+                    let (mut got, _) = all_pages(&indexes, &views[0], &q, page);
+                    let before = got.len();
+                    got.sort();
+                    got.dedup();
+                    prop_assert_eq!(before, got.len(), "a key twice");
+                    let mut want: Vec<String> = model
+                        .iter()
+                        .filter(|(_, ps)| ps.iter().any(|p| gb.contains(*p)))
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    want.sort();
+                    prop_assert_eq!(got, want, "box {:?}", gb);
+                }
+                for &(lat, lon, n) in &centers {
+                    let center = GeoPoint { lat, lon };
+                    let mut want: Vec<(u64, String)> = model
+                        .iter()
+                        .map(|(k, ps)| {
+                            let d = ps.iter().map(|p| to_mm(distance_m(center, *p))).min().unwrap();
+                            (d, k.clone())
+                        })
+                        .collect();
+                    want.sort();
+                    want.truncate(n);
+                    let snapshot = indexes.snapshot().unwrap();
+                    let got = snapshot.query(&views[0], &IndexQuery::Near(center), n, None).unwrap();
+                    let got: Vec<(u64, String)> =
+                        got.distances_mm.iter().copied().zip(keys(&got)).collect();
+                    prop_assert_eq!(&got, &want, "nearest {} to {:?}", n, center);
+                    // Paged, the same order.
+                    let (keys_paged, d_paged) =
+                        all_pages(&indexes, &views[0], &IndexQuery::Near(center), page);
+                    let all: Vec<(u64, String)> = d_paged.into_iter().zip(keys_paged).collect();
+                    prop_assert_eq!(&all[..want.len()], &want[..]);
+                    prop_assert_eq!(all.len(), model.len());
+                }
+            }
+        }
     }
 }
