@@ -1,11 +1,16 @@
 //! Declared secondary indexes over 1,000,000 JSON documents (one put per entry, distinct keys
-//! `posts/%07d`, ~110 bytes: a title, two or three tags of 8, a score of 1000).
+//! `posts/%07d`, ~150 bytes: a title, two or three tags of 8, a score of 1000, and a point,
+//! `lat` and `lon` uniform over -90..90 and -180..180 except an empty square, 10..12 N,
+//! 100..102 E).
 //!
 //! - `rebuild`: the index dropped and built again from the log while the key/value view is
 //!   already built, as after a definition change: entries in transactions of 20,000 (the
 //!   node's default `index_batch_entries_max`), non-durable, then one durable commit.
 //! - `first_page`: the first 32 documents of a query, with their current values, from a fresh
 //!   snapshot: an exact tag (a quarter of the documents have it), and a range of scores.
+//! - `geo_box`: every key of a box query of the `geo` index, with their current values: a box
+//!   in the empty square (0 keys), one of 2.55° × 2.55° at the equator (about 100), and one
+//!   of 25.5° × 25.5° (about 10,000). `geo_near`: the 10 keys nearest to a point.
 //!
 //! `cargo bench -p kappakv-indexes --bench secondary`. Set `KAPPAKV_BENCH_DIR` to put the index
 //! file somewhere other than the system temp dir.
@@ -42,7 +47,21 @@ fn defs() -> Vec<IndexDef> {
             fields: vec!["meta.score".into()],
             kind: IndexKind::Range { descending: true },
         },
+        IndexDef {
+            name: "by_place".into(),
+            prefix: "posts/".into(),
+            fields: vec!["lat".into(), "lon".into()],
+            kind: IndexKind::Geo,
+        },
     ]
+}
+
+/// A uniform number in `0..1` from the next step of `x`.
+fn unit(x: &mut u64) -> f64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    (*x >> 11) as f64 / (1u64 << 53) as f64
 }
 
 static LOG: LazyLock<Vec<SignedEntry>> = LazyLock::new(|| {
@@ -58,10 +77,19 @@ static LOG: LazyLock<Vec<SignedEntry>> = LazyLock::new(|| {
             if x.is_multiple_of(3) {
                 tags.push(TAGS[(x >> 16) as usize % 8]);
             }
+            let mut y = x | 1;
+            let (lat, lon) = loop {
+                let (lat, lon) = (unit(&mut y) * 180.0 - 90.0, unit(&mut y) * 360.0 - 180.0);
+                if !((10.0..12.0).contains(&lat) && (100.0..102.0).contains(&lon)) {
+                    break (lat, lon);
+                }
+            };
             let doc = serde_json::json!({
                 "title": format!("post number {i}"),
                 "tags": tags,
                 "meta": {"score": (x >> 24) % 1000},
+                "lat": lat,
+                "lon": lon,
             });
             let entry = Entry {
                 author,
@@ -123,7 +151,7 @@ fn batches() -> Vec<(Lsn, &'static SignedEntry)> {
 }
 
 /// Drops one index and builds it again from the whole log, the key/value view already built.
-#[divan::bench(args = ["by_tag", "by_score"], sample_count = 3, sample_size = 1)]
+#[divan::bench(args = ["by_tag", "by_score", "by_place"], sample_count = 3, sample_size = 1)]
 fn rebuild(bencher: Bencher, index: &str) {
     let built = &*BUILT;
     let view = format!("idx.{index}");
@@ -175,6 +203,44 @@ fn first_page(bencher: Bencher, query: &str) {
             .query(view, &q, 32, None)
             .expect("query");
         assert_eq!(page.items.len(), 32);
+        page
+    });
+}
+
+/// Every key of a box query of the geo index, from a fresh snapshot.
+#[divan::bench(args = ["0 keys", "~100 keys", "~10,000 keys"])]
+fn geo_box(bencher: Bencher, size: &str) {
+    let built = &*BUILT;
+    let (q, expect) = match size {
+        "0 keys" => (IndexQuery::bbox(10.5, 11.5, 100.5, 101.5), 0..=0),
+        "~100 keys" => (IndexQuery::bbox(0.0, 2.55, 0.0, 2.55), 50..=150),
+        _ => (IndexQuery::bbox(0.0, 25.5, 0.0, 25.5), 9_000..=11_000),
+    };
+    bencher.bench(|| {
+        let page = built
+            .indexes
+            .snapshot()
+            .expect("snapshot")
+            .query(&built.views[2], &q, 100_000, None)
+            .expect("query");
+        assert!(expect.contains(&page.items.len()), "{}", page.items.len());
+        page
+    });
+}
+
+/// The 10 keys nearest to a point, from a fresh snapshot.
+#[divan::bench]
+fn geo_near(bencher: Bencher) {
+    let built = &*BUILT;
+    let q = IndexQuery::near(48.85, 2.35);
+    bencher.bench(|| {
+        let page = built
+            .indexes
+            .snapshot()
+            .expect("snapshot")
+            .query(&built.views[2], &q, 10, None)
+            .expect("query");
+        assert_eq!(page.items.len(), 10);
         page
     });
 }

@@ -533,6 +533,9 @@ impl View for SecondaryIndexView {
         // (added, removed) per counter.
         let mut counts = [(0u64, 0u64); 3];
         let mut buf = Vec::new();
+        // (encoded value, key) of the postings that go and come.
+        let mut removed: Vec<(Vec<u8>, &[u8])> = Vec::new();
+        let mut added: Vec<(Vec<u8>, &[u8])> = Vec::new();
         for key in keys {
             let mut set = Vec::new();
             let row = current.get(key)?;
@@ -547,12 +550,8 @@ impl View for SecondaryIndexView {
             if new == old && new_skipped == old_skipped {
                 continue;
             }
-            for gone in old.difference(&new) {
-                postings.remove((gone.as_slice(), key))?;
-            }
-            for added in new.difference(&old) {
-                postings.insert((added.as_slice(), key), ())?;
-            }
+            removed.extend(old.difference(&new).map(|p| (p.clone(), key)));
+            added.extend(new.difference(&old).map(|p| (p.clone(), key)));
             for (count, (new, old)) in counts.iter_mut().zip([
                 (u64::from(!new.is_empty()), u64::from(!old.is_empty())),
                 (new.len() as u64, old.len() as u64),
@@ -567,6 +566,16 @@ impl View for SecondaryIndexView {
                 Self::encode_by_key(&new, new_skipped, &mut buf);
                 by_key.insert(key, buf.as_slice())?;
             }
+        }
+        // In index order, so that consecutive changes share their path down the tree: the
+        // postings of a geo index, for one, fall anywhere in it.
+        removed.sort_unstable();
+        added.sort_unstable();
+        for (value, key) in &removed {
+            postings.remove((value.as_slice(), *key))?;
+        }
+        for (value, key) in &added {
+            postings.insert((value.as_slice(), *key), ())?;
         }
         let mut stats = txn.open_table(secondary_stats(&self.stats))?;
         for (name, (added, removed)) in [STAT_DOCUMENTS, STAT_POSTINGS, STAT_SKIPPED]
@@ -592,7 +601,12 @@ fn live_versions<'a>(
     };
     let mut set = Vec::new();
     decode_current(row.value(), &mut set)?;
-    Ok(set.iter().any(|v| v.value.is_some()).then_some(set))
+    Ok((live_values(&set) > 0).then_some(set))
+}
+
+/// How many of `set` are values, not tombstones.
+fn live_values(set: &[CurrentVersion<'_>]) -> usize {
+    set.iter().filter(|v| v.value.is_some()).count()
 }
 
 /// One page of a query.
@@ -931,13 +945,17 @@ impl Snapshot {
         }
         let mut last: Option<(Vec<u8>, Vec<u8>)> = None;
         self.scan_box(index, b, after, |value, key, set| {
-            let (points, _) = index.postings_of(set);
-            let earlier_inside = points
-                .iter()
-                .take_while(|p| p.as_slice() < value)
-                .any(|p| geo::decode(p).is_some_and(|p| b.contains(p)));
-            if earlier_inside {
-                return Ok(true);
+            // Siblings may have another point in the box: the key goes at the first. A key of
+            // one value has one posting, this one, and its document need not be read.
+            if live_values(set) > 1 {
+                let (points, _) = index.postings_of(set);
+                let earlier_inside = points
+                    .iter()
+                    .take_while(|p| p.as_slice() < value)
+                    .any(|p| geo::decode(p).is_some_and(|p| b.contains(p)));
+                if earlier_inside {
+                    return Ok(true);
+                }
             }
             if page.items.len() == limit {
                 page.resume_after = last.take().map(|(v, k)| encode_cursor(&v, &k));
@@ -982,17 +1000,24 @@ impl Snapshot {
             } else {
                 GeoBox::around(center, radius)
             };
-            self.scan_box(index, &b, None, |_, key, set| {
-                if !seen.insert(key.to_vec()) {
-                    return Ok(true);
-                }
-                let (points, _) = index.postings_of(set);
-                let Some(d) = points
-                    .iter()
-                    .filter_map(|p| geo::decode(p))
-                    .map(|p| geo::to_mm(geo::distance_m(center, p)))
-                    .min()
-                else {
+            self.scan_box(index, &b, None, |value, key, set| {
+                let distance =
+                    |p: &[u8]| geo::decode(p).map(|p| geo::to_mm(geo::distance_m(center, p)));
+                let d = if live_values(set) > 1 {
+                    // The nearest point of its siblings', once per key.
+                    if !seen.insert(key.to_vec()) {
+                        return Ok(true);
+                    }
+                    index
+                        .postings_of(set)
+                        .0
+                        .iter()
+                        .filter_map(|p| distance(p))
+                        .min()
+                } else {
+                    distance(value)
+                };
+                let Some(d) = d else {
                     return Ok(true);
                 };
                 if d < within_mm && after.is_none_or(|(ad, ak)| (d, key) > (ad, ak)) {
