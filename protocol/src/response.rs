@@ -107,6 +107,7 @@ impl std::str::FromStr for PeerOrigin {
             PeerOrigin::Configured,
             PeerOrigin::Added,
             PeerOrigin::Joined,
+            PeerOrigin::Discovered,
         ]
         .into_iter()
         .find(|o| o.as_str() == s)
@@ -338,6 +339,18 @@ impl crate::frame::MessageKinds for Response {
 mod tests {
     use super::*;
     use crate::frame::{FRAME_HEADER_LEN, MessageKinds, encode_frame, message_kind};
+
+    #[test]
+    fn peer_origins_read_back_what_they_print() {
+        for origin in [
+            PeerOrigin::Configured,
+            PeerOrigin::Added,
+            PeerOrigin::Joined,
+            PeerOrigin::Discovered,
+        ] {
+            assert_eq!(origin.as_str().parse(), Ok(origin));
+        }
+    }
 
     #[test]
     fn every_error_code_is_in_all() {

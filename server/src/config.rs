@@ -100,9 +100,10 @@ pub struct Config {
     /// share `swarm`, and replicate with those it hears; they are listed as `discovered` and
     /// dropped when they stay gone. `off` by default.
     pub discovery: DiscoveryMode,
-    /// The secret shared by the nodes that should find each other with `discovery = "local"`,
-    /// at least 16 characters. Announcements are encrypted and authenticated with it: a node
-    /// without it learns nothing from them. Never shown by `config show`.
+    /// The secret shared by the nodes that should find each other with `discovery = "local"`:
+    /// at least 32 random hex digits (`openssl rand -hex 16`). Announcements are encrypted and
+    /// authenticated with it: a node without it learns nothing from them. Never shown by
+    /// `config show`.
     pub swarm: String,
     /// How often a node with `discovery = "local"` announces itself; a discovered peer not
     /// heard for 15 times this long, and not connected, is dropped.
@@ -497,12 +498,15 @@ impl Config {
             10,
             "at least 10 ms",
         )?;
-        if self.discovery == DiscoveryMode::Local && self.swarm.chars().count() < 16 {
+        let random_enough =
+            self.swarm.len() >= 32 && self.swarm.bytes().all(|b| b.is_ascii_hexdigit());
+        if self.discovery == DiscoveryMode::Local && !random_enough {
             return Err(ConfigError::Invalid {
                 setting: "swarm",
                 value: "(hidden)".into(),
-                allowed: "with discovery = \"local\", a secret of at least 16 characters shared \
-                          by the nodes that should find each other (`openssl rand -hex 16` makes one)",
+                allowed: "with discovery = \"local\", at least 32 random hex digits shared by the \
+                          nodes that should find each other (`openssl rand -hex 16` makes them): \
+                          one recorded announcement lets anyone test guesses of it",
             });
         }
         if self.admin_listen != ADMIN_OFF && self.admin_listen.parse::<SocketAddr>().is_err() {
@@ -701,10 +705,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("swarm") && !err.contains("short"), "{err}");
-        let l = Layered::load(None, env("a secret of the swarm, long enough"), vec![]).unwrap();
+        let passphrase = Layered::load(None, env("a passphrase of the swarm, long enough"), vec![]);
+        assert!(passphrase.is_err(), "a passphrase is not random hex");
+        let l = Layered::load(None, env("00112233445566778899aabbccddeeff"), vec![]).unwrap();
         assert_eq!(l.config.discovery, DiscoveryMode::Local);
         let shown = l.show();
         assert!(shown.contains("swarm = \"(hidden)\"  # env"), "{shown}");
-        assert!(!shown.contains("long enough"), "{shown}");
+        assert!(!shown.contains("8899aabb"), "{shown}");
     }
 }

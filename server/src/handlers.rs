@@ -164,7 +164,8 @@ pub async fn handle(node: &Node, request: Request, role: Role) -> Reply {
         }
         Request::PeerInvite { expires_secs } => invite(node, expires_secs),
         Request::PeerJoin { invite } => peer_join(node, &invite).await,
-        Request::Join { .. } => join(node, request),
+        // A client connection answers joins before this, where it knows the remote address.
+        Request::Join { .. } => join(node, request, std::net::SocketAddr::from(([0; 4], 0))),
         Request::Hello { .. } => error(
             ErrorCode::BadRequest,
             "hello is only valid as the first request",
@@ -245,8 +246,9 @@ fn invite(node: &Node, expires_secs: u64) -> Reply {
 }
 
 /// `Join`, allowed before `Hello`: a node shows an invite's secret and proves it holds its key;
-/// it becomes a peer.
-pub fn join(node: &Node, request: Request) -> Reply {
+/// it becomes a peer, dialled at the address it gives on the network it came from (`remote`),
+/// else at the first it gives.
+pub fn join(node: &Node, request: Request, remote: std::net::SocketAddr) -> Reply {
     let Request::Join {
         node_id,
         addrs,
@@ -264,10 +266,12 @@ pub fn join(node: &Node, request: Request) -> Reply {
             "the join's proof does not verify against its node id",
         );
     }
-    let Some(addr) = addrs
+    let addrs: Vec<kappakv_protocol::NodeAddr> =
+        addrs.iter().filter_map(|a| a.parse().ok()).collect();
+    let same_network = addrs
         .iter()
-        .find(|a| a.parse::<kappakv_protocol::NodeAddr>().is_ok())
-    else {
+        .find(|a| matches!(a, kappakv_protocol::NodeAddr::Ip(ip) if ip.ip() == remote.ip()));
+    let Some(addr) = same_network.or(addrs.first()).map(ToString::to_string) else {
         return error(
             ErrorCode::BadRequest,
             "a join names at least one HOST:PORT to dial the joining node at",
@@ -276,7 +280,7 @@ pub fn join(node: &Node, request: Request) -> Reply {
     let Some(replication) = node.replication() else {
         return error(ErrorCode::Unavailable, "replication is not running");
     };
-    if let Err(e) = node.invites.take(&secret) {
+    if let Err(e) = node.invites.take(&secret, node_id) {
         tracing::warn!(peer = %node_id, error = %e, "refused a join");
         return error(ErrorCode::Unauthorized, e.to_string());
     }
@@ -302,15 +306,10 @@ async fn peer_join(node: &Node, invite: &str) -> Reply {
         return error(ErrorCode::Unavailable, "replication is not running");
     };
     match crate::commands::join::join(&node.keypair, own_addrs(node), &invite).await {
-        Ok((peer, addrs)) => {
-            let Some(addr) = addrs.into_iter().next() else {
-                return error(ErrorCode::Internal, "the inviting node gave no address");
-            };
-            match replication.add_peer(peer, addr, PeerOrigin::Joined) {
-                Ok(()) => Reply::One(Response::Ok),
-                Err(e) => error(ErrorCode::Internal, e.to_string()),
-            }
-        }
+        Ok((peer, addr)) => match replication.add_peer(peer, addr, PeerOrigin::Joined) {
+            Ok(()) => Reply::One(Response::Ok),
+            Err(e) => error(ErrorCode::Internal, e.to_string()),
+        },
         Err(e @ crate::commands::join::JoinError::Unreachable { .. }) => {
             error(ErrorCode::Unavailable, e.to_string())
         }

@@ -655,9 +655,23 @@ mod exit {
 }
 
 /// `serve --join`: asks the node that made `invite` to take this one as a peer, then adds it
-/// to this node's peers (`DATA_DIR/peers`).
+/// to this node's peers (`DATA_DIR/peers`). A node that has it as a peer already (a restart
+/// with the same command line) starts as it is.
 async fn join_before_serving(config: &Config, invite: &str) -> Result<()> {
+    use kappakv_server::node::replication::peers::PeerList;
     let invite: kappakv_protocol::Invite = invite.parse().context("bad invite")?;
+    if PeerList::load(&config.data_dir, &[])?
+        .get(&invite.node_id)
+        .is_some()
+    {
+        tracing::info!(peer = %invite.node_id, "--join: the inviting node is a peer already");
+        return Ok(());
+    }
+    anyhow::ensure!(
+        config.listen.port() != 0 || !config.advertise.is_empty(),
+        "--join needs a fixed --listen port (or --advertise HOST:PORT): the inviting node dials \
+         this one back there"
+    );
     // A new node's key is written only once the join was taken: a refused join writes nothing.
     let identity = kappakv_server::identity::load_or_generate(&config.data_dir)
         .with_context(|| format!("reading the identity in {}", config.data_dir.display()))?;
@@ -669,15 +683,11 @@ async fn join_before_serving(config: &Config, invite: &str) -> Result<()> {
         .iter()
         .map(ToString::to_string)
         .collect();
-    let (peer, addrs) = kappakv_server::commands::join::join(&keypair, own, &invite).await?;
-    let addr = addrs
-        .into_iter()
-        .next()
-        .context("the inviting node gave no address")?;
+    let (peer, addr) = kappakv_server::commands::join::join(&keypair, own, &invite).await?;
     if let Err(new) = identity {
         new.save(&config.data_dir)?;
     }
-    kappakv_server::node::replication::peers::PeerList::load(&config.data_dir, &[])?.add(
+    PeerList::load(&config.data_dir, &[])?.add(
         peer,
         addr.clone(),
         kappakv_protocol::PeerOrigin::Joined,

@@ -79,7 +79,7 @@ impl Server {
             crate::net::discovery::spawn(
                 &node.config.swarm,
                 node.node_id,
-                addr.port(),
+                addr,
                 Duration::from_millis(node.config.discovery_interval_ms),
                 replication.clone(),
                 cancel.clone(),

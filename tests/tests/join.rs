@@ -139,7 +139,10 @@ async fn an_invite_joins_two_nodes_once_and_only_while_valid() -> anyhow::Result
     a.stop_with(libc::SIGTERM)?;
     b.stop_with(libc::SIGTERM)?;
     let a = ProcessNode::start_in(&a_data, a_addr, &[]).await?;
-    let b = ProcessNode::start_in(&b_data, b_addr, &[]).await?;
+    // B keeps its command line: the invite it used starts it as it is.
+    let mut cmd = serve_command(&b_data, b_addr)?;
+    cmd.args(["--join", &text]);
+    let b = ProcessNode::spawn(cmd, &b_data, b_addr).await?;
     let (a_client, b_client) = (a.client().await?, b.client().await?);
     assert_eq!(peer_ids(&a_client).await?, both);
     assert_eq!(peer_ids(&b_client).await?, [a_id]);

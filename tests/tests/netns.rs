@@ -1025,9 +1025,9 @@ async fn local_discovery_joins_the_nodes_of_one_swarm_only() -> Result<()> {
     let dir = tempfile::tempdir()?;
     // A and B share a swarm; C has one of its own.
     let secrets = [
-        "the swarm of a and b, 1",
-        "the swarm of a and b, 1",
-        "the swarm of c alone, 2",
+        "5a1f0c3e9b7d24e8a6c0f1b3d5e7092a",
+        "5a1f0c3e9b7d24e8a6c0f1b3d5e7092a",
+        "c0ffee00c0ffee00c0ffee00c0ffee00",
     ];
     let mut nodes = Vec::new();
     for (i, secret) in secrets.iter().enumerate() {

@@ -60,10 +60,14 @@ pub fn point_of(doc: &Value, paths: &[Vec<String>]) -> Result<GeoPoint, NoPoint>
     if !point.is_valid() {
         return Err(NoPoint::Invalid);
     }
-    // -0.0 and 0.0 are one coordinate.
+    // -0.0 and 0.0 are one coordinate; so are the meridians 180 and -180.
     Ok(GeoPoint {
         lat: point.lat + 0.0,
-        lon: point.lon + 0.0,
+        lon: if point.lon >= 180.0 {
+            -180.0
+        } else {
+            point.lon + 0.0
+        },
     })
 }
 
@@ -138,14 +142,19 @@ impl GeoBox {
         },
     };
 
-    /// Whether `p` is inside, edges included.
+    /// Whether `p` is inside, edges included; the meridians 180 and -180 are one.
     pub fn contains(&self, p: GeoPoint) -> bool {
         let lat = self.min.lat <= p.lat && p.lat <= self.max.lat;
-        let lon = if self.min.lon <= self.max.lon {
-            self.min.lon <= p.lon && p.lon <= self.max.lon
-        } else {
-            p.lon >= self.min.lon || p.lon <= self.max.lon
+        let lon_in = |lon: f64| {
+            if self.min.lon <= self.max.lon {
+                self.min.lon <= lon && lon <= self.max.lon
+            } else {
+                lon >= self.min.lon || lon <= self.max.lon
+            }
         };
+        let lon = lon_in(p.lon)
+            || (p.lon <= -180.0 && lon_in(180.0))
+            || (p.lon >= 180.0 && lon_in(-180.0));
         lat && lon
     }
 
@@ -210,8 +219,26 @@ impl GeoBox {
         }
     }
 
-    /// The box as one or two boxes that do not cross the antimeridian.
+    /// The box as boxes that do not cross the antimeridian; one that reaches the meridian
+    /// 180 also takes -180, where points on it are indexed.
     fn parts(&self) -> Vec<GeoBox> {
+        let mut parts = self.halves();
+        if parts.iter().any(|p| p.max.lon >= 180.0) {
+            parts.push(GeoBox {
+                min: GeoPoint {
+                    lat: self.min.lat,
+                    lon: -180.0,
+                },
+                max: GeoPoint {
+                    lat: self.max.lat,
+                    lon: -180.0,
+                },
+            });
+        }
+        parts
+    }
+
+    fn halves(&self) -> Vec<GeoBox> {
         if self.min.lon <= self.max.lon {
             return vec![*self];
         }
@@ -272,7 +299,9 @@ impl Square {
 /// point inside `b` has its cell in one of them, in at most [`MAX_COVER_RANGES`] ranges.
 pub fn cover(b: &GeoBox) -> Vec<(u64, u64)> {
     let mut ranges = Vec::new();
-    for part in b.parts() {
+    let parts = b.parts();
+    let budget = MAX_COVER_RANGES / parts.len();
+    for part in parts {
         let (x0, x1) = (qx(part.min.lon), qx(part.max.lon));
         let (y0, y1) = (qy(part.min.lat), qy(part.max.lat));
         if x0 > x1 || y0 > y1 {
@@ -286,7 +315,7 @@ pub fn cover(b: &GeoBox) -> Vec<(u64, u64)> {
         let mut found = Vec::new();
         while !partial.is_empty() {
             let last_level = partial[0].level == 32;
-            if last_level || found.len() + 4 * partial.len() > MAX_COVER_RANGES / 2 {
+            if last_level || found.len() + 4 * partial.len() > budget {
                 found.extend(partial.iter().map(Square::cells));
                 break;
             }
@@ -408,6 +437,21 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_meridians_180_and_minus_180_are_one() {
+        let doc = serde_json::json!({"lat": 1.0, "lon": 180.0});
+        let paths = vec![vec!["lat".to_string()], vec!["lon".to_string()]];
+        let stored = point_of(&doc, &paths).unwrap();
+        assert_eq!(stored, p(1.0, -180.0));
+        let east = GeoBox {
+            min: p(0.0, 170.0),
+            max: p(2.0, 180.0),
+        };
+        assert!(east.contains(stored));
+        let c = u64::from_be_bytes(encode(stored)[..8].try_into().unwrap());
+        assert!(cover(&east).iter().any(|&(lo, hi)| lo <= c && c <= hi));
     }
 
     #[test]

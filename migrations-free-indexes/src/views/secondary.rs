@@ -26,7 +26,7 @@
 //! before the indexes in the same transaction, and the server builds an index in the
 //! background only up to what the key/value view has applied.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, BinaryHeap};
 use std::fmt;
 use std::ops::Bound;
 
@@ -994,7 +994,10 @@ impl Snapshot {
                 (radius * 1000.0).floor() as u64
             };
             let mut seen = BTreeSet::new();
-            let mut found: Vec<(u64, Vec<u8>, KeyVersions)> = Vec::new();
+            // The `limit + 1` nearest found (a max-heap), and how many are nearer than the
+            // radius: memory stays within the page whatever the circle holds.
+            let mut nearest: BinaryHeap<(u64, Vec<u8>)> = BinaryHeap::new();
+            let mut within = 0usize;
             let b = if whole {
                 GeoBox::WORLD
             } else {
@@ -1021,19 +1024,28 @@ impl Snapshot {
                     return Ok(true);
                 };
                 if d < within_mm && after.is_none_or(|(ad, ak)| (d, key) > (ad, ak)) {
-                    found.push((d, key.to_vec(), key_versions(key, set)));
+                    within += 1;
+                    if nearest.len() <= limit {
+                        nearest.push((d, key.to_vec()));
+                    } else if nearest
+                        .peek()
+                        .is_some_and(|top| (d, key) < (top.0, &top.1[..]))
+                    {
+                        nearest.pop();
+                        nearest.push((d, key.to_vec()));
+                    }
                 }
                 Ok(true)
             })?;
-            if found.len() > limit || whole {
-                found.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+            if within > limit || whole {
+                let mut found = nearest.into_sorted_vec();
                 if found.len() > limit {
                     found.truncate(limit);
-                    page.resume_after = found.last().map(|(d, k, _)| encode_near_cursor(*d, k));
+                    page.resume_after = found.last().map(|(d, k)| encode_near_cursor(*d, k));
                 }
-                for (d, _, versions) in found {
+                for (d, key) in found {
                     page.distances_mm.push(d);
-                    page.items.push(versions);
+                    page.items.push(self.get(&key)?);
                 }
                 return Ok(page);
             }

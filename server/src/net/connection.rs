@@ -70,11 +70,13 @@ pub async fn serve_client(
         let cancel = cancel.clone();
         let buffers = buffers.clone();
         let pending = pending.clone();
+        let remote = conn.remote_address();
         tracker.spawn(
             async move {
                 let auth = Auth {
                     role: &role,
                     pending: &pending,
+                    remote,
                 };
                 serve_stream(send, recv, &node, service, &buffers, auth, &cancel).await;
             }
@@ -140,6 +142,8 @@ fn busy_buffers() -> Response {
 struct Auth<'a> {
     role: &'a OnceLock<Role>,
     pending: &'a Pending,
+    /// Where the connection comes from: a joining node is dialled back there.
+    remote: std::net::SocketAddr,
 }
 
 /// Why a request could not be read.
@@ -326,7 +330,7 @@ async fn serve_stream(
             }
         }
         // The invite's secret is the credential: no token before it.
-        request @ Request::Join { .. } => crate::handlers::join(node, request),
+        request @ Request::Join { .. } => crate::handlers::join(node, request, auth.remote),
         request => match role.get() {
             None => Reply::One(Response::Error {
                 code: ErrorCode::Unauthorized,

@@ -147,13 +147,17 @@ impl Heard {
 pub fn spawn(
     secret: &str,
     node_id: NodeId,
-    quic_port: u16,
+    listen: SocketAddr,
     interval: Duration,
     replication: Arc<Replication>,
     cancel: CancellationToken,
     tracker: &tokio_util::task::TaskTracker,
 ) {
     let key = SwarmKey::new(secret);
+    let quic_port = listen.port();
+    if listen.ip().is_loopback() {
+        tracing::warn!(%listen, "local discovery: this node listens on loopback only, so the nodes that hear it cannot dial it; listen on 0.0.0.0 (or an interface's address)");
+    }
     tracker.spawn(async move {
         let socket = match bind() {
             Ok(s) => s,
@@ -190,15 +194,14 @@ fn bind() -> std::io::Result<tokio::net::UdpSocket> {
 }
 
 /// The machine's IPv4 interface addresses, loopback left out.
-fn interfaces() -> Vec<Ipv4Addr> {
-    if_addrs::get_if_addrs()
-        .unwrap_or_default()
+fn interfaces() -> std::io::Result<Vec<Ipv4Addr>> {
+    Ok(if_addrs::get_if_addrs()?
         .into_iter()
         .filter_map(|i| match i.ip() {
             std::net::IpAddr::V4(v4) if !v4.is_loopback() => Some(v4),
             _ => None,
         })
-        .collect()
+        .collect())
 }
 
 struct Discovery {
@@ -236,20 +239,38 @@ impl Discovery {
 
     /// Joins the group on interfaces that are new, and announces on every interface.
     async fn announce(&mut self) {
-        let interfaces = interfaces();
+        let interfaces = match interfaces() {
+            Ok(found) => found,
+            Err(e) => {
+                // Keep what was joined: the list may come back at the next tick.
+                tracing::debug!(error = %e, "local discovery: cannot list the interfaces");
+                return;
+            }
+        };
         if interfaces.is_empty() {
             tracing::debug!("local discovery: no IPv4 interface besides loopback to announce on");
         }
+        // An interface that went away leaves the group; one that comes back joins again.
+        for gone in self.joined.iter().filter(|i| !interfaces.contains(i)) {
+            let _ = self.socket.leave_multicast_v4(GROUP, *gone);
+        }
+        self.joined.retain(|i| interfaces.contains(i));
         let sock = socket2::SockRef::from(&self.socket);
+        // One time for every interface's announcement: a receiver that hears this node on
+        // several interfaces takes the first and refuses the others as replays.
+        let time_ms = crate::unix_now_ms();
         for iface in &interfaces {
             if !self.joined.contains(iface) {
                 match self.socket.join_multicast_v4(GROUP, *iface) {
                     Ok(()) => {
                         self.joined.insert(*iface);
                     }
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                        self.joined.insert(*iface);
+                    }
+                    // Announcing needs no membership: send all the same.
                     Err(e) => {
                         tracing::debug!(%iface, error = %e, "local discovery: cannot join the group");
-                        continue;
                     }
                 }
             }
@@ -258,7 +279,7 @@ impl Discovery {
             let packet = self.key.seal(
                 &Announcement {
                     node_id: self.node_id,
-                    time_ms: crate::unix_now_ms(),
+                    time_ms,
                     port: self.quic_port,
                 },
                 nonce,
@@ -275,8 +296,6 @@ impl Discovery {
                 tracing::debug!(%iface, error = %e, "local discovery: cannot announce");
             }
         }
-        // An interface that went away leaves the group with it.
-        self.joined.retain(|i| interfaces.contains(i));
     }
 
     /// Takes a packet: another node of this swarm becomes a peer, or moves.

@@ -35,9 +35,12 @@ impl PeerList {
                     let (spec, origin) = line.split_once(' ').unwrap_or((line, "added"));
                     match (peer_spec(spec), origin.trim().parse()) {
                         (Some((id, addr)), Ok(saved)) => {
-                            let origin = match peers.get(&id) {
-                                Some((_, PeerOrigin::Configured)) => PeerOrigin::Configured,
-                                _ => saved,
+                            let origin = match (peers.get(&id), saved) {
+                                (Some((_, PeerOrigin::Configured)), _) => PeerOrigin::Configured,
+                                // Saved while configured, and no longer in the configuration:
+                                // it stays, as a peer added at run time would.
+                                (None, PeerOrigin::Configured) => PeerOrigin::Added,
+                                (_, saved) => saved,
                             };
                             peers.insert(id, (addr, origin));
                         }
@@ -109,6 +112,14 @@ mod tests {
         list.add(a, "127.0.0.1:9".into(), PeerOrigin::Added)
             .unwrap();
         let reloaded = PeerList::load(dir.path(), &configured).unwrap();
+        assert_eq!(
+            PeerList::load(dir.path(), &[])
+                .unwrap()
+                .entry(&a)
+                .map(|(_, o)| o),
+            Some(PeerOrigin::Added),
+            "a peer no longer configured"
+        );
         let seen: Vec<(NodeId, String, PeerOrigin)> = reloaded
             .iter()
             .map(|(id, addr, origin)| (*id, addr.clone(), origin))
