@@ -36,7 +36,7 @@ Exit status:
 #[derive(Debug, Parser)]
 #[command(name = "kappactl", version, after_help = EXIT_CODES)]
 struct Cli {
-    /// The node's ticket, as `kappakv id` prints it: kappakv://NODEID@IP:PORT/TOKEN.
+    /// The node's ticket, as `kappakv id` prints it: kappakv://NODEID@HOST:PORT[,HOST:PORT…]/TOKEN.
     #[arg(long, global = true, env = "KAPPAKV_TICKET", hide_env_values = true)]
     ticket: Option<String>,
     /// Read the ticket from DIR/client.ticket.
@@ -146,7 +146,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Keys whose values a declared index finds, with their current values, in index order.
+    /// Keys whose values a declared index finds, with their current values, in index order
+    /// (nearest first for --near).
     ///
     /// VALUE is read as JSON when it parses (`3`, `true`, `"3"`), else as a string; a JSON array
     /// gives the values of a compound index's fields, in order (a prefix of them is enough).
