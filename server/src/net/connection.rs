@@ -363,7 +363,10 @@ async fn serve_stream(
         }
         Reply::Watch { prefix, from_lsn } => {
             drop(held);
-            super::watch::stream(
+            // Boxed, as the sync session below: a stream's task would otherwise be as large
+            // as these rare, large futures, and every request's task is moved a few times
+            // as it is spawned.
+            Box::pin(super::watch::stream(
                 node,
                 &buffers.watches,
                 &mut tx,
@@ -371,7 +374,7 @@ async fn serve_stream(
                 prefix,
                 from_lsn,
                 cancel,
-            )
+            ))
             .await;
             let _ = tx.finish();
             return;
@@ -391,9 +394,8 @@ async fn serve_stream(
                 return;
             };
             if send(&mut tx, &encode_frame(&Response::SyncStarted), timeout).await
-                && let Err(e) = replication
-                    .serve_stream(&mut rx, &mut tx, mode, cancel)
-                    .await
+                && let Err(e) =
+                    Box::pin(replication.serve_stream(&mut rx, &mut tx, mode, cancel)).await
             {
                 tracing::info!(error = %e, "sync stream failed");
                 // Not a clean end: the other side must not take it for one.
