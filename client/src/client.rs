@@ -676,8 +676,6 @@ impl Client {
         }
     }
 
-    /// Sends a request and reads its one-frame answer. An idempotent request whose connection
-    /// breaks before the answer is sent once more on a new connection.
     /// Sends `request` on a stream of its own and reads its one answer. A request whose
     /// connection broke after it was sent is sent once more on a new connection when it is
     /// `repeatable` (a read, or a write with a request id). Errors say whether the request may

@@ -303,8 +303,6 @@ pub enum Response {
     Joined {
         /// This node.
         node_id: NodeId,
-        /// Where it can be dialled, `HOST:PORT`.
-        addrs: Vec<String>,
     },
     /// The request failed.
     Error {
@@ -426,7 +424,6 @@ mod tests {
             },
             Response::Joined {
                 node_id: NodeId([1; 32]),
-                addrs: vec![],
             },
             Response::Error {
                 code: ErrorCode::Busy,

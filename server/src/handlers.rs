@@ -165,8 +165,11 @@ pub async fn handle(node: &Node, request: Request, role: Role) -> Reply {
         }
         Request::PeerInvite { expires_secs } => invite(node, expires_secs),
         Request::PeerJoin { invite } => peer_join(node, &invite).await,
-        // A client connection answers joins before this, where it knows the remote address.
-        Request::Join { .. } => join(node, request, std::net::SocketAddr::from(([0; 4], 0))),
+        // Answered by the connection, before the token check (`handlers::join`): never here.
+        Request::Join { .. } => error(
+            ErrorCode::BadRequest,
+            "a join is answered before authentication only",
+        ),
         Request::Hello { .. } => error(
             ErrorCode::BadRequest,
             "hello is only valid as the first request",
@@ -213,15 +216,12 @@ fn key_too_large(len: usize) -> Reply {
 }
 
 /// Where peers and clients should dial this node, as its tickets give it.
-fn own_addrs(node: &Node) -> Vec<String> {
+fn own_addrs(node: &Node) -> Vec<kappakv_protocol::NodeAddr> {
     let bound = node
         .replication()
         .and_then(|r| r.local_addr())
         .unwrap_or(node.config.listen);
     crate::net::advertised(bound, &node.config.advertise)
-        .iter()
-        .map(ToString::to_string)
-        .collect()
 }
 
 /// `PeerInvite`: an invite with this node's addresses and a new secret.
@@ -231,10 +231,7 @@ fn invite(node: &Node, expires_secs: u64) -> Reply {
         Ok(secret) => {
             let invite = kappakv_protocol::Invite {
                 node_id: node.node_id,
-                addrs: own_addrs(node)
-                    .iter()
-                    .filter_map(|a| a.parse().ok())
-                    .collect(),
+                addrs: own_addrs(node),
                 secret,
             };
             tracing::info!(expires_secs, "invite made");
@@ -290,7 +287,6 @@ pub fn join(node: &Node, request: Request, remote: std::net::SocketAddr) -> Repl
             tracing::info!(peer = %node_id, %addr, "a node joined with an invite: added to the peers");
             Reply::One(Response::Joined {
                 node_id: node.node_id,
-                addrs: own_addrs(node),
             })
         }
         Err(e) => error(ErrorCode::Internal, e.to_string()),
@@ -306,7 +302,13 @@ async fn peer_join(node: &Node, invite: &str) -> Reply {
     let Some(replication) = node.replication() else {
         return error(ErrorCode::Unavailable, "replication is not running");
     };
-    match crate::commands::join::join(&node.keypair, own_addrs(node), &invite).await {
+    match crate::commands::join::join(
+        &node.keypair,
+        own_addrs(node).iter().map(ToString::to_string).collect(),
+        &invite,
+    )
+    .await
+    {
         Ok((peer, addr)) => match replication.add_peer(peer, addr, PeerOrigin::Joined) {
             Ok(()) => Reply::One(Response::Ok),
             Err(e) => error(ErrorCode::Internal, e.to_string()),

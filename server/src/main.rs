@@ -660,10 +660,8 @@ mod exit {
 async fn join_before_serving(config: &Config, invite: &str) -> Result<()> {
     use kappakv_server::node::replication::peers::PeerList;
     let invite: kappakv_protocol::Invite = invite.parse().context("bad invite")?;
-    if PeerList::load(&config.data_dir, &[])?
-        .get(&invite.node_id)
-        .is_some()
-    {
+    let mut peers = PeerList::load(&config.data_dir, &[])?;
+    if peers.get(&invite.node_id).is_some() {
         tracing::info!(peer = %invite.node_id, "--join: the inviting node is a peer already");
         return Ok(());
     }
@@ -687,11 +685,7 @@ async fn join_before_serving(config: &Config, invite: &str) -> Result<()> {
     if let Err(new) = identity {
         new.save(&config.data_dir)?;
     }
-    PeerList::load(&config.data_dir, &[])?.add(
-        peer,
-        addr.clone(),
-        kappakv_protocol::PeerOrigin::Joined,
-    )?;
+    peers.add(peer, addr.clone(), kappakv_protocol::PeerOrigin::Joined)?;
     tracing::info!(%peer, %addr, "joined: the inviting node is a peer now");
     Ok(())
 }

@@ -31,7 +31,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use kappakv_protocol::{DecodeError, Lsn, NodeId, SignedEntry};
 use serde::{Deserialize, Serialize};
@@ -421,9 +420,7 @@ pub fn run_observed(
         node_id,
         lsn: scan.cut.map_or(0, |c| c.lsn),
         version_vector: scan.version_vector,
-        created_unix_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
+        created_unix_ms: crate::unix_now_ms(),
         segments,
         files,
     };

@@ -2,15 +2,14 @@
 //! and a proof of this node's key, and learn where it can be dialled. The node that made the
 //! invite adds this one to its peer list as it answers; the caller adds that node to its own.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use kappakv_protocol::sign::Keypair;
-use kappakv_protocol::{Invite, NodeAddr, NodeId, Request, Response};
+use kappakv_protocol::{Invite, NodeId, Request, Response};
 
-use super::live::{addrs_text, connect, exchange};
+use super::live::{addrs_text, connect, exchange, resolve};
 
 /// Longest the join waits for the inviting node at one address; the addresses are tried at
 /// once, and `PeerJoin` answers within the node's request timeout (10 s by default).
@@ -66,7 +65,11 @@ pub async fn join(
             let request = &request;
             async move {
                 let answer = tokio::time::timeout(ATTEMPT_TIMEOUT, async {
-                    let target = resolve(addr).await?;
+                    let target = resolve(addr)
+                        .await?
+                        .into_iter()
+                        .next()
+                        .ok_or_else(|| format!("{addr} resolves to no address"))?;
                     let (endpoint, conn) = connect(invite.node_id, target).await?;
                     let answer = exchange(&conn, request).await;
                     conn.close(0u32.into(), b"joined");
@@ -99,16 +102,4 @@ pub async fn join(
         addrs: addrs_text(&invite.addrs),
         reason: last,
     })
-}
-
-/// The first socket address of `addr`, a name resolved now.
-async fn resolve(addr: &NodeAddr) -> Result<SocketAddr, String> {
-    match addr {
-        NodeAddr::Ip(a) => Ok(*a),
-        NodeAddr::Name { host, port } => tokio::net::lookup_host((host.as_str(), *port))
-            .await
-            .map_err(|e| format!("resolving {host}: {e}"))?
-            .next()
-            .ok_or_else(|| format!("{host} resolves to no address")),
-    }
 }

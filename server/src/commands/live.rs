@@ -320,10 +320,8 @@ async fn ask(ticket: &Ticket) -> Result<Status, Failure> {
     let mut last = Failure::Unreachable("the ticket has no address".into());
     let mut addrs: Vec<SocketAddr> = ticket.addrs.iter().filter_map(NodeAddr::ip).collect();
     addrs.sort_by_key(|a| !a.ip().is_loopback());
-    for addr in &ticket.addrs {
-        if let NodeAddr::Name { host, port } = addr
-            && let Ok(found) = tokio::net::lookup_host((host.as_str(), *port)).await
-        {
+    for addr in ticket.addrs.iter().filter(|a| a.ip().is_none()) {
+        if let Ok(found) = resolve(addr).await {
             addrs.extend(found);
         }
     }
@@ -444,4 +442,15 @@ pub(crate) fn addrs_text(addrs: &[kappakv_protocol::NodeAddr]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// The socket addresses of `addr`, a name resolved now.
+pub(crate) async fn resolve(addr: &NodeAddr) -> Result<Vec<SocketAddr>, String> {
+    match addr {
+        NodeAddr::Ip(a) => Ok(vec![*a]),
+        NodeAddr::Name { host, port } => Ok(tokio::net::lookup_host((host.as_str(), *port))
+            .await
+            .map_err(|e| format!("resolving {host}: {e}"))?
+            .collect()),
+    }
 }

@@ -58,15 +58,6 @@ pub enum Outcome {
     Repeated(Written),
 }
 
-impl Outcome {
-    /// The write.
-    pub fn written(self) -> Written {
-        match self {
-            Outcome::Made(w) | Outcome::Repeated(w) => w,
-        }
-    }
-}
-
 /// The request ids of recent writes and what they became.
 #[derive(Default)]
 pub struct RecentWrites {

@@ -38,7 +38,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use kappakv_protocol::limits::MAX_ENTRY_BYTES;
 use kappakv_protocol::record::RECORD_HEADER_LEN;
@@ -357,7 +357,12 @@ impl WriterHandle {
         let (durable_tx, durable) = watch::channel(store.last_lsn());
         let shared_heads: SharedHeads = Arc::new(RwLock::new(heads.clone()));
         let failed = Arc::new(AtomicBool::new(false));
-        let chains = Chains::new(heads, keypair, store.max_timestamp_at_open(), wall_millis());
+        let chains = Chains::new(
+            heads,
+            keypair,
+            store.max_timestamp_at_open(),
+            crate::unix_now_ms(),
+        );
         let own_chain = chains.own_chain();
         let (exit_tx, exited) = oneshot::channel();
         let writer = Writer {
@@ -674,7 +679,7 @@ impl Writer {
         });
         let built = self
             .chains
-            .build(base, commands, self.resolver.as_mut(), wall_millis());
+            .build(base, commands, self.resolver.as_mut(), crate::unix_now_ms());
         let mut pending = Vec::with_capacity(built.len());
         for b in built {
             match b {
@@ -845,10 +850,4 @@ impl Writer {
         self.resolver.discarded(base);
         self.resolver.batch_done();
     }
-}
-
-fn wall_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
