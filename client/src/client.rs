@@ -16,6 +16,7 @@ use quinn::{RecvStream, SendStream};
 use crate::config::{ClientBuilder, ClientOptions};
 use crate::connection::{self, SendFailure, response_kind};
 use crate::error::{ConnectError, InvalidRequest, ProtocolError, RequestError, Result};
+use crate::pipeline::Pipeline;
 use crate::scan::{Scan, ScanOptions};
 use crate::value::GetResult;
 use crate::watch::Watch;
@@ -23,7 +24,10 @@ use crate::watch::Watch;
 /// A connection to one kappakv node. Cheap to clone: clones share the connection and the
 /// read-your-writes LSN.
 ///
-/// Requests run concurrently, each on its own QUIC stream. When the connection is lost the next
+/// Requests run concurrently. Those answered with one frame (writes, gets, history, status,
+/// peer changes) share the connection's pipeline: calls made at the same time from any task go
+/// out together in shared frames and packets, and each is answered on its own as soon as the
+/// node has done it. Scans, queries and watches each get a QUIC stream of their own. When the connection is lost the next
 /// request dials again (QUIC handshake and hello); reads whose connection broke under them are
 /// retried once on the new connection, writes only when the node certainly never received them.
 #[derive(Clone, Debug)]
@@ -57,6 +61,24 @@ pub(crate) struct Live {
     pub(crate) conn: quinn::Connection,
     /// Counts connections made by this client; tells a stale handle from a fresh one.
     pub(crate) generation: u64,
+    /// The connection's pipeline, which carries the requests answered with one frame; `None`
+    /// when turned off or the node has none.
+    pipeline: Option<Arc<Pipeline>>,
+}
+
+/// Opens the pipeline of a new connection, unless `options` turn it off. A node that cannot
+/// open one (an older node) gets every request on a stream of its own.
+async fn open_pipeline(conn: &quinn::Connection, options: &ClientOptions) -> Option<Arc<Pipeline>> {
+    if !options.pipeline {
+        return None;
+    }
+    match Pipeline::open(conn).await {
+        Ok(pipeline) => pipeline.map(Arc::new),
+        Err(error) => {
+            tracing::debug!(%error, "no pipeline; each request goes on a stream of its own");
+            None
+        }
+    }
 }
 
 /// A write made durable by the node.
@@ -240,6 +262,7 @@ impl Client {
         let endpoint = connection::open_endpoint(&ticket)?;
         let (conn, hello) = connection::dial(&endpoint, &ticket, &options).await?;
         tracing::debug!(node = %hello.node_id.short(), read_only = hello.read_only, "connected");
+        let pipeline = open_pipeline(&conn, &options).await;
         Ok(Client {
             inner: Arc::new(Inner {
                 ticket,
@@ -248,6 +271,7 @@ impl Client {
                 current: Mutex::new(Live {
                     conn,
                     generation: 1,
+                    pipeline,
                 }),
                 redial: tokio::sync::Mutex::new(1),
                 written_lsn: AtomicU64::new(0),
@@ -636,12 +660,14 @@ impl Client {
         .await?;
         *generation += 1;
         tracing::debug!(generation = *generation, "reconnected");
+        let pipeline = open_pipeline(&conn, &self.inner.options).await;
         self.inner
             .read_only
             .store(hello.read_only, Ordering::Relaxed);
         let live = Live {
             conn,
             generation: *generation,
+            pipeline,
         };
         *self
             .inner
@@ -720,6 +746,18 @@ impl Client {
     }
 
     async fn attempt(&self, request: &Request) -> Result<Response, Attempt> {
+        if request.is_pipelinable() {
+            let live = self.connection().await.map_err(|e| Attempt {
+                error: e.into(),
+                sent_on: None,
+            })?;
+            if let Some(pipeline) = live.pipeline.as_ref().filter(|p| !p.is_broken()) {
+                return pipeline.call(request).await.map_err(|failed| Attempt {
+                    error: failed.error,
+                    sent_on: failed.maybe_sent.then_some(live.generation),
+                });
+            }
+        }
         let (_send, mut recv, generation) =
             self.open_stream(request, true)
                 .await

@@ -26,6 +26,8 @@ pub struct ClientOptions {
     pub(crate) idle_timeout: Duration,
     /// Keys per scan request.
     pub(crate) scan_page: u32,
+    /// Whether single-answer requests share the connection's pipeline.
+    pub(crate) pipeline: bool,
 }
 
 impl Default for ClientOptions {
@@ -36,6 +38,7 @@ impl Default for ClientOptions {
             keep_alive: Some(Duration::from_secs(5)),
             idle_timeout: Duration::from_secs(30),
             scan_page: DEFAULT_SCAN_PAGE,
+            pipeline: true,
         }
     }
 }
@@ -96,6 +99,13 @@ impl ClientBuilder {
     /// Keys per scan request, clamped to `1..=MAX_SCAN_LIMIT`. Default 1000.
     pub fn scan_page_size(mut self, keys: u32) -> Self {
         self.options.scan_page = keys.clamp(1, MAX_SCAN_LIMIT);
+        self
+    }
+
+    /// Whether requests answered with one frame share one pipelined stream per connection
+    /// (default), or each go on a QUIC stream of their own, as scans and watches do.
+    pub fn pipeline(mut self, on: bool) -> Self {
+        self.options.pipeline = on;
         self
     }
 

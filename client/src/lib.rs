@@ -54,6 +54,7 @@ pub mod client;
 pub mod config;
 mod connection;
 pub mod error;
+mod pipeline;
 pub mod query;
 pub mod scan;
 pub mod sync;

@@ -64,6 +64,42 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Vec<u8> {
     out
 }
 
+/// Appends `msg` to `out` as one frame of a pipeline: its body is the MessagePack 2-array
+/// `[id, msg]`, so that the answer, tagged with the same id, finds its request.
+pub fn encode_tagged_frame<T: Serialize>(id: u64, msg: &T, out: &mut Vec<u8>) {
+    const FIXARRAY_2: u8 = 0x92;
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER_LEN]);
+    out.push(FIXARRAY_2);
+    rmp_serde::encode::write(out, &id).expect("encoding into a Vec cannot fail");
+    rmp_serde::encode::write(out, msg).expect("encoding into a Vec cannot fail");
+    let len = u32::try_from(out.len() - start - FRAME_HEADER_LEN).expect("frame fits in u32");
+    out[start..start + FRAME_HEADER_LEN].copy_from_slice(&len.to_le_bytes());
+}
+
+/// Splits the body of a pipeline frame, `[id, message]`, into the id and the message's bytes
+/// (to decode with [`decode_message`] or [`decode_body`]).
+pub fn split_tagged(body: &[u8]) -> Result<(u64, &[u8]), DecodeError> {
+    const FIXARRAY_2: u8 = 0x92;
+    let malformed = || DecodeError::Malformed("a pipeline frame is [id, message]".into());
+    let (&FIXARRAY_2, rest) = body.split_first().ok_or_else(malformed)? else {
+        return Err(malformed());
+    };
+    let (&marker, rest) = rest.split_first().ok_or_else(malformed)?;
+    let width = match marker {
+        0x00..=0x7f => return Ok((u64::from(marker), rest)),
+        0xcc => 1,
+        0xcd => 2,
+        0xce => 4,
+        0xcf => 8,
+        _ => return Err(malformed()),
+    };
+    let (bytes, message) = rest.split_at_checked(width).ok_or_else(malformed)?;
+    let mut be = [0u8; 8];
+    be[8 - width..].copy_from_slice(bytes);
+    Ok((u64::from_be_bytes(be), message))
+}
+
 /// Decodes a frame body.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
     rmp_serde::from_slice(body).map_err(|e| DecodeError::Malformed(e.to_string()))
@@ -128,6 +164,43 @@ pub fn message_kind(body: &[u8]) -> Option<&str> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn tagged_frames_carry_their_id() {
+        for id in [
+            0,
+            1,
+            127,
+            128,
+            255,
+            256,
+            65_535,
+            65_536,
+            u64::from(u32::MAX) + 1,
+            u64::MAX,
+        ] {
+            let mut out = b"before".to_vec();
+            encode_tagged_frame(id, &("hello", 42u32), &mut out);
+            let Ok(FrameDecode::Frame { body, used }) = decode_frame(&out[6..], 1024) else {
+                panic!("one whole frame");
+            };
+            assert_eq!(used, out.len() - 6);
+            let (got, message) = split_tagged(body).expect("a tagged body");
+            assert_eq!(got, id);
+            assert_eq!(
+                decode_body::<(String, u32)>(message).unwrap(),
+                ("hello".into(), 42)
+            );
+            // The same bytes as serde's own encoding of the pair.
+            assert_eq!(body, rmp_serde::to_vec(&(id, ("hello", 42u32))).unwrap());
+            // Cut inside the array header or the id: refused.
+            for cut in 0..body.len() - message.len() {
+                assert!(split_tagged(&body[..cut]).is_err());
+            }
+        }
+        assert!(split_tagged(&rmp_serde::to_vec(&("x", 1u8)).unwrap()).is_err());
+        assert!(split_tagged(&rmp_serde::to_vec(&(-1i64, 1u8)).unwrap()).is_err());
+    }
 
     #[test]
     fn frame_round_trip_and_limit() {

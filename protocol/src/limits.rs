@@ -24,6 +24,9 @@ pub const MAX_UNSIGNED_RUN_BYTES: usize = 16 * 1024 * 1024;
 pub const UNSIGNED_PAYLOAD_OVERHEAD: usize = 2;
 /// Largest frame body on a QUIC stream.
 pub const MAX_FRAME_BYTES: usize = MAX_ENTRY_BYTES + 64 * 1024;
+/// Most requests in flight on one pipeline (`Request::Pipeline`): a node reads no further
+/// request from a pipeline until one of these is answered.
+pub const MAX_PIPELINED_REQUESTS: usize = 256;
 /// Most keys a scan returns in one request.
 pub const MAX_SCAN_LIMIT: u32 = 10_000;
 /// Most entries a secondary index query returns in one request.

@@ -190,6 +190,13 @@ pub enum Request {
         /// `Synced` and the node has taken in everything before the other side's.
         live: bool,
     },
+    /// Turns this stream into a pipeline: answered with `Ok`, after which the stream carries
+    /// many requests at once, each frame `[id, request]` (see
+    /// [`crate::frame::encode_tagged_frame`]), each answered by one `[id, response]` frame as
+    /// soon as it is done, in any order. Only requests answered with one frame may be
+    /// pipelined ([`Request::is_pipelinable`]); at most
+    /// [`crate::limits::MAX_PIPELINED_REQUESTS`] are in flight on one pipeline.
+    Pipeline,
 }
 
 impl crate::frame::MessageKinds for Request {
@@ -210,6 +217,7 @@ impl crate::frame::MessageKinds for Request {
         "Join",
         "Query",
         "Sync",
+        "Pipeline",
     ];
 }
 
@@ -225,6 +233,24 @@ impl Request {
                 | Request::PeerJoin { .. }
                 | Request::PeerRemove { .. }
                 | Request::Sync { receive: true, .. }
+        )
+    }
+
+    /// Whether this request may go on a pipeline: it is answered with exactly one frame and
+    /// needs nothing of the stream it came on.
+    pub fn is_pipelinable(&self) -> bool {
+        matches!(
+            self,
+            Request::Write { .. }
+                | Request::WriteIf { .. }
+                | Request::Get { .. }
+                | Request::History { .. }
+                | Request::Status
+                | Request::PeerAdd { .. }
+                | Request::PeerRemove { .. }
+                | Request::PeerList
+                | Request::PeerInvite { .. }
+                | Request::PeerJoin { .. }
         )
     }
 
@@ -247,6 +273,7 @@ impl Request {
             Request::Join { .. } => "join",
             Request::Query { .. } => "query",
             Request::Sync { .. } => "sync",
+            Request::Pipeline => "pipeline",
         }
     }
 }
@@ -318,6 +345,7 @@ mod tests {
                 receive: true,
                 live: false,
             },
+            Request::Pipeline,
         ];
         for r in &requests {
             // Adding a kind fails to compile here until it is listed.
@@ -337,7 +365,8 @@ mod tests {
                 | Request::PeerJoin { .. }
                 | Request::Join { .. }
                 | Request::Query { .. }
-                | Request::Sync { .. } => {}
+                | Request::Sync { .. }
+                | Request::Pipeline => {}
             }
             let frame = encode_frame(r);
             let body = &frame[FRAME_HEADER_LEN..];

@@ -174,6 +174,11 @@ pub async fn handle(node: &Node, request: Request, role: Role) -> Reply {
             ErrorCode::BadRequest,
             "hello is only valid as the first request",
         ),
+        // Opened by the connection (`net::pipeline`), and not pipelinable within one.
+        Request::Pipeline => error(
+            ErrorCode::BadRequest,
+            "a pipeline is opened as a stream's request, not sent within one",
+        ),
         _ => error(
             ErrorCode::UnknownRequest,
             "this node does not know that request",

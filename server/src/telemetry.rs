@@ -92,6 +92,8 @@ pub const CONNECTIONS_OPEN: &str = "kappakv_connections_open";
 pub const CONNECTIONS_REFUSED: &str = "kappakv_connections_refused_total";
 /// Open client request streams (watches included).
 pub const STREAMS_OPEN: &str = "kappakv_streams_open";
+/// Gauge: open pipelines (long-lived client streams of many requests).
+pub const PIPELINES_OPEN: &str = "kappakv_pipelines_open";
 /// Always 1, with the `version` label.
 pub const BUILD_INFO: &str = "kappakv_build_info";
 
@@ -177,6 +179,10 @@ pub fn describe() {
     describe_gauge!(CONNECTIONS_OPEN, "Open QUIC connections");
     describe_counter!(CONNECTIONS_REFUSED, "Connections refused at the limit");
     describe_gauge!(STREAMS_OPEN, "Open client request streams");
+    describe_gauge!(
+        PIPELINES_OPEN,
+        "Open client pipelines (streams carrying many requests)"
+    );
     describe_gauge!(BUILD_INFO, "Build information");
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
@@ -294,6 +300,12 @@ impl OpenGuard {
     pub fn stream() -> Self {
         gauge!(STREAMS_OPEN).increment(1.0);
         Self(STREAMS_OPEN)
+    }
+
+    /// A client stream became a pipeline.
+    pub fn pipeline() -> Self {
+        gauge!(PIPELINES_OPEN).increment(1.0);
+        Self(PIPELINES_OPEN)
     }
 }
 

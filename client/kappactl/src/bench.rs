@@ -77,6 +77,9 @@ pub(crate) struct BenchArgs {
     /// Seed of the key choice.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Send each request on a QUIC stream of its own instead of on its connection's pipeline.
+    #[arg(long)]
+    no_pipeline: bool,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -165,7 +168,8 @@ pub(crate) async fn run(
         .min(args.clients);
     let mut clients = Vec::with_capacity(connections as usize);
     for _ in 0..connections {
-        clients.push(builder(ticket.clone()).connect().await?);
+        let builder = builder(ticket.clone()).pipeline(!args.no_pipeline);
+        clients.push(builder.connect().await?);
     }
     if matches!(args.op, Op::Get | Op::Mixed) && !args.no_prefill {
         prefill(&clients[0], args.keys, args.value_size).await?;
@@ -323,6 +327,7 @@ fn report(args: &BenchArgs, connections: u32, total: &Tally, seconds: f64) {
             "op": args.op.name(),
             "clients": args.clients,
             "connections": connections,
+            "pipeline": !args.no_pipeline,
             "ops": ops,
             "errors": total.errors,
             "seconds": (seconds * 1000.0).round() / 1000.0,

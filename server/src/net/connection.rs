@@ -130,11 +130,11 @@ impl Buffers {
     }
 }
 
-fn busy_buffers() -> Response {
-    Response::Error {
-        code: ErrorCode::Busy,
-        message: "the node holds its limit of request and reply bytes; retry shortly".into(),
-    }
+pub(super) fn busy_buffers() -> Refused {
+    Refused(
+        ErrorCode::Busy,
+        "the node holds its limit of request and reply bytes; retry shortly".into(),
+    )
 }
 
 /// What a stream knows of its connection's authentication.
@@ -147,7 +147,7 @@ struct Auth<'a> {
 }
 
 /// Why a request could not be read.
-enum ReadRequest {
+pub(super) enum ReadRequest {
     Frame(Response),
     /// Over the buffer budget, with this many bytes of the body still to come.
     Busy {
@@ -182,12 +182,25 @@ async fn read_request(
         })
     })?;
     let mut body = Vec::new();
+    read_body(recv, &mut body, len, buffers, held).await?;
+    decode_request(&body).map_err(|refused| ReadRequest::Frame(refused.into()))
+}
+
+/// Reads the rest of a frame body of `len` bytes into `body`, which may hold its first bytes
+/// already. The buffer grows as bytes arrive, geometrically but never past `len`, and each
+/// growth is counted in `held` against `buffers` first.
+pub(super) async fn read_body(
+    recv: &mut RecvStream,
+    body: &mut Vec<u8>,
+    len: usize,
+    buffers: &Buffers,
+    held: &mut Option<OwnedSemaphorePermit>,
+) -> Result<(), ReadRequest> {
     while body.len() < len {
         match recv.read_chunk(len - body.len(), true).await {
             Ok(Some(chunk)) => {
                 let needed = body.len() + chunk.bytes.len();
                 if needed > body.capacity() {
-                    // Grow geometrically, never past the frame, counting the whole capacity.
                     let capacity = needed.max((2 * body.capacity()).min(len));
                     if !buffers.grow(held, capacity - body.capacity()) {
                         return Err(ReadRequest::Busy {
@@ -201,23 +214,63 @@ async fn read_request(
             _ => return Err(ReadRequest::Gone),
         }
     }
-    match decode_message::<Request>(&body) {
-        Ok(Decoded::Message(request)) => Ok(request),
-        Ok(Decoded::UnknownKind(kind)) => Err(ReadRequest::Frame(Response::Error {
-            code: ErrorCode::UnknownRequest,
-            message: format!(
-                "this node does not know request {kind:?} (a client newer than the node?)"
-            ),
-        })),
-        Err(e) => Err(ReadRequest::Frame(Response::Error {
-            code: ErrorCode::Malformed,
-            message: format!("cannot decode request: {e}"),
-        })),
+    Ok(())
+}
+
+/// A request answered with an error without running: its code and what to say.
+#[derive(Debug)]
+pub(super) struct Refused(pub(super) ErrorCode, pub(super) String);
+
+impl From<Refused> for Response {
+    fn from(Refused(code, message): Refused) -> Self {
+        Response::Error { code, message }
     }
 }
 
+/// Decodes a request, or says why not.
+pub(super) fn decode_request(body: &[u8]) -> Result<Request, Refused> {
+    match decode_message::<Request>(body) {
+        Ok(Decoded::Message(request)) => Ok(request),
+        Ok(Decoded::UnknownKind(kind)) => Err(Refused(
+            ErrorCode::UnknownRequest,
+            format!("this node does not know request {kind:?} (a client newer than the node?)"),
+        )),
+        Err(e) => Err(Refused(
+            ErrorCode::Malformed,
+            format!("cannot decode request: {e}"),
+        )),
+    }
+}
+
+/// Runs an authenticated request through the service stack and counts it in the metrics.
+pub(super) async fn call(service: RequestService, request: Request, role: Role) -> Reply {
+    let kind = request.kind();
+    let started = std::time::Instant::now();
+    let reply = match service.oneshot(Call { request, role }).await {
+        Ok(reply) => reply,
+        Err(e) => Reply::One(stack_error(&e)),
+    };
+    let outcome = match &reply {
+        Reply::One(Response::Error { code, .. }) => telemetry::outcome(*code),
+        _ => "ok",
+    };
+    telemetry::request(kind, outcome, started.elapsed());
+    reply
+}
+
+/// Whether a reply of `len` bytes may be sent: small ones always, larger ones if `held`
+/// (what the request counted) covers them or the budget has the rest.
+pub(super) fn reply_fits(
+    buffers: &Buffers,
+    held: &mut Option<OwnedSemaphorePermit>,
+    len: usize,
+) -> bool {
+    let counted = held.as_ref().map_or(0, OwnedSemaphorePermit::num_permits);
+    len <= UNCOUNTED_REPLY_BYTES || len <= counted || buffers.grow(held, len - counted)
+}
+
 /// Reads and drops up to `n` bytes.
-async fn discard(rx: &mut RecvStream, mut n: usize) {
+pub(super) async fn discard(rx: &mut RecvStream, mut n: usize) {
     while n > 0 {
         match rx.read_chunk(n, true).await {
             Ok(Some(chunk)) => n = n.saturating_sub(chunk.bytes.len()),
@@ -228,7 +281,7 @@ async fn discard(rx: &mut RecvStream, mut n: usize) {
 
 /// Writes `bytes`, giving up after `timeout`: a client that stops reading must not hold what
 /// the node buffered for it. A write that timed out resets the stream.
-async fn send(tx: &mut SendStream, bytes: &[u8], timeout: Duration) -> bool {
+pub(super) async fn send(tx: &mut SendStream, bytes: &[u8], timeout: Duration) -> bool {
     if let Ok(written) = tokio::time::timeout(timeout, tx.write_all(bytes)).await {
         written.is_ok()
     } else {
@@ -248,7 +301,7 @@ async fn serve_stream(
     cancel: &CancellationToken,
 ) {
     let role = auth.role;
-    let _open = telemetry::OpenGuard::stream();
+    let open = telemetry::OpenGuard::stream();
     let timeout = node.config.request_timeout();
     // What this stream's request and reply count against `buffers`, released when it ends.
     let mut held = None;
@@ -288,7 +341,12 @@ async fn serve_stream(
         Ok(Err(ReadRequest::Busy { unread })) => {
             tracing::debug!("request refused: client stream buffers are full");
             drop(held);
-            send(&mut tx, &encode_frame(&busy_buffers()), timeout).await;
+            send(
+                &mut tx,
+                &encode_frame(&Response::from(busy_buffers())),
+                timeout,
+            )
+            .await;
             let _ = tx.finish();
             // The rest of the body is read and dropped as it comes, never held, so that the
             // client's write completes and it reads the answer.
@@ -307,6 +365,21 @@ async fn serve_stream(
             return;
         }
     };
+    if matches!(request, Request::Pipeline)
+        && let Some(&role) = role.get()
+    {
+        drop(held);
+        drop(open);
+        let _pipeline = telemetry::OpenGuard::pipeline();
+        if send(&mut tx, &encode_frame(&Response::Ok), timeout).await {
+            // Boxed, as the watch below: a pipeline's state is no part of every stream's task.
+            Box::pin(super::pipeline::serve(
+                tx, rx, node, service, buffers, role, cancel,
+            ))
+            .await;
+        }
+        return;
+    }
     if !matches!(request, Request::Watch { .. } | Request::Sync { .. }) {
         // Nothing more is read from the stream: the client's bytes past its frame, if any,
         // are dropped instead of held until the stream ends.
@@ -336,20 +409,7 @@ async fn serve_stream(
                 code: ErrorCode::Unauthorized,
                 message: "authenticate first: send hello with a token from the ticket".into(),
             }),
-            Some(&role) => {
-                let kind = request.kind();
-                let started = std::time::Instant::now();
-                let reply = match service.oneshot(Call { request, role }).await {
-                    Ok(reply) => reply,
-                    Err(e) => Reply::One(stack_error(&e)),
-                };
-                let outcome = match &reply {
-                    Reply::One(Response::Error { code, .. }) => telemetry::outcome(*code),
-                    _ => "ok",
-                };
-                telemetry::request(kind, outcome, started.elapsed());
-                reply
-            }
+            Some(&role) => call(service, request, role).await,
         },
     };
     let bytes = match reply {
@@ -407,15 +467,11 @@ async fn serve_stream(
     };
     // The request's bytes are gone; what is held now is the reply. Only reads have replies
     // over the uncounted size, and a read can always be refused.
-    let counted = held.as_ref().map_or(0, OwnedSemaphorePermit::num_permits);
-    let bytes = if bytes.len() > UNCOUNTED_REPLY_BYTES
-        && bytes.len() > counted
-        && !buffers.grow(&mut held, bytes.len() - counted)
-    {
-        drop(bytes);
-        encode_frame(&busy_buffers())
-    } else {
+    let bytes = if reply_fits(buffers, &mut held, bytes.len()) {
         bytes
+    } else {
+        drop(bytes);
+        encode_frame(&Response::from(busy_buffers()))
     };
     if send(&mut tx, &bytes, timeout).await {
         let _ = tx.finish();

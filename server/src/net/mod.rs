@@ -4,11 +4,13 @@
 //! - [`tls`]: the self-signed certificate made from the node key.
 //! - [`endpoint`]: the accept loop, with a connection limit.
 //! - [`connection`]: one client connection: authentication, one request per stream, framing.
+//! - [`pipeline`]: many requests at once on one long-lived stream.
 //! - [`watch`]: streaming a watch from the log.
 
 pub mod connection;
 pub mod discovery;
 pub mod endpoint;
+pub mod pipeline;
 pub mod tls;
 pub mod watch;
 
