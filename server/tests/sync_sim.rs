@@ -157,7 +157,7 @@ impl SupersedeResolver for Mvr {
         Ok(Mvr::current(self, key))
     }
 
-    fn appended(&mut self, _lsn: u64, e: &SignedEntry) {
+    fn appended(&mut self, _lsn: u64, e: &SignedEntry, _local: bool) {
         self.apply(e);
     }
 

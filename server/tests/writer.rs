@@ -54,7 +54,7 @@ impl SupersedeResolver for MapResolver {
         Ok(self.current.get(key).cloned().unwrap_or_default())
     }
 
-    fn appended(&mut self, lsn: Lsn, e: &SignedEntry) {
+    fn appended(&mut self, lsn: Lsn, e: &SignedEntry, _local: bool) {
         for op in &e.entry.ops {
             let cur = self.current.entry(op.key().to_vec()).or_default();
             self.undo.push((lsn, op.key().to_vec(), cur.clone()));
@@ -482,8 +482,8 @@ impl SupersedeResolver for FailingResolver {
         *self.checkpoint.lock().unwrap()
     }
 
-    fn appended(&mut self, lsn: Lsn, entry: &SignedEntry) {
-        self.inner.appended(lsn, entry);
+    fn appended(&mut self, lsn: Lsn, entry: &SignedEntry, local: bool) {
+        self.inner.appended(lsn, entry, local);
     }
 
     fn discarded(&mut self, after: Lsn) {

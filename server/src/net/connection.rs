@@ -86,9 +86,11 @@ pub async fn serve_client(
 }
 
 /// Bytes of request and reply frames that client streams may make the node hold at once, over
-/// all connections. A request whose body would go over it (the rest of the body is then read
-/// and dropped), or a read whose reply would, is answered `Busy` instead: how much a client can make the node buffer does not grow with the
-/// number of streams it opens or with how slowly it sends or reads.
+/// all connections, with the state of each request in flight on a pipeline. A request whose
+/// body would go over it (the rest of the body is then read and dropped), or a read whose reply
+/// would, is answered `Busy` instead: how much a client can make the node buffer does not grow
+/// with the number of streams or pipelined requests it opens or with how slowly it sends or
+/// reads.
 pub const BUFFER_BYTES: usize = 64 * 1024 * 1024;
 
 /// Replies up to this size are not counted against [`BUFFER_BYTES`], so that an acknowledgement
@@ -113,7 +115,7 @@ impl Buffers {
     }
 
     /// Adds `bytes` to what `held` counts, if the budget has them.
-    fn grow(&self, held: &mut Option<OwnedSemaphorePermit>, bytes: usize) -> bool {
+    pub(super) fn grow(&self, held: &mut Option<OwnedSemaphorePermit>, bytes: usize) -> bool {
         let Ok(n) = u32::try_from(bytes) else {
             return false;
         };

@@ -65,7 +65,8 @@ const NODE_BASE_BYTES: u64 = 112 * 1024 * 1024;
 ///   ([`CONNECTION_WINDOW_BYTES`]), unacknowledged bytes up to its send window
 ///   ([`SEND_WINDOW_BYTES`]), and `max_streams_per_connection` open streams of
 ///   [`STREAM_STATE_BYTES`] each;
-/// - request and reply frames held at once, over all streams: [`BUFFER_BYTES`];
+/// - request and reply frames held at once, over all streams, and the state of every request
+///   in flight on a pipeline: [`BUFFER_BYTES`];
 /// - watches: changes read and not yet sent ([`super::watch::BUFFER_BYTES`]) and what the
 ///   log reads in progress hold ([`super::watch::READING_BYTES`]);
 /// - the node itself: [`NODE_BASE_BYTES`] and `index_cache_bytes`.

@@ -34,6 +34,11 @@ pub const RESET_BROKEN: u32 = 2;
 /// Bytes of a body enough to hold the array header and any id.
 const TAG_BYTES: usize = 10;
 
+/// What one request in flight on a pipeline holds besides its frame: its future (the handler's
+/// is about 2.4 KiB) and its answer until sent, if small. Counted against the node's buffer
+/// budget with the frame, so that pipelines, whatever their number, hold no more than it.
+const REQUEST_STATE_BYTES: usize = 4 * 1024;
+
 /// What reading the next frame of a pipeline gave.
 enum Next {
     /// A request to run, or the answer it gets without running.
@@ -163,7 +168,14 @@ async fn rest(
     };
     let mut body = tag.to_vec();
     let mut held = None;
-    match read_body(rx, &mut body, len, buffers, &mut held).await {
+    let read = if buffers.grow(&mut held, REQUEST_STATE_BYTES) {
+        read_body(rx, &mut body, len, buffers, &mut held).await
+    } else {
+        Err(ReadRequest::Busy {
+            unread: len - body.len(),
+        })
+    };
+    match read {
         Ok(()) => {}
         Err(ReadRequest::Busy { unread }) => {
             discard(rx, unread).await;

@@ -199,7 +199,7 @@ impl Chains {
                                 run_bytes += open;
                             }
                         }
-                        let lsn = self.push(base, entry, resolver);
+                        let lsn = self.push(base, entry, resolver, true);
                         let i = self.entries.len() - 1;
                         open_local = Some((i, run_bytes));
                         built.push(Built::Local {
@@ -219,7 +219,7 @@ impl Chains {
                         }
                         for entry in entries {
                             observe_bounded(&mut self.clock, entry.entry.timestamp, wall_ms);
-                            self.push(base, entry, resolver);
+                            self.push(base, entry, resolver, false);
                         }
                         built.push(Built::Remote {
                             reply,
@@ -249,8 +249,14 @@ impl Chains {
     }
 
     /// Places `entry` in the batch: assigns its LSN, advances its author's head and tells the
-    /// resolver.
-    fn push(&mut self, base: Lsn, entry: SignedEntry, resolver: &mut dyn SupersedeResolver) -> Lsn {
+    /// resolver whether it is `local`.
+    fn push(
+        &mut self,
+        base: Lsn,
+        entry: SignedEntry,
+        resolver: &mut dyn SupersedeResolver,
+        local: bool,
+    ) -> Lsn {
         let lsn = base + self.entries.len() as u64 + 1;
         let before = self.heads.insert(
             entry.entry.author,
@@ -260,7 +266,7 @@ impl Chains {
             },
         );
         self.undo.push((entry.entry.author, before));
-        resolver.appended(lsn, &entry);
+        resolver.appended(lsn, &entry, local);
         self.entries.push(entry);
         lsn
     }

@@ -3,10 +3,15 @@
 //! resolver reads a view snapshot and lays over it the ops of every entry appended after the
 //! snapshot's applied LSN ([`KvOverlay`]); the result is exact whatever the lag.
 //!
+//! Most writes go to keys written a moment before: the resolver keeps the current versions of
+//! the keys it resolved ([`Known`]), and brings them up to date with each local entry, so that
+//! such a write needs no read of the view at all.
+//!
 //! When the view cannot be read, the write is refused rather than resolved to nothing; once
 //! the indexer has stopped after an error, every write is ([`SupersedeResolver::refusal`]): the
 //! overlay would grow without end, and nothing written could be read back.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,10 +33,68 @@ pub const OVERLAY_OPS_MAX: usize = 65_536;
 /// How long one wait for the indexer lasts before the writer looks again.
 const HOLD_WAIT: Duration = Duration::from_millis(100);
 
+/// Bytes of keys and ids [`Known`] holds at most before it starts again empty: about 25,000
+/// keys of 64 bytes with one version each.
+const KNOWN_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// The current versions of recently resolved keys, exact as of the last entry appended.
+///
+/// A local entry's op makes its key's versions `(current - supersedes) + {its id}`: nothing
+/// can have superseded an id just made. A received entry may be superseded by one that came
+/// before it, so its keys are forgotten, and read through the view again when next written.
+#[derive(Default)]
+struct Known {
+    ids: HashMap<Vec<u8>, Vec<EntryId>>,
+    bytes: usize,
+}
+
+impl Known {
+    fn cost(key: &[u8], ids: &[EntryId]) -> usize {
+        key.len() + std::mem::size_of_val(ids) + 64
+    }
+
+    fn insert(&mut self, key: &[u8], ids: Vec<EntryId>) {
+        let cost = Self::cost(key, &ids);
+        if self.bytes + cost > KNOWN_BYTES_MAX {
+            self.clear();
+        }
+        self.bytes += cost;
+        if let Some(old) = self.ids.insert(key.to_vec(), ids) {
+            self.bytes -= Self::cost(key, &old);
+        }
+    }
+
+    fn appended(&mut self, entry: &SignedEntry, local: bool) {
+        for op in &entry.entry.ops {
+            let key = op.key();
+            if !local {
+                if let Some(old) = self.ids.remove(key) {
+                    self.bytes -= Self::cost(key, &old);
+                }
+                continue;
+            }
+            if let Some(ids) = self.ids.get_mut(key) {
+                let before = Self::cost(key, ids);
+                ids.retain(|id| !op.supersedes().contains(id));
+                if let Err(at) = ids.binary_search(&entry.id) {
+                    ids.insert(at, entry.id);
+                }
+                self.bytes = self.bytes - before + Self::cost(key, ids);
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.ids = HashMap::new();
+        self.bytes = 0;
+    }
+}
+
 /// Resolves plain writes from the kv view plus an overlay of entries it has not applied yet.
 pub struct KvResolver {
     indexes: Arc<Indexes>,
     overlay: KvOverlay,
+    known: Known,
     snapshot: Option<(Instant, Snapshot)>,
     /// How far the indexer has come, and its error once it stops after one.
     views: Arc<IndexerShared>,
@@ -44,6 +107,7 @@ impl KvResolver {
         Self {
             indexes,
             overlay: KvOverlay::default(),
+            known: Known::default(),
             snapshot: None,
             views,
         }
@@ -90,9 +154,14 @@ impl KvResolver {
 
 impl SupersedeResolver for KvResolver {
     fn current(&mut self, key: &[u8]) -> Result<Vec<EntryId>, String> {
-        self.read_view("resolve a write", |overlay, snap| {
+        if let Some(ids) = self.known.ids.get(key) {
+            return Ok(ids.clone());
+        }
+        let ids = self.read_view("resolve a write", |overlay, snap| {
             overlay.current(key, snap)
-        })
+        })?;
+        self.known.insert(key, ids.clone());
+        Ok(ids)
     }
 
     fn current_versions(&mut self, key: &[u8]) -> Result<Vec<(EntryId, bool)>, String> {
@@ -130,12 +199,14 @@ impl SupersedeResolver for KvResolver {
         Some(self.views.checkpoint())
     }
 
-    fn appended(&mut self, lsn: Lsn, entry: &SignedEntry) {
+    fn appended(&mut self, lsn: Lsn, entry: &SignedEntry, local: bool) {
         self.overlay.record(lsn, entry);
+        self.known.appended(entry, local);
     }
 
     fn discarded(&mut self, after: Lsn) {
         self.overlay.discard_after(after);
+        self.known.clear();
     }
 
     /// Forgets what the views have applied (as the indexer publishes it: no read of the view)
@@ -186,7 +257,7 @@ mod tests {
         let views = Arc::new(IndexerShared::new(0, 0));
         let mut resolver = KvResolver::new(Arc::new(indexes), views.clone());
         for lsn in 1..=65 {
-            resolver.appended(lsn, &entry(lsn));
+            resolver.appended(lsn, &entry(lsn), false);
         }
         assert!(resolver.overlay.len() > OVERLAY_OPS_MAX);
         (resolver, views)
@@ -201,6 +272,103 @@ mod tests {
             let _ = tx.send(resolver);
         });
         rx
+    }
+
+    /// An entry at `seq` with one op on `key` superseding `supersedes`.
+    fn op_entry(seq: u64, key: &[u8], supersedes: Vec<EntryId>, delete: bool) -> SignedEntry {
+        let key = key.to_vec();
+        let op = if delete {
+            Op::Delete { key, supersedes }
+        } else {
+            Op::Put {
+                key,
+                value: b"v".to_vec(),
+                supersedes,
+            }
+        };
+        let entry = Entry {
+            author: NodeId([2; 32]),
+            seq,
+            prev: None,
+            timestamp: Timestamp(seq),
+            ops: vec![op],
+        };
+        SignedEntry {
+            id: entry.id(),
+            entry,
+            signature: None,
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever mix of local writes (with and without a context), received entries and
+        /// discarded batches, the versions the resolver knows are those the view and the
+        /// overlay give.
+        #[test]
+        fn known_versions_are_those_the_view_gives(
+            steps in proptest::collection::vec((0u8..4, 0u8..4, proptest::bits::u8::ANY, proptest::bool::ANY), 1..60),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let (indexes, _) = Indexes::open(dir.path().join("indexes.redb"), default_views()).unwrap();
+            let mut resolver = KvResolver::new(Arc::new(indexes), Arc::new(IndexerShared::new(0, 0)));
+            let mut made: Vec<EntryId> = Vec::new();
+            let mut lsn = 0;
+            for (key, kind, pick, delete) in steps {
+                let key = [b'k', key];
+                // Some ids made so far, current or not.
+                let picked: Vec<EntryId> = made
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| pick & (1 << (i % 8)) != 0)
+                    .map(|(_, id)| *id)
+                    .collect();
+                match kind {
+                    // A plain local write: resolved by the resolver, as the writer does.
+                    0 => {
+                        let supersedes = resolver.current(&key).unwrap();
+                        lsn += 1;
+                        let e = op_entry(lsn, &key, supersedes, delete);
+                        resolver.appended(lsn, &e, true);
+                        made.push(e.id);
+                    }
+                    // A local write with a context the client gave, or a received entry.
+                    1 | 2 => {
+                        lsn += 1;
+                        let e = op_entry(lsn, &key, picked, delete);
+                        resolver.appended(lsn, &e, kind == 1);
+                        made.push(e.id);
+                    }
+                    // Two received entries out of order: one that supersedes the other
+                    // arrives first, so the other is never current.
+                    3 => {
+                        let late = op_entry(lsn + 2, &key, picked.clone(), delete);
+                        let mut supersedes = picked;
+                        supersedes.push(late.id);
+                        let early = op_entry(lsn + 1, &key, supersedes, false);
+                        resolver.appended(lsn + 1, &early, false);
+                        resolver.appended(lsn + 2, &late, false);
+                        lsn += 2;
+                        made.push(early.id);
+                        made.push(late.id);
+                    }
+                    _ => unreachable!(),
+                }
+                let batch = if kind == 3 { 2 } else { 1 };
+                if pick == 0 && lsn > batch {
+                    // The last batch did not reach the disk.
+                    lsn -= batch;
+                    resolver.discarded(lsn);
+                    made.truncate(made.len() - batch as usize);
+                }
+                for k in 0..4u8 {
+                    let key = [b'k', k];
+                    let expected = resolver
+                        .read_view("test", |overlay, snap| overlay.current(&key, snap))
+                        .unwrap();
+                    proptest::prop_assert_eq!(resolver.current(&key).unwrap(), expected);
+                }
+            }
+        }
     }
 
     #[test]

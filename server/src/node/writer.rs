@@ -242,7 +242,9 @@ pub trait SupersedeResolver: Send + 'static {
     /// same batch sees an earlier one. Local entries are passed before the batch is signed, with
     /// `signature: None`; supersession never depends on signatures. If the batch then fails
     /// to reach the disk, the writer stops, so no later write is resolved against it.
-    fn appended(&mut self, lsn: Lsn, entry: &SignedEntry);
+    /// `local` tells an entry this writer built (whose id nothing can have superseded yet)
+    /// from one received.
+    fn appended(&mut self, lsn: Lsn, entry: &SignedEntry, local: bool);
 
     /// Called when a batch did not reach the log (the disk was full) and the writer goes on:
     /// forget every entry passed to [`appended`](Self::appended) with an LSN above `after`, the
@@ -265,7 +267,7 @@ impl SupersedeResolver for NoResolver {
         Ok(Vec::new())
     }
 
-    fn appended(&mut self, _lsn: Lsn, _entry: &SignedEntry) {}
+    fn appended(&mut self, _lsn: Lsn, _entry: &SignedEntry, _local: bool) {}
 
     fn discarded(&mut self, _after: Lsn) {}
 }
