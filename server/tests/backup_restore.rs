@@ -23,6 +23,7 @@ fn backup_cuts_at_the_last_signed_point_and_restores_a_log_that_verifies() {
     // Small segments, so the backup spans several.
     let cfg = LogConfig {
         segment_bytes_max: 4096,
+        ..LogConfig::default()
     };
     let (mut store, _) = LogStore::open(&log_dir, &cfg).unwrap();
     let mut a = ChainBuilder::new(1);

@@ -26,6 +26,7 @@ const REOPEN_AFTER: usize = 8;
 fn config() -> LogConfig {
     LogConfig {
         segment_bytes_max: 700,
+        ..LogConfig::default()
     }
 }
 
@@ -76,6 +77,9 @@ struct Run {
     trace: Vec<FaultOp>,
     /// Positions in the trace of the calls made while opening the log.
     opens: Vec<Range<usize>>,
+    /// Positions in the trace of the calls made while closing it (cutting the zeros written
+    /// ahead of its records).
+    closes: Vec<Range<usize>>,
     fired: Vec<Fault>,
 }
 
@@ -98,6 +102,7 @@ fn run(data: &Path, plan: &[Fault]) -> Run {
         disk_full: 0,
         trace: Vec::new(),
         opens: Vec::new(),
+        closes: Vec::new(),
         fired: Vec::new(),
     };
     let mut heads = [None, None];
@@ -154,6 +159,9 @@ fn run(data: &Path, plan: &[Fault]) -> Run {
             }
             i += 1;
         }
+        let from = faults.trace().len();
+        drop(store);
+        r.closes.push(from..faults.trace().len());
     }
     r.trace = faults.trace();
     r.fired = faults.fired();
@@ -280,7 +288,11 @@ fn every_write_sync_create_and_open_failed_in_turn_loses_nothing_acknowledged() 
         // What each fault must lead to.
         let f = plan[0];
         let in_open = clean.opens.iter().any(|o| o.contains(p));
+        let in_close = clean.closes.iter().any(|c| c.contains(p));
         let expected = match (f.op, f.error) {
+            // A store that cannot cut its zeros when closed leaves them for the next open,
+            // which takes them for the end of the log.
+            _ if in_close => Outcome::Completed,
             _ if plan.len() > 1 => Outcome::Stopped,
             _ if in_open => Outcome::OpenFailed,
             (FaultOp::Open, _) => Outcome::OpenFailed,
@@ -289,7 +301,7 @@ fn every_write_sync_create_and_open_failed_in_turn_loses_nothing_acknowledged() 
         };
         assert_eq!(r.outcome, expected, "{case}: {}", r.error);
         if expected == Outcome::Completed {
-            assert_eq!(r.disk_full, 1, "{case}");
+            assert_eq!(r.disk_full, usize::from(!in_close), "{case}");
             assert_eq!(r.acked.len(), clean.acked.len(), "{case}");
         }
         if plan.len() > 1 {
@@ -301,6 +313,7 @@ fn every_write_sync_create_and_open_failed_in_turn_loses_nothing_acknowledged() 
         }
         *tally
             .entry(match r.outcome {
+                Outcome::Completed if in_close => "cut at close failed, completed",
                 Outcome::Completed => "disk full, retried, completed",
                 Outcome::Stopped => "store stopped",
                 Outcome::OpenFailed => "open refused",

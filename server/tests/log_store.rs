@@ -178,19 +178,48 @@ fn recovery_keeps_a_point_where_every_author_is_signed() {
 }
 
 #[test]
-fn a_zero_filled_tail_is_truncated() {
+fn zeros_after_the_last_record_end_the_log_and_are_written_over() {
     let dir = tempfile::tempdir().unwrap();
     let mut a = ChainBuilder::new(1);
     let ends = write_log(dir.path(), &[a.batch(2, 10), a.batch(1, 10)]);
     let seg = first_segment(dir.path());
+    // A store closed cleanly cuts the zeros it wrote ahead of its records.
+    assert_eq!(fs::metadata(&seg).unwrap().len(), ends[2]);
+    // Zeros after the last record, as a store that was killed leaves them.
     let mut bytes = fs::read(&seg).unwrap();
     bytes.extend_from_slice(&[0; 4096]);
     fs::write(&seg, &bytes).unwrap();
-    let (_store, recovery) = LogStore::open(&log_dir(dir.path()), &LogConfig::default()).unwrap();
+    let (mut store, recovery) =
+        LogStore::open(&log_dir(dir.path()), &LogConfig::default()).unwrap();
     assert_eq!(recovery.last_lsn, 3);
+    assert!(recovery.truncated.is_none(), "{:?}", recovery.truncated);
+    assert_eq!(recovery.bytes, ends[2]);
+    assert_eq!(verify::run(dir.path()).unwrap().entries, 3);
+    // The next batch goes where the records end, over the zeros.
+    store.append(&payloads(&a.batch(1, 10))).unwrap();
+    drop(store);
+    let (_store, recovery) = LogStore::open(&log_dir(dir.path()), &LogConfig::default()).unwrap();
+    assert_eq!(recovery.last_lsn, 4);
+    assert!(recovery.truncated.is_none());
+    assert_eq!(fs::metadata(&seg).unwrap().len(), recovery.bytes);
+}
+
+#[test]
+fn unsigned_records_before_zeros_are_cut_with_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = ChainBuilder::new(1);
+    let ends = write_log(dir.path(), &[a.batch(2, 10), a.batch(2, 10)]);
+    let seg = first_segment(dir.path());
+    // The last record (the signed end of the second batch) lost, zeros after the unsigned one.
+    let mut bytes = fs::read(&seg).unwrap();
+    bytes.truncate(ends[2] as usize);
+    bytes.extend_from_slice(&[0; 4096]);
+    fs::write(&seg, &bytes).unwrap();
+    let (_store, recovery) = LogStore::open(&log_dir(dir.path()), &LogConfig::default()).unwrap();
+    assert_eq!(recovery.last_lsn, 2);
     let t = recovery.truncated.unwrap();
-    assert_eq!(t.new_len, ends[2]);
-    assert!(matches!(t.torn, Some((at, RecordDamage::Framing(_))) if at == ends[2]));
+    assert_eq!((t.new_len, t.unsigned_records, t.torn), (ends[1], 1, None));
+    assert_eq!(fs::metadata(&seg).unwrap().len(), ends[1]);
 }
 
 #[test]
@@ -352,6 +381,7 @@ fn damage_at_the_end_of_a_segment_that_is_not_the_last_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = LogConfig {
         segment_bytes_max: 200,
+        ..LogConfig::default()
     };
     let (mut store, _) = LogStore::open(&log_dir(dir.path()), &cfg).unwrap();
     let mut a = ChainBuilder::new(1);
@@ -380,6 +410,7 @@ fn rollover_makes_many_segments_readable_from_any_lsn() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = LogConfig {
         segment_bytes_max: 600,
+        ..LogConfig::default()
     };
     let (mut store, _) = LogStore::open(&log_dir(dir.path()), &cfg).unwrap();
     let mut a = ChainBuilder::new(1);
@@ -471,6 +502,7 @@ fn a_missing_segment_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = LogConfig {
         segment_bytes_max: 100,
+        ..LogConfig::default()
     };
     let (mut store, _) = LogStore::open(&log_dir(dir.path()), &cfg).unwrap();
     let mut a = ChainBuilder::new(1);
@@ -712,6 +744,7 @@ fn damage_a_crash_cannot_leave_is_refused_while_a_hole_in_the_last_batch_is_cut(
     // though the same zeros in the last segment's last batch are cut.
     let cfg = LogConfig {
         segment_bytes_max: 64 * 1024,
+        ..LogConfig::default()
     };
     let multi = tempfile::tempdir().unwrap();
     let (mut store, _) = LogStore::open(&log_dir(multi.path()), &cfg).unwrap();

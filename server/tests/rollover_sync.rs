@@ -109,6 +109,7 @@ fn a_new_segment_and_its_directory_entry_are_synced_before_it_takes_records() {
     });
     let cfg = LogConfig {
         segment_bytes_max: 1000,
+        ..LogConfig::default()
     };
     let (mut store, _) = LogStore::open_in(recording, &cfg).unwrap();
     let mut chain = ChainBuilder::new(1);

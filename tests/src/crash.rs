@@ -508,6 +508,7 @@ pub fn fill_log(data_dir: &Path, entries: u64, keys: u64, seed: u64) -> Result<F
     let keypair = identity::load_or_create(data_dir)?;
     let cfg = LogConfig {
         segment_bytes_max: 4 * 1024 * 1024,
+        ..LogConfig::default()
     };
     let (mut store, _) = LogStore::open(&log_dir(data_dir), &cfg)?;
     ensure!(

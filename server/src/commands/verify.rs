@@ -19,6 +19,7 @@ use kappakv_protocol::{DecodeError, Lsn, SignedEntry, StateRoot, VerifyError};
 use crate::log::file::{FsLogDir, LogDir, OpenMode};
 use crate::log::segment::{
     RecordCursor, RecordDamage, Scanned, find_record_after, segment_bases, segment_name,
+    zeros_to_end,
 };
 
 /// What a successful verify found.
@@ -408,6 +409,14 @@ fn run_in_observed(
                     }
                 }
                 Scanned::End => break,
+                Scanned::Damaged { offset, .. }
+                    if index + 1 == bases.len()
+                        && zeros_to_end(file.as_ref(), offset)
+                            .map_err(|e| io_err(offset, e))? =>
+                {
+                    // Zeros written ahead of the last record: the end of the log.
+                    break;
+                }
                 Scanned::Damaged { offset, damage } => {
                     let last = index + 1 == bases.len();
                     let torn = last

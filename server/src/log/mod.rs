@@ -44,6 +44,9 @@ pub const LOCK_FILE_NAME: &str = "LOCK";
 /// Default for [`LogConfig::segment_bytes_max`]: 128 MiB.
 pub const DEFAULT_SEGMENT_BYTES_MAX: u64 = 128 * 1024 * 1024;
 
+/// Default for [`LogConfig::preallocate_bytes`]: 1 MiB.
+pub const DEFAULT_PREALLOCATE_BYTES: u64 = 1024 * 1024;
+
 /// The log directory of a data dir.
 pub fn log_dir(data_dir: &Path) -> PathBuf {
     data_dir.join(LOG_DIR_NAME)
@@ -55,12 +58,20 @@ pub struct LogConfig {
     /// A new segment is started before a batch once the current one holds at least this many
     /// bytes. A segment can exceed it by one batch.
     pub segment_bytes_max: u64,
+    /// Zeros written ahead of the last record, so that a batch's `fdatasync` finds the file's
+    /// size and blocks already durable and flushes only data, not the file system's journal:
+    /// on ext4 that halves its latency. When a batch goes past the zeros, this many more are
+    /// written after it, in the same write's `fdatasync`. 0 writes none. A segment is cut to
+    /// its records before the next one starts and when the store is dropped; recovery and
+    /// `verify` take zeros after the last record for the end of the log.
+    pub preallocate_bytes: u64,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
             segment_bytes_max: DEFAULT_SEGMENT_BYTES_MAX,
+            preallocate_bytes: DEFAULT_PREALLOCATE_BYTES,
         }
     }
 }

@@ -4,7 +4,11 @@
 //! # What a crash leaves
 //!
 //! The writer appends each batch with one write and one `fdatasync`, and acknowledges it only
-//! after the `fdatasync`; a batch never spans two segments. So a crash can damage only the last
+//! after the `fdatasync`; a batch never spans two segments. The last segment may end in zeros
+//! that the store wrote ahead of its records and synced (`LogConfig::preallocate_bytes`): zeros
+//! from a position to the end of the file are the end of the log, not damage, and are kept for
+//! the next appends; a later batch written over them reads as zeros where it did not reach the
+//! disk, as a write extending the file would. So a crash can damage only the last
 //! write, at the end of the last segment, and nothing in it was acknowledged. It can leave that
 //! write cut short (the file ends inside it) or with *holes*: the file system may have persisted
 //! later blocks of the write but not earlier ones, and a block the write never reached reads as
@@ -63,7 +67,7 @@ use super::error::OpenLogError;
 use super::file::{LogDir, LogFile, OpenMode};
 use super::segment::{
     RecordCursor, RecordDamage, Scanned, find_record_after, parse_segment_name, segment_bases,
-    segment_name,
+    segment_name, zeros_to_end,
 };
 
 /// The unit in which a crash leaves a write's bytes unwritten: a file-system block, 4 KiB on
@@ -81,8 +85,11 @@ pub const TORN_WRITE_BLOCK_BYTES: u64 = 4096;
 /// their headers, ids, links, timestamps, signatures and supersede lists to the keys and values;
 /// the bound allows as many bytes again for those. A larger write (`batch_bytes_max` raised, or
 /// entries that are mostly supersede lists) torn further than this from its end is refused like
-/// other damage: a bound too small only ever refuses, it never cuts.
-pub const TORN_WRITE_BYTES_MAX: u64 = 2 * (16 * 1024 * 1024 + MAX_FRAME_BYTES as u64);
+/// other damage: a bound too small only ever refuses, it never cuts. The zeros a store writes
+/// ahead of its records ([`super::LogConfig::preallocate_bytes`], at their default size) may
+/// follow the write, and are added.
+pub const TORN_WRITE_BYTES_MAX: u64 =
+    2 * (16 * 1024 * 1024 + MAX_FRAME_BYTES as u64) + super::DEFAULT_PREALLOCATE_BYTES;
 
 /// What opening the log found.
 #[derive(Debug, Clone, Default)]
@@ -137,6 +144,9 @@ pub(crate) struct Recovered {
     pub(crate) active: Box<dyn LogFile>,
     pub(crate) active_base: u64,
     pub(crate) active_len: u64,
+    /// Its length: `active_len` and any zeros written ahead of its records, kept for the next
+    /// appends.
+    pub(crate) allocated: u64,
 }
 
 /// Scans and recovers the log in `dir`, creating its first segment if it has none.
@@ -167,6 +177,7 @@ pub(crate) fn recover(dir: &dyn LogDir) -> Result<(Recovered, Recovery), OpenLog
             active: file,
             active_base: 0,
             active_len: 0,
+            allocated: 0,
         };
         return Ok((
             recovered,
@@ -202,13 +213,14 @@ pub(crate) fn recover(dir: &dyn LogDir) -> Result<(Recovered, Recovery), OpenLog
             offset: 0,
             source,
         })?;
-        let len = scan_segment(file.as_ref(), &segment, base, last, &mut recovery)?;
+        let (len, allocated) = scan_segment(file.as_ref(), &segment, base, last, &mut recovery)?;
         recovery.bytes += len;
         if last {
             active = Some(Recovered {
                 active: file,
                 active_base: base,
                 active_len: len,
+                allocated,
             });
         }
     }
@@ -227,14 +239,16 @@ pub(crate) fn recover(dir: &dyn LogDir) -> Result<(Recovered, Recovery), OpenLog
 }
 
 /// Scans one segment, checking every record and link and updating `recovery`. In the last
-/// segment, works out the truncation (without doing it) and returns the length to keep.
+/// segment, works out the truncation (without doing it). Returns the length of the records to
+/// keep, and of the file to keep: more when the records are followed by zeros written ahead of
+/// them (the end of the log, kept for later appends) and nothing is truncated.
 fn scan_segment(
     file: &dyn LogFile,
     segment: &Path,
     base: u64,
     last: bool,
     recovery: &mut Recovery,
-) -> Result<u64, OpenLogError> {
+) -> Result<(u64, u64), OpenLogError> {
     let io_err = |offset, source| OpenLogError::Io {
         segment: segment.to_path_buf(),
         offset,
@@ -247,6 +261,8 @@ fn scan_segment(
     // Heads as they were before each change since the last consistent point, to undo them.
     let mut undo: Vec<(NodeId, Option<ChainHead>)> = Vec::new();
     let mut consistent = (0u64, base);
+    // Whether the records end where zeros written ahead of them begin.
+    let mut zero_tail = false;
     let torn = loop {
         let offset = cursor.offset();
         match cursor.next(file).map_err(|e| io_err(offset, e))? {
@@ -290,6 +306,12 @@ fn scan_segment(
                 }
             }
             Scanned::End => break None,
+            Scanned::Damaged { offset, .. }
+                if last && zeros_to_end(file, offset).map_err(|e| io_err(offset, e))? =>
+            {
+                zero_tail = true;
+                break None;
+            }
             Scanned::Damaged { offset, damage } => {
                 let next_good = if last {
                     find_record_after(file, offset).map_err(|e| io_err(offset, e))?
@@ -327,9 +349,10 @@ fn scan_segment(
     let end = cursor.offset();
     if !last {
         recovery.last_lsn = lsn;
-        return Ok(end);
+        return Ok((end, end));
     }
     let old_len = file.len().map_err(|e| io_err(end, e))?;
+    let data_end = if zero_tail { end } else { old_len };
     let (keep, keep_lsn) = consistent;
     for (author, head) in undo.into_iter().rev() {
         match head {
@@ -338,7 +361,7 @@ fn scan_segment(
         };
     }
     recovery.last_lsn = keep_lsn;
-    if keep < old_len {
+    if keep < data_end {
         let unsigned_records = lsn - keep_lsn;
         let (torn, torn_write) = match torn {
             Some((offset, damage, torn_write)) => (Some((offset, damage)), torn_write),
@@ -392,8 +415,9 @@ fn scan_segment(
             torn.is_none() && keep == end,
             "a torn tail lies before the end of the file"
         );
+        return Ok((keep, old_len));
     }
-    Ok(keep)
+    Ok((keep, keep))
 }
 
 /// Whether the record at `offset` of the last segment, damaged as `damage` with good records

@@ -210,6 +210,24 @@ pub fn find_record_after(file: &dyn LogFile, from: u64) -> io::Result<Option<u64
     RecordSearch::new(file, from + 1)?.run()
 }
 
+/// Whether every byte from `from` to the end of the file is zero (true for none): the zeros a
+/// store writes ahead of its last record ([`super::LogConfig::preallocate_bytes`]), which end
+/// the log, since no record is all zeros.
+pub fn zeros_to_end(file: &dyn LogFile, from: u64) -> io::Result<bool> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut at = from;
+    loop {
+        let n = file.read_at(&mut buf, at)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+}
+
 /// A candidate record of [`find_record_after`], waiting for the running CRC to reach its end.
 /// Ordered by `end` first, for the heap.
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]

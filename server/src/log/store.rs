@@ -30,6 +30,9 @@ pub struct LogStore {
     active_base: u64,
     /// Bytes of whole records in the active segment; the next batch is written here.
     active_len: u64,
+    /// The active segment's length: `active_len` and the zeros written ahead of it
+    /// ([`LogConfig::preallocate_bytes`]).
+    allocated: u64,
     last_lsn: Lsn,
     max_timestamp: Timestamp,
     /// Reused for each batch's bytes.
@@ -112,6 +115,7 @@ impl LogStore {
             active: recovered.active,
             active_base: recovered.active_base,
             active_len: recovered.active_len,
+            allocated: recovered.allocated,
             last_lsn: recovery.last_lsn,
             max_timestamp: recovery.max_timestamp,
             buf: Vec::new(),
@@ -234,7 +238,16 @@ impl LogStore {
         }
         assert_eq!(self.buf.len(), total);
         let offset = self.active_len;
-        if let Err(source) = self.active.write_all_at(&self.buf, offset) {
+        // A batch that goes past the zeros written ahead carries the next ones after it, in
+        // the same write and `fdatasync`: a full disk for them is a full disk for the batch.
+        let end = offset + total as u64;
+        if end > self.allocated {
+            let ahead = usize::try_from(self.cfg.preallocate_bytes)
+                .expect("a preallocation fits in memory");
+            self.buf.resize(total + ahead, 0);
+        }
+        let written = self.active.write_all_at(&self.buf, offset);
+        if let Err(source) = written {
             if is_disk_full(&source) {
                 return Err(self.cut_back(total, source));
             }
@@ -246,6 +259,7 @@ impl LogStore {
                 source,
             });
         }
+        self.allocated = self.allocated.max(offset + self.buf.len() as u64);
         let sync_started = std::time::Instant::now();
         let synced = self.active.sync_data();
         crate::telemetry::fsync(sync_started);
@@ -268,11 +282,7 @@ impl LogStore {
     fn cut_back(&mut self, len: usize, full: std::io::Error) -> AppendError {
         let offset = self.active_len;
         let segment = self.active_path();
-        match self
-            .active
-            .set_len(offset)
-            .and_then(|()| self.active.sync_all())
-        {
+        match self.cut_to_records() {
             Ok(()) => AppendError::DiskFull {
                 segment,
                 offset,
@@ -291,8 +301,17 @@ impl LogStore {
         }
     }
 
-    /// Starts a new segment after the last record, before a batch of `len` bytes: creates it,
-    /// syncs it and the directory. A full file system at the create leaves nothing behind
+    /// Cuts the active segment to its records (the zeros written ahead of them, or a batch
+    /// that did not complete) and makes the cut durable.
+    fn cut_to_records(&mut self) -> std::io::Result<()> {
+        self.active.set_len(self.active_len)?;
+        self.active.sync_all()?;
+        self.allocated = self.active_len;
+        Ok(())
+    }
+
+    /// Starts a new segment after the last record, before a batch of `len` bytes: cuts the
+    /// zeros off the segment it ends, creates the new one, syncs it and the directory. A full file system at the create leaves nothing behind
     /// (an exclusive create either makes the name or fails) and is [`AppendError::DiskFull`];
     /// the next append tries again.
     fn roll_over(&mut self, len: usize) -> Result<(), AppendError> {
@@ -303,6 +322,10 @@ impl LogStore {
             segment: segment.clone(),
             source,
         };
+        // Only the last segment may end in zeros: recovery takes them for damage elsewhere.
+        if self.allocated > self.active_len {
+            self.cut_to_records().map_err(err)?;
+        }
         let mut file = self
             .dir
             .open(&name, OpenMode::CreateNew)
@@ -324,11 +347,25 @@ impl LogStore {
         self.active = file;
         self.active_base = base;
         self.active_len = 0;
+        self.allocated = 0;
         Ok(())
     }
 
     fn active_path(&self) -> PathBuf {
         self.dir.path().join(segment_name(self.active_base))
+    }
+}
+
+impl Drop for LogStore {
+    /// Cuts the zeros written ahead, so that a log closed cleanly ends at its last record. A
+    /// store that stopped after an error is left as it is, for recovery.
+    fn drop(&mut self) {
+        if !self.stopped
+            && self.allocated > self.active_len
+            && let Err(e) = self.cut_to_records()
+        {
+            tracing::warn!(error = %e, "cannot cut the zeros after the log's last record; the next start will");
+        }
     }
 }
 

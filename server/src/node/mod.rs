@@ -209,6 +209,7 @@ impl Node {
 
         let log_config = LogConfig {
             segment_bytes_max: config.segment_bytes_max,
+            ..LogConfig::default()
         };
         let (mut store, recovery) = match log_dir {
             Some(dir) => {
