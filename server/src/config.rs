@@ -117,6 +117,12 @@ pub struct Config {
     /// streams), so 256 of them keep what clients can make a node hold, with its own memory,
     /// under 512 MiB: `net::endpoint::memory_bound` has the arithmetic.
     pub max_connections: usize,
+    /// Threads of the async runtime that serves QUIC and the requests; 0, the default, runs one
+    /// per core. The writer and the indexer have a thread each besides. On a machine whose
+    /// cores other busy processes share (a load generator, the application itself), fewer
+    /// threads than cores keep the tail latency down: every runnable thread beyond the cores
+    /// waits for a time slice of a few milliseconds.
+    pub runtime_threads: usize,
     /// Most concurrent streams (requests) per connection, fed to QUIC flow control: a client
     /// with more requests in flight waits for one to be answered before it sends the next. 64
     /// requests in flight on one connection are served as fast as on eight; a client that needs
@@ -205,6 +211,7 @@ impl Default for Config {
             discovery_interval_ms: 2_000,
             log_format: LogFormat::Text,
             max_connections: 256,
+            runtime_threads: 0,
             max_streams_per_connection: 64,
             max_concurrent_requests: 512,
             max_concurrent_reads: 64,

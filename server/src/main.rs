@@ -384,9 +384,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "{name} names no setting and is ignored; `kappakv config show` lists them"
                 );
             }
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if layered.config.runtime_threads > 0 {
+                runtime.worker_threads(layered.config.runtime_threads);
+            }
+            let runtime = runtime.enable_all().build()?;
             if let Some(invite) = &args.join
                 && let Err(e) = runtime.block_on(join_before_serving(&layered.config, invite))
             {
