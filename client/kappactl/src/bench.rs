@@ -44,7 +44,9 @@ pub(crate) struct BenchArgs {
     /// Concurrent clients (requests in flight).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     clients: u32,
-    /// QUIC connections the clients share [default: clients, at most 8].
+    /// QUIC connections the clients share [default: one per core of this machine, at most
+    /// clients]. Each connection's packets are handled by one task on each side, and the
+    /// clients of one connection share its pipeline.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     connections: Option<u32>,
     /// Requests to measure in all [default: 10000, unless --duration is given].
@@ -162,9 +164,10 @@ pub(crate) async fn run(
     builder: impl Fn(Ticket) -> ClientBuilder,
 ) -> anyhow::Result<()> {
     validate(&args)?;
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let connections = args
         .connections
-        .unwrap_or(args.clients.min(8))
+        .unwrap_or(u32::try_from(cores).unwrap_or(u32::MAX))
         .min(args.clients);
     let mut clients = Vec::with_capacity(connections as usize);
     for _ in 0..connections {
