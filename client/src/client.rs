@@ -72,10 +72,16 @@ async fn open_pipeline(conn: &quinn::Connection, options: &ClientOptions) -> Opt
     if !options.pipeline {
         return None;
     }
-    match Pipeline::open(conn).await {
-        Ok(pipeline) => pipeline.map(Arc::new),
-        Err(error) => {
+    match tokio::time::timeout(options.request_timeout, Pipeline::open(conn)).await {
+        Ok(Ok(pipeline)) => pipeline.map(Arc::new),
+        Ok(Err(error)) => {
             tracing::debug!(%error, "no pipeline; each request goes on a stream of its own");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(
+                "no answer to opening a pipeline; each request goes on a stream of its own"
+            );
             None
         }
     }
@@ -752,10 +758,18 @@ impl Client {
                 sent_on: None,
             })?;
             if let Some(pipeline) = live.pipeline.as_ref().filter(|p| !p.is_broken()) {
-                return pipeline.call(request).await.map_err(|failed| Attempt {
-                    error: failed.error,
-                    sent_on: failed.maybe_sent.then_some(live.generation),
-                });
+                match pipeline.call(request).await {
+                    Ok(response) => return Ok(response),
+                    Err(failed) if failed.maybe_sent => {
+                        return Err(Attempt {
+                            error: failed.error,
+                            sent_on: Some(live.generation),
+                        });
+                    }
+                    // The pipeline broke before the request left: it goes on a stream of its
+                    // own, which dials again if the connection is lost.
+                    Err(_) => {}
+                }
             }
         }
         let (_send, mut recv, generation) =

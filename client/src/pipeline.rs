@@ -227,6 +227,9 @@ impl Shared {
         }
         state.broken.get_or_insert(why);
         state.out = Vec::new();
+        drop(state);
+        // The writer lets go of the stream.
+        self.wake.notify_one();
     }
 }
 
@@ -238,6 +241,8 @@ async fn write(shared: Arc<Shared>, mut send: SendStream) {
         let closing = {
             let mut state = shared.lock();
             if state.broken.is_some() {
+                drop(state);
+                let _ = send.reset(0u32.into());
                 return;
             }
             std::mem::swap(&mut buf, &mut state.out);
@@ -284,13 +289,13 @@ async fn read(shared: Arc<Shared>, mut recv: RecvStream) {
                 Ok(FrameDecode::NeedMore { .. }) => break,
                 Ok(FrameDecode::Frame { body, used: n }) => {
                     used += n;
-                    let answer = split_tagged(body).and_then(|(id, message)| {
-                        decode_body::<Response>(message).map(|response| (id, response))
-                    });
-                    match answer {
-                        Ok((id, response)) => {
+                    match split_tagged(body) {
+                        Ok((id, message)) => {
+                            // An answer this version cannot read fails its call only.
+                            let answer = decode_body::<Response>(message)
+                                .map_err(|e| Broken::Protocol(e.to_string()));
                             if let Some(waiter) = shared.lock().waiting.remove(&id) {
-                                let _ = waiter.send(Ok(response));
+                                let _ = waiter.send(answer);
                             }
                         }
                         Err(e) => {

@@ -6,6 +6,8 @@
 //! reads no further, and QUIC's flow control holds the client back. All of a pipeline runs on
 //! its stream's task: no task, stream or wake-up of its own per request.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use futures_util::FutureExt as _;
@@ -27,9 +29,11 @@ use crate::handlers::Reply;
 use crate::node::Node;
 use crate::service::RequestService;
 
-/// Stream reset code for a pipeline the client broke: a frame over the limit, or one that is
-/// not `[id, request]`. Its requests in flight are not answered.
+/// Stream reset code for a pipeline the client broke: a frame that is not `[id, request]`, or
+/// one not sent in time. Its requests in flight are not answered.
 pub const RESET_BROKEN: u32 = 2;
+/// Stream reset code for a pipeline ended by the node shutting down.
+pub const RESET_SHUTDOWN: u32 = 3;
 
 /// Bytes of a body enough to hold the array header and any id.
 const TAG_BYTES: usize = 10;
@@ -55,8 +59,13 @@ enum Next {
 
 /// Serves a pipeline until the client finishes its side and every answer is sent, the
 /// stream breaks, or `cancel` fires.
+///
+/// Reading requests, running them and writing answers all go on at once: a client slow to
+/// read its answers holds only its answers (counted against `buffers`), never the permits of
+/// requests already done, and a write in progress holds up neither the next frame nor the
+/// requests in flight.
 pub async fn serve(
-    mut tx: SendStream,
+    tx: SendStream,
     rx: RecvStream,
     node: &Node,
     service: RequestService,
@@ -70,15 +79,25 @@ pub async fn serve(
     let mut reading = Box::pin(next(rx, buffers, timeout));
     let mut open = true;
     let mut in_flight = FuturesUnordered::new();
+    // Answers waiting for the write in progress, and what they counted against `buffers`.
     let mut out = Vec::new();
-    // What the answers in `out` counted against `buffers`, given back once they are sent.
     let mut out_held = Vec::new();
+    // The send side when no write holds it, and the write that does.
+    let mut idle = Some(tx);
+    let mut writing: Option<Pin<Box<Write<'_>>>> = None;
+    // The client broke the framing while a write was in progress.
+    let mut broken = false;
     loop {
         tokio::select! {
-            () = cancel.cancelled() => break,
+            () = cancel.cancelled() => {
+                if let Some(tx) = idle.as_mut() {
+                    let _ = tx.reset(RESET_SHUTDOWN.into());
+                }
+                return;
+            }
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
                 let mut done = Some(done);
-                // Every answer ready now leaves in one write.
+                // Every answer ready now goes into the next write.
                 while let Some((id, reply, mut held)) = done {
                     let at = out.len();
                     encode_tagged_frame(id, &single(reply), &mut out);
@@ -89,11 +108,23 @@ pub async fn serve(
                     out_held.push(held);
                     done = in_flight.next().now_or_never().flatten();
                 }
-                let sent = send(&mut tx, &out, timeout).await;
-                out.clear();
-                out_held.clear();
+            }
+            (tx, spare, sent) = async { writing.as_mut().expect("a write in progress").await },
+                if writing.is_some() =>
+            {
+                writing = None;
                 if !sent {
                     return;
+                }
+                if broken {
+                    let mut tx = tx;
+                    let _ = tx.reset(RESET_BROKEN.into());
+                    return;
+                }
+                idle = Some(tx);
+                // The buffer is reused, unless a burst of large answers grew it.
+                if spare.capacity() <= KEEP_BUFFER_BYTES && out.is_empty() {
+                    out = spare;
                 }
             }
             (rx, read) = &mut reading, if open && in_flight.len() < MAX_PIPELINED_REQUESTS => {
@@ -112,19 +143,56 @@ pub async fn serve(
                     Next::End => open = false,
                     Next::Broken(why) => {
                         tracing::debug!(%why, "client broke its pipeline; resetting it");
-                        let _ = tx.reset(RESET_BROKEN.into());
-                        return;
+                        if let Some(mut tx) = idle.take() {
+                            let _ = tx.reset(RESET_BROKEN.into());
+                            return;
+                        }
+                        // Reset once the write in progress gives the stream back; nothing
+                        // more is answered.
+                        broken = true;
+                        open = false;
+                        in_flight.clear();
+                        out.clear();
+                        out_held.clear();
                     }
                 }
                 reading.set(next(rx, buffers, timeout));
             }
-            else => break,
         }
-        if !open && in_flight.is_empty() {
+        if !out.is_empty()
+            && let Some(tx) = idle.take()
+        {
+            let answers = std::mem::take(&mut out);
+            let held = std::mem::take(&mut out_held);
+            writing = Some(Box::pin(write(tx, answers, held, timeout)));
+        }
+        if !open && in_flight.is_empty() && writing.is_none() && out.is_empty() {
             break;
         }
     }
-    let _ = tx.finish();
+    if let Some(mut tx) = idle {
+        let _ = tx.finish();
+    }
+}
+
+/// A write of answers in progress.
+type Write<'a> = dyn Future<Output = (SendStream, Vec<u8>, bool)> + Send + 'a;
+
+/// A reply buffer larger than this is let go once written, not kept for the next answers.
+const KEEP_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Writes `answers`, then gives back what they counted against the buffer budget (`held`),
+/// the send side, the emptied buffer, and whether the write went through.
+async fn write(
+    mut tx: SendStream,
+    mut answers: Vec<u8>,
+    held: Vec<Option<OwnedSemaphorePermit>>,
+    timeout: Duration,
+) -> (SendStream, Vec<u8>, bool) {
+    let sent = send(&mut tx, &answers, timeout).await;
+    drop(held);
+    answers.clear();
+    (tx, answers, sent)
 }
 
 /// Reads the next frame: a request tagged with its id.
@@ -152,10 +220,7 @@ async fn rest(
     if rx.read_exact(&mut header[first..]).await.is_err() {
         return Next::Broken("the stream ended inside a frame header".into());
     }
-    let len = match frame_len(header, MAX_FRAME_BYTES) {
-        Ok(len) => len,
-        Err(e) => return Next::Broken(format!("request frame: {e}")),
-    };
+    let len = u32::from_le_bytes(header) as usize;
     // The id comes first, uncounted: a few bytes, so that even a refused request is answered.
     let mut tag = [0u8; TAG_BYTES];
     let tag = &mut tag[..len.min(TAG_BYTES)];
@@ -166,6 +231,15 @@ async fn rest(
         Ok((id, _)) => id,
         Err(e) => return Next::Broken(e.to_string()),
     };
+    if let Err(e) = frame_len(header, MAX_FRAME_BYTES) {
+        // Read past, never held: the pipeline goes on after it.
+        discard(rx, len - tag.len()).await;
+        return Next::Request {
+            id,
+            request: Err(Refused(ErrorCode::TooLarge, format!("request frame: {e}"))),
+            held: None,
+        };
+    }
     let mut body = tag.to_vec();
     let mut held = None;
     let read = if buffers.grow(&mut held, REQUEST_STATE_BYTES) {
