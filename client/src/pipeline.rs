@@ -78,6 +78,14 @@ impl Broken {
         }
     }
 
+    fn write(e: quinn::WriteError) -> Self {
+        match e {
+            quinn::WriteError::ConnectionLost(e) => Broken::Lost(e),
+            quinn::WriteError::Stopped(code) => Broken::Reset(code.into_inner()),
+            _ => Broken::Reset(0),
+        }
+    }
+
     fn read(e: quinn::ReadError) -> Self {
         match e {
             quinn::ReadError::ConnectionLost(e) => Broken::Lost(e),
@@ -103,11 +111,7 @@ impl Pipeline {
             .await
             .map_err(|e| Broken::Lost(e).error("pipeline"))?;
         if let Err(e) = send.write_all(&encode_frame(&Request::Pipeline)).await {
-            return Err(match e {
-                quinn::WriteError::ConnectionLost(e) => Broken::Lost(e),
-                _ => Broken::Reset(0),
-            }
-            .error("pipeline"));
+            return Err(Broken::write(e).error("pipeline"));
         }
         match read_frame(&mut recv, "pipeline").await? {
             Some(Response::Ok) => {}
@@ -250,11 +254,7 @@ async fn write(shared: Arc<Shared>, mut send: SendStream) {
         };
         if !buf.is_empty() {
             if let Err(e) = send.write_all(&buf).await {
-                shared.fail(match e {
-                    quinn::WriteError::ConnectionLost(e) => Broken::Lost(e),
-                    quinn::WriteError::Stopped(code) => Broken::Reset(code.into_inner()),
-                    _ => Broken::Reset(0),
-                });
+                shared.fail(Broken::write(e));
                 return;
             }
             buf.clear();

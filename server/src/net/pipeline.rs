@@ -1,8 +1,8 @@
 //! A pipeline: one client stream carrying many requests at once (`Request::Pipeline`).
 //!
 //! Each frame is `[id, request]`; each request runs as soon as it is read, and its answer goes
-//! back as `[id, response]` when it is done, in any order. Answers that are ready together
-//! leave in one write. Up to [`MAX_PIPELINED_REQUESTS`] run at once; beyond that the node
+//! back as `[id, response]` when it is done, in any order. Answers done while a write is in
+//! progress leave together in the next one. Up to [`MAX_PIPELINED_REQUESTS`] run at once; beyond that the node
 //! reads no further, and QUIC's flow control holds the client back. All of a pipeline runs on
 //! its stream's task: no task, stream or wake-up of its own per request.
 
