@@ -757,7 +757,7 @@ impl Client {
                 error: e.into(),
                 sent_on: None,
             })?;
-            if let Some(pipeline) = live.pipeline.as_ref().filter(|p| !p.is_broken()) {
+            if let Some(pipeline) = &live.pipeline {
                 match pipeline.call(request).await {
                     Ok(response) => return Ok(response),
                     Err(failed) if failed.maybe_sent => {
@@ -766,8 +766,8 @@ impl Client {
                             sent_on: Some(live.generation),
                         });
                     }
-                    // The pipeline broke before the request left: it goes on a stream of its
-                    // own, which dials again if the connection is lost.
+                    // The pipeline is broken, or broke before the request left: it goes on a
+                    // stream of its own, which dials again if the connection is lost.
                     Err(_) => {}
                 }
             }

@@ -146,11 +146,6 @@ impl Pipeline {
         Ok(Some(Self { shared }))
     }
 
-    /// Whether the pipeline can carry no more calls.
-    pub(crate) fn is_broken(&self) -> bool {
-        self.shared.lock().broken.is_some()
-    }
-
     /// Sends `request` and waits for its answer. A `Response::Error` is returned as is.
     pub(crate) async fn call(&self, request: &Request) -> Result<Response, Failed> {
         let kind = request.kind();
