@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,6 +59,38 @@ pub enum Outcome {
     Repeated(Written),
 }
 
+/// A write under way in its caller's task. Dropped before the write is done (the caller was
+/// cancelled), it moves the write to a task of its own that finishes and records it: the
+/// write may already be in the log. (A spawn for every write would cost a task and a wake-up
+/// of another runtime thread per request.)
+struct Running<F: Future<Output = Result<Written, WriteError>> + Send + 'static> {
+    recent: Arc<RecentWrites>,
+    id: RequestId,
+    notify: Arc<Notify>,
+    write: Option<Pin<Box<F>>>,
+}
+
+impl<F: Future<Output = Result<Written, WriteError>> + Send + 'static> Drop for Running<F> {
+    fn drop(&mut self) {
+        let Some(write) = self.write.take() else {
+            return;
+        };
+        let runtime = tokio::runtime::Handle::try_current();
+        // A write that panicked is not polled again; without a runtime (it is shutting down)
+        // nothing runs it to its end. Either way the id is forgotten, so repeats do not wait.
+        let (false, Ok(runtime)) = (std::thread::panicking(), runtime) else {
+            let failed = Err(WriteError::ShuttingDown);
+            self.recent.record(self.id, &failed, &self.notify);
+            return;
+        };
+        let (recent, id, notify) = (self.recent.clone(), self.id, self.notify.clone());
+        runtime.spawn(async move {
+            let result = write.await;
+            recent.record(id, &result, &notify);
+        });
+    }
+}
+
 /// The request ids of recent writes and what they became.
 #[derive(Default)]
 pub struct RecentWrites {
@@ -67,7 +100,8 @@ pub struct RecentWrites {
 impl RecentWrites {
     /// Runs `write` for the request `id`, unless a request with that id was written: then
     /// that write. A repeat that arrives while the first is being written waits for it. The
-    /// write runs on a task of its own, so it is recorded even if the caller goes away.
+    /// write runs in the caller's task; if the caller goes away first, it goes on in a task of
+    /// its own, so that it is recorded all the same.
     pub async fn once<F>(self: &Arc<Self>, id: RequestId, write: F) -> Result<Outcome, WriteError>
     where
         F: Future<Output = Result<Written, WriteError>> + Send + 'static,
@@ -92,28 +126,41 @@ impl RecentWrites {
             };
             waiting.await;
         };
-        let this = self.clone();
-        let task = tokio::spawn(async move {
-            let result = write.await;
-            let mut inner = this.inner.lock().expect("recent writes lock");
-            match &result {
-                // Unless it was forgotten meanwhile (too many newer ids).
-                Ok(w) => {
-                    if let Some(state) = inner.states.get_mut(&id) {
-                        *state = State::Written(*w);
-                    }
-                }
-                Err(_) => {
-                    inner.states.remove(&id);
+        let mut running = Running {
+            recent: self.clone(),
+            id,
+            notify,
+            write: Some(Box::pin(write)),
+        };
+        let result = std::future::poll_fn(|cx| {
+            running
+                .write
+                .as_mut()
+                .expect("polled until it is done")
+                .as_mut()
+                .poll(cx)
+        })
+        .await;
+        running.write = None;
+        running.recent.record(id, &result, &running.notify);
+        result.map(Outcome::Made)
+    }
+
+    /// Records what the write of `id` became, and wakes the repeats that wait for it.
+    fn record(&self, id: RequestId, result: &Result<Written, WriteError>, notify: &Notify) {
+        let mut inner = self.inner.lock().expect("recent writes lock");
+        match result {
+            // Unless it was forgotten meanwhile (too many newer ids).
+            Ok(w) => {
+                if let Some(state) = inner.states.get_mut(&id) {
+                    *state = State::Written(*w);
                 }
             }
-            notify.notify_waiters();
-            result
-        });
-        match task.await {
-            Ok(result) => result.map(Outcome::Made),
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => {
+                inner.states.remove(&id);
+            }
         }
+        notify.notify_waiters();
     }
 
     /// Request ids remembered.
@@ -188,5 +235,31 @@ mod tests {
             repeat.await.unwrap().unwrap(),
             Outcome::Repeated(written(7))
         );
+    }
+
+    #[tokio::test]
+    async fn a_write_whose_caller_went_away_is_recorded_all_the_same() {
+        let recent = Arc::new(RecentWrites::default());
+        let id = RequestId([4; 16]);
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let caller = tokio::spawn({
+            let recent = recent.clone();
+            async move {
+                recent
+                    .once(id, async move {
+                        released.await.unwrap();
+                        Ok(written(9))
+                    })
+                    .await
+            }
+        });
+        while recent.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        caller.abort();
+        assert!(caller.await.unwrap_err().is_cancelled());
+        release.send(()).unwrap();
+        let repeat = recent.once(id, async { Ok(written(10)) }).await.unwrap();
+        assert_eq!(repeat, Outcome::Repeated(written(9)));
     }
 }
