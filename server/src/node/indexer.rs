@@ -143,6 +143,10 @@ pub fn applied_lsn(indexes: &Indexes, select: Select<'_>) -> Result<Lsn, IndexEr
         .unwrap_or(Lsn::MAX))
 }
 
+/// How often a lingering indexer counts the entries that gathered (it stops lingering at
+/// `linger_entries`).
+const LINGER_LOOK_EVERY: Duration = Duration::from_millis(5);
+
 /// Wakes a parked thread.
 struct ThreadWaker(std::thread::Thread);
 
@@ -152,15 +156,24 @@ impl std::task::Wake for ThreadWaker {
     }
 }
 
-/// Blocks this (non-runtime) thread until either watch channel changes or `timeout` passes.
-/// Watch channels need no runtime to be polled, so this keeps working while the runtime shuts
-/// down.
-fn wait_either<A, B>(a: &mut watch::Receiver<A>, b: &mut watch::Receiver<B>, timeout: Duration) {
+/// Blocks this (non-runtime) thread until either watch channel changes (`a` only if given)
+/// or `timeout` passes. Watch channels need no runtime to be polled, so this keeps working
+/// while the runtime shuts down.
+fn wait_either<A, B>(
+    a: Option<&mut watch::Receiver<A>>,
+    b: &mut watch::Receiver<B>,
+    timeout: Duration,
+) {
     use std::future::Future as _;
     let waker = std::task::Waker::from(Arc::new(ThreadWaker(std::thread::current())));
     let mut cx = std::task::Context::from_waker(&waker);
     let deadline = Instant::now() + timeout;
-    let mut fa = std::pin::pin!(a.changed());
+    let mut fa = std::pin::pin!(async {
+        match a {
+            Some(a) => drop(a.changed().await),
+            None => std::future::pending().await,
+        }
+    });
     let mut fb = std::pin::pin!(b.changed());
     loop {
         if fa.as_mut().poll(&mut cx).is_ready() || fb.as_mut().poll(&mut cx).is_ready() {
@@ -360,10 +373,15 @@ impl IndexerHandle {
                                 && waiting2.load(Ordering::Acquire) == 0
                                 && !stop2.load(Ordering::Acquire)
                             {
+                                // Not woken by each group commit: that woke the indexer
+                                // once per batch, to preempt the writer that woke it and
+                                // find it should linger on. A waiting read or a stop ends
+                                // the wait; the entries that gathered are counted every
+                                // LINGER_LOOK_EVERY.
                                 wait_either(
-                                    &mut durable,
+                                    None::<&mut watch::Receiver<Lsn>>,
                                     &mut wake_rx,
-                                    linger.saturating_sub(lingered),
+                                    linger.saturating_sub(lingered).min(LINGER_LOOK_EVERY),
                                 );
                                 continue;
                             }
@@ -433,7 +451,7 @@ impl IndexerHandle {
                             break;
                         }
                         if !worked {
-                            wait_either(&mut durable, &mut wake_rx, durable_interval);
+                            wait_either(Some(&mut durable), &mut wake_rx, durable_interval);
                         }
                     }
                     indexes.persist()?;
