@@ -147,6 +147,11 @@ pub fn applied_lsn(indexes: &Indexes, select: Select<'_>) -> Result<Lsn, IndexEr
 /// `linger_entries`).
 const LINGER_LOOK_EVERY: Duration = Duration::from_millis(5);
 
+/// Below this `linger_entries` (half of `ready_lag_entries_max`), a lingering indexer counts
+/// at each group commit instead: [`LINGER_LOOK_EVERY`] of writes at 100k/s could pass it, and
+/// the views lag past what readiness allows.
+const LINGER_LOOK_ENTRIES_MIN: u64 = 1024;
+
 /// Wakes a parked thread.
 struct ThreadWaker(std::thread::Thread);
 
@@ -377,9 +382,11 @@ impl IndexerHandle {
                                 // once per batch, to preempt the writer that woke it and
                                 // find it should linger on. A waiting read or a stop ends
                                 // the wait; the entries that gathered are counted every
-                                // LINGER_LOOK_EVERY.
+                                // LINGER_LOOK_EVERY, or at each commit when so few may
+                                // gather that those milliseconds of writes could pass it.
+                                let each_commit = linger_entries < LINGER_LOOK_ENTRIES_MIN;
                                 wait_either(
-                                    None::<&mut watch::Receiver<Lsn>>,
+                                    each_commit.then_some(&mut durable),
                                     &mut wake_rx,
                                     linger.saturating_sub(lingered).min(LINGER_LOOK_EVERY),
                                 );

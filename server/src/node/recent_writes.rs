@@ -59,15 +59,42 @@ pub enum Outcome {
     Repeated(Written),
 }
 
-/// A write under way in its caller's task. Dropped before the write is done (the caller was
-/// cancelled), it moves the write to a task of its own that finishes and records it: the
-/// write may already be in the log. (A spawn for every write would cost a task and a wake-up
-/// of another runtime thread per request.)
+/// A write under way, in its caller's task or (`moved`) in a task of its own. Dropped in the
+/// caller's task before the write is done (the caller was cancelled, or another request of
+/// its task panicked), it moves the write to a task of its own that finishes and records it:
+/// the write may already be in the log. (A spawn for every write would cost a task and a
+/// wake-up of another runtime thread per request.)
 struct Running<F: Future<Output = Result<Written, WriteError>> + Send + 'static> {
     recent: Arc<RecentWrites>,
     id: RequestId,
     notify: Arc<Notify>,
     write: Option<Pin<Box<F>>>,
+    /// Set while the write is polled: a drop then is the write's own panic.
+    polling: bool,
+    /// Already in a task of its own, which only a runtime shutting down drops early.
+    moved: bool,
+}
+
+impl<F: Future<Output = Result<Written, WriteError>> + Send + 'static> Running<F> {
+    /// Drives the write to its end and records what it became.
+    async fn run(mut self) -> Result<Written, WriteError> {
+        let result = std::future::poll_fn(|cx| {
+            let this = &mut self;
+            this.polling = true;
+            let poll = this
+                .write
+                .as_mut()
+                .expect("polled until it is done")
+                .as_mut()
+                .poll(cx);
+            this.polling = false;
+            poll
+        })
+        .await;
+        self.write = None;
+        self.recent.record(self.id, &result, &self.notify);
+        result
+    }
 }
 
 impl<F: Future<Output = Result<Written, WriteError>> + Send + 'static> Drop for Running<F> {
@@ -75,19 +102,27 @@ impl<F: Future<Output = Result<Written, WriteError>> + Send + 'static> Drop for 
         let Some(write) = self.write.take() else {
             return;
         };
-        let runtime = tokio::runtime::Handle::try_current();
-        // A write that panicked is not polled again; without a runtime (it is shutting down)
-        // nothing runs it to its end. Either way the id is forgotten, so repeats do not wait.
-        let (false, Ok(runtime)) = (std::thread::panicking(), runtime) else {
-            let failed = Err(WriteError::ShuttingDown);
-            self.recent.record(self.id, &failed, &self.notify);
+        if !self.polling
+            && !self.moved
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(
+                Running {
+                    recent: self.recent.clone(),
+                    id: self.id,
+                    notify: self.notify.clone(),
+                    write: Some(write),
+                    polling: false,
+                    moved: true,
+                }
+                .run(),
+            );
             return;
-        };
-        let (recent, id, notify) = (self.recent.clone(), self.id, self.notify.clone());
-        runtime.spawn(async move {
-            let result = write.await;
-            recent.record(id, &result, &notify);
-        });
+        }
+        // The write panicked (it is not polled again), or the runtime is going away: nothing
+        // runs it to its end. The id is forgotten, so that repeats do not wait for it.
+        self.recent
+            .record(self.id, &Err(WriteError::ShuttingDown), &self.notify);
     }
 }
 
@@ -126,38 +161,34 @@ impl RecentWrites {
             };
             waiting.await;
         };
-        let mut running = Running {
+        Running {
             recent: self.clone(),
             id,
             notify,
             write: Some(Box::pin(write)),
-        };
-        let result = std::future::poll_fn(|cx| {
-            running
-                .write
-                .as_mut()
-                .expect("polled until it is done")
-                .as_mut()
-                .poll(cx)
-        })
-        .await;
-        running.write = None;
-        running.recent.record(id, &result, &running.notify);
-        result.map(Outcome::Made)
+            polling: false,
+            moved: false,
+        }
+        .run()
+        .await
+        .map(Outcome::Made)
     }
 
-    /// Records what the write of `id` became, and wakes the repeats that wait for it.
-    fn record(&self, id: RequestId, result: &Result<Written, WriteError>, notify: &Notify) {
+    /// Records what the write of `id` became, and wakes the repeats that wait for it. Unless
+    /// the id was forgotten meanwhile (too many newer ids), and perhaps taken by a newer write:
+    /// only the state this write created (`notify` its own) is changed.
+    fn record(&self, id: RequestId, result: &Result<Written, WriteError>, notify: &Arc<Notify>) {
         let mut inner = self.inner.lock().expect("recent writes lock");
-        match result {
-            // Unless it was forgotten meanwhile (too many newer ids).
-            Ok(w) => {
-                if let Some(state) = inner.states.get_mut(&id) {
-                    *state = State::Written(*w);
+        if let Some(State::Writing(own)) = inner.states.get(&id)
+            && Arc::ptr_eq(own, notify)
+        {
+            match result {
+                Ok(w) => {
+                    inner.states.insert(id, State::Written(*w));
                 }
-            }
-            Err(_) => {
-                inner.states.remove(&id);
+                Err(_) => {
+                    inner.states.remove(&id);
+                }
             }
         }
         notify.notify_waiters();
@@ -261,5 +292,53 @@ mod tests {
         release.send(()).unwrap();
         let repeat = recent.once(id, async { Ok(written(10)) }).await.unwrap();
         assert_eq!(repeat, Outcome::Repeated(written(9)));
+    }
+
+    #[tokio::test]
+    async fn a_write_is_recorded_when_another_request_of_its_task_panics() {
+        let recent = Arc::new(RecentWrites::default());
+        let id = RequestId([5; 16]);
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let caller = tokio::spawn({
+            let recent = recent.clone();
+            async move {
+                let once = recent.once(id, async move {
+                    released.await.unwrap();
+                    Ok(written(11))
+                });
+                let mut once = std::pin::pin!(once);
+                std::future::poll_fn(|cx| {
+                    assert!(once.as_mut().poll(cx).is_pending());
+                    std::task::Poll::Ready(())
+                })
+                .await;
+                panic!("another request of this task panicked");
+            }
+        });
+        assert!(caller.await.unwrap_err().is_panic());
+        release.send(()).unwrap();
+        let repeat = recent.once(id, async { Ok(written(12)) }).await.unwrap();
+        assert_eq!(repeat, Outcome::Repeated(written(11)));
+    }
+
+    #[tokio::test]
+    async fn a_write_that_panics_is_forgotten() {
+        let recent = Arc::new(RecentWrites::default());
+        let id = RequestId([6; 16]);
+        let caller = tokio::spawn({
+            let recent = recent.clone();
+            async move {
+                recent
+                    .once(id, async {
+                        let panics = true;
+                        assert!(!panics, "the write panicked");
+                        Ok(written(13))
+                    })
+                    .await
+            }
+        });
+        assert!(caller.await.unwrap_err().is_panic());
+        let again = recent.once(id, async { Ok(written(14)) }).await.unwrap();
+        assert_eq!(again, Outcome::Made(written(14)));
     }
 }
