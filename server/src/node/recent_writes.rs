@@ -218,6 +218,38 @@ mod tests {
         }
     }
 
+    /// A write that makes `written(lsn)` once its sender is used.
+    fn held_write(
+        lsn: u64,
+    ) -> (
+        tokio::sync::oneshot::Sender<()>,
+        impl Future<Output = Result<Written, WriteError>> + Send + 'static,
+    ) {
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let write = async move {
+            released.await.unwrap();
+            Ok(written(lsn))
+        };
+        (release, write)
+    }
+
+    /// Runs `write` for `id` on a task of its own, and waits until it is under way (its id
+    /// recorded).
+    async fn spawn_once(
+        recent: &Arc<RecentWrites>,
+        id: RequestId,
+        write: impl Future<Output = Result<Written, WriteError>> + Send + 'static,
+    ) -> tokio::task::JoinHandle<Result<Outcome, WriteError>> {
+        let task = tokio::spawn({
+            let recent = recent.clone();
+            async move { recent.once(id, write).await }
+        });
+        while recent.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        task
+    }
+
     #[tokio::test]
     async fn a_repeat_gets_the_first_write_and_a_failed_one_is_forgotten() {
         let recent = Arc::new(RecentWrites::default());
@@ -240,22 +272,8 @@ mod tests {
     async fn a_repeat_during_the_first_write_waits_for_it() {
         let recent = Arc::new(RecentWrites::default());
         let id = RequestId([3; 16]);
-        let (release, released) = tokio::sync::oneshot::channel::<()>();
-        let first = tokio::spawn({
-            let recent = recent.clone();
-            async move {
-                recent
-                    .once(id, async move {
-                        released.await.unwrap();
-                        Ok(written(7))
-                    })
-                    .await
-            }
-        });
-        // The first is under way once its id is recorded.
-        while recent.is_empty() {
-            tokio::task::yield_now().await;
-        }
+        let (release, write) = held_write(7);
+        let first = spawn_once(&recent, id, write).await;
         let repeat = tokio::spawn({
             let recent = recent.clone();
             async move { recent.once(id, async { Ok(written(8)) }).await }
@@ -272,21 +290,8 @@ mod tests {
     async fn a_write_whose_caller_went_away_is_recorded_all_the_same() {
         let recent = Arc::new(RecentWrites::default());
         let id = RequestId([4; 16]);
-        let (release, released) = tokio::sync::oneshot::channel::<()>();
-        let caller = tokio::spawn({
-            let recent = recent.clone();
-            async move {
-                recent
-                    .once(id, async move {
-                        released.await.unwrap();
-                        Ok(written(9))
-                    })
-                    .await
-            }
-        });
-        while recent.is_empty() {
-            tokio::task::yield_now().await;
-        }
+        let (release, write) = held_write(9);
+        let caller = spawn_once(&recent, id, write).await;
         caller.abort();
         assert!(caller.await.unwrap_err().is_cancelled());
         release.send(()).unwrap();
@@ -298,14 +303,11 @@ mod tests {
     async fn a_write_is_recorded_when_another_request_of_its_task_panics() {
         let recent = Arc::new(RecentWrites::default());
         let id = RequestId([5; 16]);
-        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let (release, write) = held_write(11);
         let caller = tokio::spawn({
             let recent = recent.clone();
             async move {
-                let once = recent.once(id, async move {
-                    released.await.unwrap();
-                    Ok(written(11))
-                });
+                let once = recent.once(id, write);
                 let mut once = std::pin::pin!(once);
                 std::future::poll_fn(|cx| {
                     assert!(once.as_mut().poll(cx).is_pending());
